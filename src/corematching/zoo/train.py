@@ -1,0 +1,361 @@
+"""Training recipe of the bundled VLM `evqa-smollm2` (one command: `python -m corematching.zoo.train`).
+
+LLaVA style, on the easy-vqa train split, seeded and resumable:
+
+1. *Tower warm-up* (about a minute): the CLIP-style vision tower learns to tell the shape and the colour
+   (labels read off the training questions) through two throw-away linear heads on its mean patch token.
+2. *Alignment*: the projector, the tower and rank-8 LoRA adapters on every linear layer of SmolLM2 are
+   trained with the answer-token loss. All questions of an image share one sequence: the image prefix
+   comes once and each question/answer block sees only the prefix and itself (a block-diagonal 4-D
+   attention mask; every block restarts at the position right after the image), so each block computes
+   exactly what the single-question prompt computes, at a third of the cost. Logits are only formed at
+   the answer positions.
+
+Checkpoints go to `runs/evqa-smollm2/` every few steps; rerunning the command resumes. At the end the
+trained tensors are written to `zoo/weights/evqa-smollm2.safetensors` with a JSON record of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import build, data
+
+RUN_DIR = Path("runs") / build.NAME
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_pixels(processor, split: str) -> dict[int, torch.Tensor]:
+    paths = data.image_paths(split)
+    ids = sorted(paths)
+    images = [Image.open(paths[i]).convert("RGB") for i in ids]
+    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    return {i: pixels[k] for k, i in enumerate(ids)}
+
+
+def tokenize_blocks(processor, items: list[data.Question]) -> tuple[list[int], list[tuple[list[int], int]]]:
+    """Token ids of the shared image prefix, and per question (block ids, number of prompt tokens in it).
+
+    Each block is the single-question prompt after the prefix, followed by the answer and <|im_end|>; it is
+    cut from the tokenization of the full text so that it matches what the processor produces at inference.
+    """
+    tokenizer = processor.tokenizer
+    n_visual = build.N_VISUAL
+    prefix_text = "<|im_start|>user\n" + build.IMAGE_TOKEN * n_visual + "\n"
+    prefix = tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
+    blocks = []
+    for q in items:
+        prompt = prefix_text + q.question + "<|im_end|>\n<|im_start|>assistant\n"
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        full_ids = tokenizer(prompt + q.answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        assert prompt_ids[: len(prefix)] == prefix and full_ids[: len(prompt_ids)] == prompt_ids
+        blocks.append((full_ids[len(prefix) :], len(prompt_ids) - len(prefix)))
+    return prefix, blocks
+
+
+def pack(prefix: list[int], per_image_blocks: list[list[tuple[list[int], int]]], pad_id: int):
+    """Pack images' question blocks into sequences with a block-diagonal mask.
+
+    Returns input_ids [B, L], position_ids [B, L], additive mask [B, 1, L, L], target rows/cols and labels.
+    """
+    lengths = [len(prefix) + sum(len(b) for b, _ in blocks) for blocks in per_image_blocks]
+    batch, length = len(per_image_blocks), max(lengths)
+    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((batch, length), dtype=torch.long)
+    block_of = torch.full((batch, length), -1, dtype=torch.long)  # 0 = prefix, j+1 = block j, -1 = pad
+    rows, cols, labels = [], [], []
+    for b, blocks in enumerate(per_image_blocks):
+        input_ids[b, : len(prefix)] = torch.tensor(prefix)
+        position_ids[b, : len(prefix)] = torch.arange(len(prefix))
+        block_of[b, : len(prefix)] = 0
+        start = len(prefix)
+        for j, (ids, n_prompt) in enumerate(blocks):
+            end = start + len(ids)
+            input_ids[b, start:end] = torch.tensor(ids)
+            position_ids[b, start:end] = torch.arange(len(prefix), len(prefix) + len(ids))
+            block_of[b, start:end] = j + 1
+            for t in range(start + n_prompt - 1, end - 1):  # position t predicts token t + 1
+                rows.append(b)
+                cols.append(t)
+                labels.append(ids[t + 1 - start])
+            start = end
+    query_block, key_block = block_of[:, :, None], block_of[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = causal & ((key_block == 0) | (key_block == query_block))
+    allowed |= torch.eye(length, dtype=torch.bool)  # padding rows attend to themselves (no empty softmax)
+    mask = torch.zeros(batch, 1, length, length).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+    return input_ids, position_ids, mask, torch.tensor(rows), torch.tensor(cols), torch.tensor(labels)
+
+
+# ----------------------------------------------------------------------------- model parts
+
+
+class LoRA(torch.nn.Module):
+    """Low-rank adapters added to a model's linear layers by forward hooks (names stay the model's own)."""
+
+    def __init__(self, model: torch.nn.Module, rank: int, targets: tuple[str, ...], seed: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.names, self.hooks = [], []
+        self.a = torch.nn.ParameterList()
+        self.b = torch.nn.ParameterList()
+        for name, module in model.model.language_model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+                full = f"model.language_model.{name}"
+                a = torch.randn(rank, module.in_features, generator=generator) / math.sqrt(module.in_features)
+                self.a.append(torch.nn.Parameter(a))
+                self.b.append(torch.nn.Parameter(torch.zeros(module.out_features, rank)))
+                self.names.append(full)
+                self.hooks.append(module.register_forward_hook(self._hook(len(self.names) - 1)))
+
+    def _hook(self, k: int):
+        def add_update(module, inputs, output):
+            scale = build.LORA_ALPHA / build.LORA_RANK
+            return output + scale * (inputs[0] @ self.a[k].T) @ self.b[k].T
+
+        return add_update
+
+    def export(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, a, b in zip(self.names, self.a, self.b):
+            out[f"lora.{name}.A"] = a.detach().clone()
+            out[f"lora.{name}.B"] = b.detach().clone()
+        return out
+
+
+def trained_state(model, lora: LoRA) -> dict[str, torch.Tensor]:
+    state = {
+        name: p.detach().clone()
+        for name, p in model.named_parameters()
+        if name.startswith(("model.vision_tower.", "model.multi_modal_projector."))
+    }
+    state.update(lora.export())
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def warm_up_tower(model, pixels: dict[int, torch.Tensor], train_items, steps: int, seed: int, log) -> float:
+    tower = model.model.vision_tower
+    width = model.config.vision_config.hidden_size
+    shape_head = torch.nn.Linear(width, len(data.SHAPES))
+    color_head = torch.nn.Linear(width, len(data.COLORS))
+    params = list(tower.parameters()) + list(shape_head.parameters()) + list(color_head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    grouped = data.by_image(train_items)
+    ids, shape_labels, color_labels = [], [], []
+    for image_id, items in grouped.items():
+        shape, color = data.shape_and_color(items)
+        ids.append(image_id)
+        shape_labels.append(data.SHAPES.index(shape) if shape else -100)
+        color_labels.append(data.COLORS.index(color) if color else -100)
+    shape_labels, color_labels = torch.tensor(shape_labels), torch.tensor(color_labels)
+    generator = torch.Generator().manual_seed(seed)
+    tower.train()
+    correct = total = 0
+    for step in range(steps):
+        pick = torch.randint(len(ids), (64,), generator=generator)
+        batch = torch.stack([pixels[ids[i]] for i in pick])
+        features = tower(batch).last_hidden_state[:, 1:].mean(1)
+        shape_logits, color_logits = shape_head(features), color_head(features)
+        loss = F.cross_entropy(shape_logits, shape_labels[pick], ignore_index=-100) + F.cross_entropy(
+            color_logits, color_labels[pick], ignore_index=-100
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step >= steps - 20:  # accuracy over the last batches
+            for logits, labels in ((shape_logits, shape_labels[pick]), (color_logits, color_labels[pick])):
+                known = labels >= 0
+                correct += (logits.argmax(-1)[known] == labels[known]).sum().item()
+                total += known.sum().item()
+        if step % 50 == 0:
+            log(f"tower warm-up step {step}/{steps} loss {loss.item():.3f}")
+    tower.eval()
+    return correct / max(total, 1)
+
+
+def answer_loss(model, prefix, blocks_batch, pixel_batch, pad_id):
+    input_ids, position_ids, mask, rows, cols, labels = pack(prefix, blocks_batch, pad_id)
+    hidden = model.model(
+        input_ids=input_ids, pixel_values=pixel_batch, attention_mask=mask, position_ids=position_ids
+    ).last_hidden_state
+    logits = model.lm_head(hidden[rows, cols])
+    return F.cross_entropy(logits, labels), logits.argmax(-1) == labels, rows, cols, input_ids
+
+
+@torch.no_grad()
+def quick_accuracy(model, prefix, image_blocks, pixels, image_ids, pad_id) -> float:
+    """Share of held-out questions whose whole answer is predicted token by token (teacher forcing)."""
+    hits = total = 0
+    for start in range(0, len(image_ids), 8):
+        chunk = image_ids[start : start + 8]
+        blocks_batch = [image_blocks[i] for i in chunk]
+        _, token_ok, rows, cols, _ = answer_loss(
+            model, prefix, blocks_batch, torch.stack([pixels[i] for i in chunk]), pad_id
+        )
+        # group answer tokens by block: consecutive target positions of one block share its question
+        block_ok: dict[tuple[int, int], bool] = {}
+        for ok, b, t in zip(token_ok.tolist(), rows.tolist(), cols.tolist()):
+            key = (b, _block_index(blocks_batch[b], len(prefix), t))
+            block_ok[key] = block_ok.get(key, True) and ok
+        hits += sum(block_ok.values())
+        total += len(block_ok)
+    return hits / total
+
+
+def _block_index(blocks, prefix_len: int, position: int) -> int:
+    start = prefix_len
+    for j, (ids, _) in enumerate(blocks):
+        if position < start + len(ids):
+            return j
+        start += len(ids)
+    raise IndexError(position)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=900, help="alignment steps (4 images, ~38 questions each)")
+    parser.add_argument("--images-per-step", type=int, default=4)
+    parser.add_argument("--tower-steps", type=int, default=400)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of projector and LoRA")
+    parser.add_argument("--tower-lr", type=float, default=3e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", type=Path, default=build.WEIGHTS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    log_file = open(RUN_DIR / "train.log", "a")
+
+    def log(msg: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    model, processor = build.build_untrained(seed=args.seed)
+    pad_id = processor.tokenizer.pad_token_id
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora = LoRA(model, build.LORA_RANK, build.LORA_TARGETS, seed=args.seed)
+
+    train_items = data.questions("train")
+    train_pixels = load_pixels(processor, "train")
+    test_pixels = load_pixels(processor, "test")
+    train_groups = data.by_image(train_items)
+    test_groups = data.by_image(data.questions("test"))
+    prefix, _ = tokenize_blocks(processor, train_items[:1])
+    train_blocks = {i: tokenize_blocks(processor, items)[1] for i, items in train_groups.items()}
+    held_out_ids = sorted(test_groups)[-40:]  # monitoring only; not part of any reported evaluation set
+    held_out_blocks = {i: tokenize_blocks(processor, test_groups[i])[1] for i in held_out_ids}
+    log(f"{len(train_items)} train questions on {len(train_groups)} images; prefix {len(prefix)} tokens")
+
+    checkpoint = RUN_DIR / "checkpoint.pt"
+    tower_params = list(model.model.vision_tower.parameters())
+    projector_params = list(model.model.multi_modal_projector.parameters())
+    record = {"seed": args.seed, "steps": args.steps, "images_per_step": args.images_per_step}
+    start_step, elapsed = 0, 0.0
+    if checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=False)
+        build.apply_trained(model, {k: v for k, v in saved["state"].items() if not k.startswith("lora.")})
+        for k, name in enumerate(lora.names):
+            lora.a[k].data.copy_(saved["state"][f"lora.{name}.A"])
+            lora.b[k].data.copy_(saved["state"][f"lora.{name}.B"])
+        start_step, elapsed, record = saved["step"], saved["elapsed"], saved["record"]
+        log(f"resumed at step {start_step} ({elapsed / 60:.1f} min so far)")
+    else:
+        t0 = time.time()
+        record["tower_warmup_accuracy"] = warm_up_tower(
+            model, train_pixels, train_items, args.tower_steps, args.seed, log
+        )
+        elapsed = time.time() - t0
+        log(f"tower warm-up: shape/colour accuracy {record['tower_warmup_accuracy']:.3f} in {elapsed:.0f}s")
+
+    for p in tower_params + projector_params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": projector_params + list(lora.parameters()), "lr": args.lr},
+            {"params": tower_params, "lr": args.tower_lr},
+        ],
+        weight_decay=0.0,
+    )
+    peaks = [group["lr"] for group in optimizer.param_groups]
+    if start_step:
+        optimizer.load_state_dict(saved["optimizer"])
+    warmup = 30
+
+    def schedule(step: int) -> float:  # linear warm-up, cosine decay to 10%
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, args.steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    image_ids = sorted(train_groups)
+    per_epoch = len(image_ids) // args.images_per_step
+    model.train()
+    t_last = time.time()
+    for step in range(start_step, args.steps):
+        epoch, k = divmod(step, per_epoch)
+        order = torch.randperm(len(image_ids), generator=torch.Generator().manual_seed(args.seed + epoch))
+        chunk = [image_ids[i] for i in order[k * args.images_per_step : (k + 1) * args.images_per_step]]
+        for group, peak in zip(optimizer.param_groups, peaks):
+            group["lr"] = peak * schedule(step)
+        loss, token_ok, *_ = answer_loss(
+            model, prefix, [train_blocks[i] for i in chunk], torch.stack([train_pixels[i] for i in chunk]), pad_id
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tower_params + projector_params + list(lora.parameters()), 1.0)
+        optimizer.step()
+        now = time.time()
+        elapsed += now - t_last
+        t_last = now
+        if step % 5 == 0:
+            log(f"step {step}/{args.steps} loss {loss.item():.3f} token acc {token_ok.float().mean():.2f} "
+                f"{elapsed / 60:.1f} min")
+        done = step + 1 == args.steps
+        if (step + 1) % 25 == 0 or done:
+            if (step + 1) % 100 == 0 or done:
+                model.eval()
+                acc = quick_accuracy(model, prefix, held_out_blocks, test_pixels, held_out_ids, pad_id)
+                model.train()
+                record["monitor_accuracy"] = acc
+                log(f"step {step + 1}: held-out answer accuracy {acc:.3f} (teacher-forced, 40 test images)")
+            state = trained_state(model, lora)
+            torch.save(
+                {"state": state, "optimizer": optimizer.state_dict(), "step": step + 1, "elapsed": elapsed,
+                 "record": record},
+                checkpoint.with_suffix(".tmp"),
+            )
+            checkpoint.with_suffix(".tmp").replace(checkpoint)
+            t_last = time.time()
+    from safetensors.torch import save_file
+
+    record["train_minutes"] = round(elapsed / 60, 1)
+    state = trained_state(model, lora)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(args.out), metadata={"record": json.dumps(record)})
+    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    size_mb = args.out.stat().st_size / 2**20
+    log(f"wrote {args.out} ({size_mb:.1f} MB): {record}")
+
+
+if __name__ == "__main__":
+    main()
