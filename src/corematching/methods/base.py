@@ -1,0 +1,118 @@
+"""What every method shares: the tensors it decides from, what it returns, and argument checks.
+
+A method decides *what* to keep (visual tokens per sample, core neurons per layer) from tensors; the runtime
+carries the decision out. Methods never see model classes.
+"""
+
+from dataclasses import dataclass
+from numbers import Integral, Real
+
+import torch
+
+
+@dataclass
+class TokenBatch:
+    """One prefill batch, as the method sees it when it chooses tokens. Shapes [B, T] unless noted."""
+
+    valid_mask: torch.Tensor  # bool: real tokens (False for padding)
+    visual_mask: torch.Tensor  # bool: visual tokens
+    image_index: torch.Tensor  # long: which image of the sample a visual token belongs to, -1 otherwise
+    image_ordinal: torch.Tensor  # long: position of a visual token inside its image, -1 otherwise
+    image_grid: tuple[int, int] | None  # (rows, cols) of an image's token grid, when known
+    activations: torch.Tensor | None  # [B, T, F] FFN activations at the prune layer, when the method asks
+
+
+@dataclass
+class TokenDecision:
+    """The visual tokens to keep, and the scores behind the choice when the method has any."""
+
+    keep_visual: torch.Tensor  # bool [B, T], True only at kept visual tokens
+    scores: torch.Tensor | None = None  # [B, T] float, meaningful at visual tokens
+
+
+class SparsityMethod:
+    """Base of all methods. Subclasses are dataclasses and validate their fields in __post_init__."""
+
+    def prune_layer_index(self) -> int | None:
+        """The layer after which tokens are removed, or None when the method keeps every token."""
+        return None
+
+    def wants_prune_activations(self) -> bool:
+        """Whether select_tokens reads the prune layer's FFN activations."""
+        return False
+
+    def neuron_layer_indices(self, num_layers: int) -> tuple[int, ...]:
+        """Layers that decode with core neurons (sorted, unique)."""
+        return ()
+
+    def check_layers(self, num_layers: int) -> None:
+        """Raise ValueError when a layer index does not exist in a model of num_layers layers."""
+        prune_layer = self.prune_layer_index()
+        if prune_layer is not None and not 0 <= prune_layer <= num_layers - 2:
+            raise ValueError(
+                f"prune_layer={prune_layer} is out of range: the language model has {num_layers} layers, "
+                f"and tokens can be removed after layers 0..{num_layers - 2}"
+            )
+
+    def select_tokens(self, batch: TokenBatch) -> TokenDecision:
+        """Which visual tokens go past the prune layer."""
+        return TokenDecision(keep_visual=batch.visual_mask.clone())
+
+    def select_neurons(self, activations: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Core neurons [B, k] (sorted) of a layer from its prefill activations [B, T, F] over token_mask [B, T]."""
+        raise NotImplementedError(f"{type(self).__name__} does not select neurons")
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def is_int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def check_ratio(name: str, value) -> float:
+    """A float in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 < float(value) <= 1:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def check_token_budget(value, allow_adaptive: bool) -> int | float | None:
+    """An int >= 1, a float in (0, 1], or (when allowed) None for the adaptive budget."""
+    if value is None:
+        if allow_adaptive:
+            return None
+        raise ValueError("token_budget must be an int >= 1 or a float in (0, 1] for this method, got None")
+    if is_int(value):
+        if value < 1:
+            raise ValueError(f"token_budget must be >= 1 when it is a count of tokens, got {value!r}")
+        return int(value)
+    if isinstance(value, Real) and not isinstance(value, bool):
+        if not 0 < float(value) <= 1:
+            raise ValueError(f"token_budget as a fraction must be in (0, 1], got {value!r}")
+        return float(value)
+    raise ValueError(f"token_budget must be an int, a float or None, got {value!r}")
+
+
+def check_layer_index(name: str, value) -> int:
+    if not is_int(value) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+def check_layer_list(name: str, value) -> tuple[int, ...] | None:
+    """None, or a collection of distinct non-negative ints (returned sorted)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name} must be a list of layer indices or None, got {value!r}")
+    layers = [check_layer_index(name, layer) for layer in value]
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"{name} has repeated layers: {list(value)!r}")
+    return tuple(sorted(layers))
+
+
+def check_positive_int(name: str, value) -> int:
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)

@@ -1,0 +1,85 @@
+"""CoreMatching: the neurons choose the tokens, the kept tokens choose the neurons (DESIGN.md section 2)."""
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import selection
+from . import defaults
+from .base import (
+    SparsityMethod,
+    TokenBatch,
+    TokenDecision,
+    check_layer_index,
+    check_layer_list,
+    check_positive_int,
+    check_ratio,
+    check_token_budget,
+)
+
+
+@dataclass
+class CoreMatching(SparsityMethod):
+    """Co-adaptive token and neuron sparsity.
+
+    prune_layer: tokens are scored from this layer's FFN activations and removed after it.
+    token_budget: visual tokens kept per image: an int, a fraction in (0, 1], or None for the elbow rule.
+    rho, beta: token-wise and sentence-wise core neuron ratios, in (0, 1].
+    neuron_layers: layers that decode with core neurons; None means every layer after prune_layer.
+    match: the match set whose core neurons score the visual tokens: "all", "text" or "last".
+    min_tokens: the fewest visual tokens an image keeps.
+    """
+
+    prune_layer: int = defaults.PRUNE_LAYER
+    token_budget: int | float | None = defaults.TOKEN_BUDGET
+    rho: float = defaults.RHO
+    beta: float = defaults.BETA
+    neuron_layers: list[int] | None = defaults.NEURON_LAYERS
+    match: str = defaults.MATCH
+    min_tokens: int = defaults.MIN_TOKENS
+
+    def __post_init__(self):
+        check_layer_index("prune_layer", self.prune_layer)
+        check_token_budget(self.token_budget, allow_adaptive=True)
+        check_ratio("rho", self.rho)
+        check_ratio("beta", self.beta)
+        check_layer_list("neuron_layers", self.neuron_layers)
+        if self.match not in defaults.MATCH_SETS:
+            raise ValueError(f"match must be one of {defaults.MATCH_SETS}, got {self.match!r}")
+        check_positive_int("min_tokens", self.min_tokens)
+
+    def prune_layer_index(self) -> int:
+        return self.prune_layer
+
+    def wants_prune_activations(self) -> bool:
+        return True
+
+    def neuron_layer_indices(self, num_layers: int) -> tuple[int, ...]:
+        if self.neuron_layers is None:
+            return tuple(range(self.prune_layer + 1, num_layers))
+        return check_layer_list("neuron_layers", self.neuron_layers)
+
+    def check_layers(self, num_layers: int) -> None:
+        super().check_layers(num_layers)
+        outside = [layer for layer in self.neuron_layer_indices(num_layers) if layer >= num_layers]
+        if outside:
+            raise ValueError(
+                f"neuron_layers {outside} are out of range: the language model has {num_layers} layers"
+            )
+
+    def match_mask(self, batch: TokenBatch) -> torch.Tensor:
+        """The match set S_match of each sample: bool [B, T]."""
+        if self.match == "all":
+            return batch.valid_mask
+        if self.match == "text":
+            return batch.valid_mask & ~batch.visual_mask
+        return selection.last_token_mask(batch.valid_mask)
+
+    def select_tokens(self, batch: TokenBatch) -> TokenDecision:
+        scores = selection.core_matching_scores(batch.activations, self.match_mask(batch), self.rho, self.beta)
+        keep = selection.select_by_score(scores, batch.image_index, self.token_budget, self.min_tokens)
+        return TokenDecision(keep_visual=keep & batch.visual_mask, scores=scores.to(torch.float32))
+
+    def select_neurons(self, activations: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        token_core = selection.token_core_neurons(activations, self.rho)
+        return selection.sentence_core_neurons(token_core, activations, token_mask, self.beta)

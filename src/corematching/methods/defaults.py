@@ -1,0 +1,15 @@
+"""Default settings of the methods, in one place so that measurements can retune them.
+
+rho = 0.2 and beta = 0.4 are CoreInfer's values (the predecessor method); the prune layer, budget and match
+set are starting points until they are measured on the bundled model.
+"""
+
+PRUNE_LAYER = 2  # tokens are chosen from this layer's FFN activations and removed after it
+TOKEN_BUDGET = 0.25  # visual tokens kept per image: int count, fraction in (0, 1], or None for the elbow
+RHO = 0.2  # token-wise core neurons: share of a token's positive activations
+BETA = 0.4  # sentence-wise core neurons: share of the FFN width
+NEURON_LAYERS = None  # None: every layer after the prune layer decodes with core neurons
+MATCH = "text"  # the match set: "all" tokens, the "text" tokens, or the "last" token
+MIN_TOKENS = 1  # never keep fewer visual tokens per image
+RANDOM_SEED = 0
+MATCH_SETS = ("all", "text", "last")

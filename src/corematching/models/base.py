@@ -1,0 +1,183 @@
+"""The adapter interface: where a model family keeps what the runtime needs.
+
+An adapter knows model classes, never methods. It tells the runtime
+  - which module receives the token ids and images of a call (the entry), and how to read that call;
+  - the decoder layers of the language model, how to read and rewrite their inputs, and how to gather
+    position ids and position embeddings for a subset of tokens;
+  - each layer's FFN parts (gate/up/down and activation function);
+  - the visual token id and the image grid.
+A new family (Qwen2-VL with M-RoPE, Gemma with GeGLU, ...) is one subclass in one file, registered in
+models/__init__.py.
+"""
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class FFNParts:
+    """One FFN: a(x) = act(gate(x)) * up(x) (gated) or act(up(x)); output down(a)."""
+
+    module: nn.Module
+    up: nn.Linear
+    down: nn.Linear
+    act: Callable[[torch.Tensor], torch.Tensor]
+    gate: nn.Linear | None = None
+
+
+@dataclass
+class EntryCall:
+    """One call of the entry module, as read from its arguments."""
+
+    input_ids: torch.Tensor | None  # [B, T]
+    inputs_embeds: torch.Tensor | None  # [B, T, H]
+    attention_mask: torch.Tensor | None  # [B, past + T] 2-D padding mask, or None
+    image_inputs: object  # the pixel values or pre-encoded image features of the call, None without images
+    cache: object  # the KV cache passed in, or None
+
+    @property
+    def batch_size(self) -> int:
+        tokens = self.input_ids if self.input_ids is not None else self.inputs_embeds
+        return tokens.shape[0]
+
+    @property
+    def length(self) -> int:
+        tokens = self.input_ids if self.input_ids is not None else self.inputs_embeds
+        return tokens.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        tokens = self.input_ids if self.input_ids is not None else self.inputs_embeds
+        return tokens.device
+
+
+@dataclass
+class LayerInputs:
+    """The inputs of one decoder layer call that token removal rewrites."""
+
+    hidden_states: torch.Tensor  # [B, T, H]
+    attention_mask: object  # 4-D mask or None
+    position_ids: torch.Tensor | None
+    position_embeddings: object  # e.g. (cos, sin)
+    cache: object
+
+
+class ModelAdapter:
+    """Base adapter. Subclasses set the attributes in __init__ and may override the gather functions."""
+
+    family: str = ""
+    supported_attention = ("sdpa", "eager")
+
+    # Set by subclasses.
+    model: nn.Module
+    entry_module: nn.Module
+    language_model: nn.Module
+    decoder_layers: list[nn.Module]
+    image_token_id: int
+    image_grid: tuple[int, int] | None = None  # (rows, cols) of one image's tokens
+    tokens_per_image: int | None = None
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Cheap check: whether this adapter is the one for the model's class."""
+        raise NotImplementedError
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers)
+
+    def attention_implementation(self) -> str:
+        return self.language_model.config._attn_implementation
+
+    def check_attention(self) -> None:
+        implementation = self.attention_implementation()
+        if implementation not in self.supported_attention:
+            raise UnsupportedModelError(
+                f"attention implementation {implementation!r} is not supported; load the model with "
+                f"attn_implementation in {self.supported_attention}"
+            )
+
+    def ffn(self, layer: int) -> FFNParts:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ entry calls
+
+    def read_entry_call(self, args: tuple, kwargs: dict) -> EntryCall:
+        raise NotImplementedError
+
+    def visual_mask(self, call: EntryCall) -> torch.Tensor:
+        """Bool [B, T]: the visual placeholder tokens of the call."""
+        if call.input_ids is not None:
+            return call.input_ids == self.image_token_id
+        image_embedding = self.entry_module.get_input_embeddings()(
+            torch.tensor(self.image_token_id, device=call.inputs_embeds.device)
+        )
+        return (call.inputs_embeds == image_embedding).all(-1)
+
+    # ------------------------------------------------------------------------------------------ decoder layers
+
+    def read_layer_inputs(self, args: tuple, kwargs: dict) -> LayerInputs:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return LayerInputs(
+            hidden_states=hidden,
+            attention_mask=kwargs.get("attention_mask"),
+            position_ids=kwargs.get("position_ids"),
+            position_embeddings=kwargs.get("position_embeddings"),
+            cache=kwargs.get("cache", kwargs.get("past_key_values")),
+        )
+
+    def write_layer_inputs(self, args: tuple, kwargs: dict, **updates) -> tuple[tuple, dict]:
+        """Return (args, kwargs) with hidden_states / attention_mask / position_ids / position_embeddings replaced."""
+        kwargs = dict(kwargs)
+        if "hidden_states" in updates:
+            hidden = updates.pop("hidden_states")
+            if args:
+                args = (hidden, *args[1:])
+            else:
+                kwargs["hidden_states"] = hidden
+        kwargs.update(updates)
+        return args, kwargs
+
+    def gather_position_ids(self, position_ids: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+        """Position ids [B or 1, T] -> [B, L] at index [B, L]."""
+        if position_ids is None:
+            return None
+        return gather_tokens(position_ids, index, token_dim=1)
+
+    def gather_position_embeddings(self, position_embeddings, index: torch.Tensor):
+        """(cos, sin), each [B or 1, T, D] -> [B, L, D] at index [B, L]."""
+        if position_embeddings is None:
+            return None
+        return tuple(gather_tokens(part, index, token_dim=1) for part in position_embeddings)
+
+
+def gather_tokens(values: torch.Tensor, index: torch.Tensor, token_dim: int) -> torch.Tensor:
+    """values[b, index[b, l], ...] along token_dim, broadcasting a batch dim of 1: -> token_dim of size L."""
+    batch = index.shape[0]
+    batch_dim = token_dim - 1
+    if values.shape[batch_dim] != batch:
+        values = values.expand(*values.shape[:batch_dim], batch, *values.shape[batch_dim + 1 :])
+    shape = list(values.shape)
+    shape[token_dim] = index.shape[1]
+    view = [1] * values.dim()
+    view[batch_dim], view[token_dim] = batch, index.shape[1]
+    return values.gather(token_dim, index.view(view).expand(shape))
+
+
+def bind_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+    """The call's arguments by name (positional ones included); unknown names stay as given."""
+    try:
+        bound = signature.bind_partial(*args, **kwargs)
+    except TypeError:
+        return dict(kwargs)
+    arguments = dict(bound.arguments)
+    extra = arguments.pop("kwargs", None)
+    if isinstance(extra, dict):
+        arguments.update(extra)
+    return arguments

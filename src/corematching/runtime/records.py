@@ -1,0 +1,49 @@
+"""What one prefill decided, as `session.last` shows it. Lists and dicts are built on first access, so the
+forward pass itself never waits for them."""
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+
+@dataclass
+class SparsityRecord:
+    method: str  # the method's class name
+    prune_layer: int | None  # the layer after which tokens were removed (None: none removed)
+    keep_mask: torch.Tensor  # [B, T] bool: tokens of input_ids that go past the prune layer
+    visual_mask: torch.Tensor  # [B, T] bool: visual tokens of input_ids
+    neurons: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, k] sorted core neurons
+    token_scores: torch.Tensor | None = None  # [B, T] the method's scores, when it has any
+
+    @property
+    def batch_size(self) -> int:
+        return self.keep_mask.shape[0]
+
+    @cached_property
+    def kept_positions(self) -> list[torch.Tensor]:
+        """Per sample: sorted positions of input_ids that go past the prune layer (1-D LongTensor)."""
+        return [row.nonzero().squeeze(1) for row in self.keep_mask]
+
+    @cached_property
+    def visual_positions(self) -> list[torch.Tensor]:
+        """Per sample: sorted positions of the visual tokens."""
+        return [row.nonzero().squeeze(1) for row in self.visual_mask]
+
+    @cached_property
+    def kept_visual_positions(self) -> list[torch.Tensor]:
+        """Per sample: sorted positions of the visual tokens that were kept."""
+        return [row.nonzero().squeeze(1) for row in self.keep_mask & self.visual_mask]
+
+    @cached_property
+    def core_neurons_per_sample(self) -> list[dict[int, torch.Tensor]]:
+        """Per sample: {layer: sorted 1-D LongTensor of the neurons used while decoding}."""
+        return [{layer: rows[b] for layer, rows in self.neurons.items()} for b in range(self.batch_size)]
+
+    @cached_property
+    def core_neurons(self) -> dict[int, torch.Tensor]:
+        """{layer: sorted neuron indices used while decoding}: 1-D for a batch of 1; for a larger batch each
+        value is [B, k], row b being sample b's set (see core_neurons_per_sample)."""
+        if self.batch_size == 1:
+            return self.core_neurons_per_sample[0]
+        return dict(self.neurons)

@@ -1,0 +1,230 @@
+"""The shared math of CoreMatching (DESIGN.md section 2): core neurons, match scores, token budgets.
+
+Everything here is batched tensor code on the input's device. Shapes:
+  B batch, T tokens, F FFN width (d_ff).
+  activations [B, T, F]   the input of down_proj, a(x)
+  token_mask  [B, T]      bool, the tokens that take part (padding and absent tokens are False)
+  groups      [B, T]      long, the image each visual token belongs to (0, 1, ... within a sample), -1 otherwise
+Padding never changes a sample's result: masked tokens are excluded from every count and sum.
+Costs are O(B * T * F) (plus a top-k over F per token); there are no token x token matrices and no host
+round trips (no .item(), no numpy).
+
+Ratios (rho, beta, fractional budgets) are applied as exact fractions: `ceil(r * n)` is computed as the
+integer ceil(p * n / q) where p / q is the nearest fraction to r with q <= 10**6, so that ceil(0.2 * 5) is 1
+and not 2 because of float rounding.
+"""
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+MAX_RATIO_DENOMINATOR = 1_000_000
+
+
+def ceil_ratio(count, ratio: float):
+    """ceil(ratio * count) for an int or an integer tensor, computed exactly (see the module docstring)."""
+    fraction = Fraction(ratio).limit_denominator(MAX_RATIO_DENOMINATOR)
+    numerator, denominator = fraction.numerator, fraction.denominator
+    return (count * numerator + denominator - 1) // denominator
+
+
+# ---------------------------------------------------------------------------------------------- core neurons
+
+
+def token_core_neurons(activations: torch.Tensor, rho: float) -> torch.Tensor:
+    """C_rho(x) for every token, as a bool mask [..., F].
+
+    P(x) = {n : a_n(x) > 0}, k(x) = ceil(rho * |P(x)|); C_rho(x) holds the k(x) neurons of P(x) with the largest
+    activation, equal activations going to the lower neuron index. A token without positive activation has an
+    empty set.
+    """
+    width = activations.shape[-1]
+    num_positive = (activations > 0).sum(-1)  # [...]
+    core_size = ceil_ratio(num_positive, rho)  # [...] k(x) <= |P(x)|
+    # The k(x)-th largest activation is the threshold; k(x) <= ceil(rho * F) for every token.
+    largest = activations.topk(ceil_ratio(width, rho), dim=-1, sorted=True).values  # [..., k_max]
+    threshold = largest.gather(-1, (core_size - 1).clamp(min=0).unsqueeze(-1))  # [..., 1]
+    above = activations > threshold
+    tied = activations == threshold
+    # Of the neurons tied at the threshold, take the lowest indices until k(x) neurons are chosen.
+    still_needed = (core_size - above.sum(-1)).unsqueeze(-1)  # [..., 1]
+    tie_rank = tied.to(torch.int32).cumsum(-1, dtype=torch.int32)  # 1-based rank among the tied, by index
+    core = above | (tied & (tie_rank <= still_needed))
+    return core & (core_size > 0).unsqueeze(-1)
+
+
+def sentence_core_neurons(
+    token_core: torch.Tensor, activations: torch.Tensor, token_mask: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """C_beta(S) for the token set S = token_mask of each sample: sorted neuron indices, LongTensor [B, m].
+
+    f(n) = |{x in S : n in C_rho(x)}|; the m = ceil(beta * F) neurons with the largest f(n) are kept, ties going
+    to the larger sum of a_n(x) over S, then to the lower index. An empty S gives f = 0 and sums 0 everywhere,
+    hence the m lowest indices.
+    """
+    width = activations.shape[-1]
+    num_core = ceil_ratio(width, beta)
+    in_set = token_mask.unsqueeze(-1)  # [B, T, 1]
+    frequency = (token_core & in_set).sum(1)  # [B, F] f(n)
+    activation_sum = torch.where(in_set, activations, 0).sum(1, dtype=torch.float32)  # [B, F]
+    ranking = _rank_descending(frequency, activation_sum)  # [B, F] neuron indices, best first
+    return ranking[:, :num_core].sort(dim=-1).values
+
+
+def _rank_descending(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
+    """Indices along the last dim ordered by primary desc, then secondary desc, then index asc."""
+    by_secondary = secondary.sort(dim=-1, descending=True, stable=True).indices
+    primary_in_that_order = primary.gather(-1, by_secondary)
+    by_primary = primary_in_that_order.sort(dim=-1, descending=True, stable=True).indices
+    return by_secondary.gather(-1, by_primary)
+
+
+def neuron_mask(neuron_indices: torch.Tensor, width: int) -> torch.Tensor:
+    """Bool mask [B, F] with True at the given indices [B, m]."""
+    mask = torch.zeros(neuron_indices.shape[0], width, dtype=torch.bool, device=neuron_indices.device)
+    return mask.scatter_(1, neuron_indices, True)
+
+
+def match_scores(token_core: torch.Tensor, core_neurons_mask: torch.Tensor) -> torch.Tensor:
+    """score(x) = |C_rho(x) ∩ C_beta(S_match)| for every token: LongTensor [B, T]."""
+    return (token_core & core_neurons_mask.unsqueeze(1)).sum(-1)
+
+
+def last_token_mask(token_mask: torch.Tensor) -> torch.Tensor:
+    """Bool [B, T] marking the last True token of each row (none if the row has none)."""
+    positions = torch.arange(token_mask.shape[1], device=token_mask.device)
+    last = torch.where(token_mask, positions, -1).amax(dim=1, keepdim=True)  # [B, 1]
+    return positions == last
+
+
+# ---------------------------------------------------------------------------------------------- groups, budgets
+
+
+@dataclass
+class GroupOrder:
+    """Tokens sorted into groups (images), best score first inside each group, ties to the lower position.
+
+    The "sorted" tensors are indexed by slot of that order, the others by token. All [B, T].
+    """
+
+    order: torch.Tensor  # token index at each slot
+    group_sorted: torch.Tensor  # group of the token at each slot (-1 slots come first)
+    start_sorted: torch.Tensor  # first slot of that token's group
+    rank_sorted: torch.Tensor  # rank inside the group (0 = best)
+    size_sorted: torch.Tensor  # size of the group
+    rank: torch.Tensor  # rank of each token inside its group
+    size: torch.Tensor  # size of each token's group (0 for tokens outside groups)
+
+
+def order_groups(scores: torch.Tensor, groups: torch.Tensor) -> GroupOrder:
+    """Sort every sample's tokens by (group, score descending, position); see GroupOrder."""
+    batch, length = scores.shape
+    device = scores.device
+    by_score = scores.sort(dim=1, descending=True, stable=True).indices
+    by_group = groups.gather(1, by_score).sort(dim=1, stable=True).indices
+    order = by_score.gather(1, by_group)
+    group_sorted = groups.gather(1, order)
+
+    slots = torch.arange(length, device=device).expand(batch, length)
+    is_start = torch.ones_like(group_sorted, dtype=torch.bool)
+    is_start[:, 1:] = group_sorted[:, 1:] != group_sorted[:, :-1]
+    start_sorted = torch.where(is_start, slots, 0).cummax(dim=1).values
+    rank_sorted = slots - start_sorted
+
+    size = _per_group_sum(groups, torch.ones_like(groups)).gather(1, groups + 1)  # [B, T]
+    size = torch.where(groups >= 0, size, 0)
+    size_sorted = size.gather(1, order)
+    rank = torch.empty_like(rank_sorted).scatter_(1, order, rank_sorted)
+    return GroupOrder(order, group_sorted, start_sorted, rank_sorted, size_sorted, rank, size)
+
+
+def _per_group_sum(groups: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Sum of values per group: [B, T + 1], column g + 1 for group g, column 0 for tokens outside groups."""
+    batch, length = groups.shape
+    totals = torch.zeros(batch, length + 1, dtype=values.dtype, device=values.device)
+    return totals.scatter_add_(1, groups + 1, values)
+
+
+def budget_counts(order: GroupOrder, token_budget: int | float, min_tokens: int = 1) -> torch.Tensor:
+    """How many tokens each token's group keeps under an int or fractional budget: LongTensor [B, T]."""
+    if isinstance(token_budget, float):
+        count = ceil_ratio(order.size, token_budget)
+    else:
+        count = torch.full_like(order.size, token_budget)
+    return _clamp_count(count, order.size, min_tokens)
+
+
+def elbow_counts(scores: torch.Tensor, order: GroupOrder, min_tokens: int = 1) -> torch.Tensor:
+    """How many tokens each token's group keeps under the adaptive budget: LongTensor [B, T].
+
+    Per group: sort the scores descending, scale index and score to [0, 1], take the point farthest from the
+    chord between the first and the last point (the first such point on ties), keep every token scoring at
+    least that point's score. A flat curve or a single token keeps all; never fewer than min_tokens.
+    """
+    groups = order.group_sorted
+    in_group = groups >= 0
+    sorted_scores = scores.to(torch.float32).gather(1, order.order)  # [B, T], descending inside a group
+    size = order.size_sorted
+    highest = sorted_scores.gather(1, order.start_sorted)
+    lowest = sorted_scores.gather(1, (order.start_sorted + size - 1).clamp(min=0))
+    span = highest - lowest
+    x = order.rank_sorted.to(torch.float32) / (size - 1).clamp(min=1).to(torch.float32)
+    y = (sorted_scores - lowest) / torch.where(span > 0, span, 1.0)
+    # The chord runs from (0, 1) to (1, 0): distance is proportional to |x + y - 1|.
+    distance = torch.where(in_group, (x + y - 1).abs(), -1.0)
+
+    slot_group = torch.where(in_group, groups, -1) + 1  # column in the per-group buffers
+    batch, length = groups.shape
+    farthest = torch.full((batch, length + 1), -1.0, device=scores.device)
+    farthest = farthest.scatter_reduce(1, slot_group, distance, reduce="amax")
+    is_farthest = in_group & (distance == farthest.gather(1, slot_group))
+    never = torch.full_like(order.rank_sorted, length)
+    elbow_rank = torch.full((batch, length + 1), length, dtype=torch.long, device=scores.device)
+    elbow_rank = elbow_rank.scatter_reduce(1, slot_group, torch.where(is_farthest, order.rank_sorted, never), "amin")
+    elbow_slot = (order.start_sorted + elbow_rank.gather(1, slot_group)).clamp(max=length - 1)
+    threshold = sorted_scores.gather(1, elbow_slot)  # [B, T] the elbow score of each slot's group
+
+    at_least = (in_group & (sorted_scores >= threshold)).long()
+    count_sorted = _per_group_sum(torch.where(in_group, groups, -1), at_least).gather(1, slot_group)
+    flat = (span <= 0) | (size <= 1)
+    count_sorted = torch.where(flat, size, count_sorted)
+    count = torch.empty_like(count_sorted).scatter_(1, order.order, count_sorted)
+    return _clamp_count(count, order.size, min_tokens)
+
+
+def _clamp_count(count: torch.Tensor, size: torch.Tensor, min_tokens: int) -> torch.Tensor:
+    return torch.minimum(torch.maximum(count, torch.full_like(count, min_tokens)), size)
+
+
+def keep_top(order: GroupOrder, count: torch.Tensor) -> torch.Tensor:
+    """Bool [B, T]: the `count` best-ranked tokens of each group (count given per token)."""
+    return (order.size > 0) & (order.rank < count)
+
+
+def select_by_score(
+    scores: torch.Tensor, groups: torch.Tensor, token_budget: int | float | None, min_tokens: int = 1
+) -> torch.Tensor:
+    """Keep mask [B, T] over grouped tokens: per group the top tokens by score under the budget.
+
+    token_budget: int m (the m best), float r in (0, 1] (ceil(r * n) of the group's n), None (elbow).
+    Ties go to the lower position. Tokens outside groups are never selected.
+    """
+    order = order_groups(scores, groups)
+    if token_budget is None:
+        count = elbow_counts(scores, order, min_tokens)
+    else:
+        count = budget_counts(order, token_budget, min_tokens)
+    return keep_top(order, count)
+
+
+# ---------------------------------------------------------------------------------------------- CoreMatching
+
+
+def core_matching_scores(
+    activations: torch.Tensor, match_mask: torch.Tensor, rho: float, beta: float
+) -> torch.Tensor:
+    """score(x) for every token [B, T] against the core neurons of the match set match_mask [B, T]."""
+    token_core = token_core_neurons(activations, rho)
+    match_core = sentence_core_neurons(token_core, activations, match_mask, beta)
+    return match_scores(token_core, neuron_mask(match_core, activations.shape[-1]))
