@@ -37,13 +37,19 @@ class SparsityRecord:
 
     @cached_property
     def core_neurons_per_sample(self) -> list[dict[int, torch.Tensor]]:
-        """Per sample: {layer: sorted 1-D LongTensor of the neurons used while decoding}."""
-        return [{layer: rows[b] for layer, rows in self.neurons.items()} for b in range(self.batch_size)]
+        """Per sample: {layer: sorted 1-D LongTensor of the neurons used while decoding}; empty for a sample
+        without visual tokens, which decodes densely."""
+        sparse_rows = self.visual_mask.any(1).tolist()
+        return [
+            {layer: rows[b] for layer, rows in self.neurons.items()} if sparse_rows[b] else {}
+            for b in range(self.batch_size)
+        ]
 
     @cached_property
     def core_neurons(self) -> dict[int, torch.Tensor]:
         """{layer: sorted neuron indices used while decoding}: 1-D for a batch of 1; for a larger batch each
-        value is [B, k], row b being sample b's set (see core_neurons_per_sample)."""
+        value is [B, k], row b being sample b's set (see core_neurons_per_sample; the row of a sample without
+        visual tokens is unused, as that sample decodes densely)."""
         if self.batch_size == 1:
             return self.core_neurons_per_sample[0]
         return dict(self.neurons)
