@@ -39,19 +39,34 @@ def token_core_neurons(activations: torch.Tensor, rho: float) -> torch.Tensor:
     activation, equal activations going to the lower neuron index. A token without positive activation has an
     empty set.
     """
-    width = activations.shape[-1]
-    num_positive = (activations > 0).sum(-1)  # [...]
-    core_size = ceil_ratio(num_positive, rho)  # [...] k(x) <= |P(x)|
-    # The k(x)-th largest activation is the threshold; k(x) <= ceil(rho * F) for every token.
-    largest = activations.topk(ceil_ratio(width, rho), dim=-1, sorted=True).values  # [..., k_max]
-    threshold = largest.gather(-1, (core_size - 1).clamp(min=0).unsqueeze(-1))  # [..., 1]
+    # Bool counts are summed as int32: summing bools as int64 copies the whole tensor first.
+    core_size = ceil_ratio((activations > 0).sum(-1, dtype=torch.int32).long(), rho)  # [...] k(x) <= |P(x)|
+    # Every neuron of C_rho(x) is among the ceil(rho * F) largest of the row.
+    largest = activations.topk(ceil_ratio(activations.shape[-1], rho), dim=-1, sorted=False).values
+    threshold = kth_largest(largest, core_size).unsqueeze(-1)  # [..., 1] the k(x)-th largest activation
     above = activations > threshold
     tied = activations == threshold
     # Of the neurons tied at the threshold, take the lowest indices until k(x) neurons are chosen.
-    still_needed = (core_size - above.sum(-1)).unsqueeze(-1)  # [..., 1]
-    tie_rank = tied.to(torch.int32).cumsum(-1, dtype=torch.int32)  # 1-based rank among the tied, by index
-    core = above | (tied & (tie_rank <= still_needed))
-    return core & (core_size > 0).unsqueeze(-1)
+    num_above = (largest > threshold).sum(-1, dtype=torch.int32)  # all of them are among the largest
+    still_needed = (core_size - num_above).to(torch.int32).unsqueeze(-1)  # [..., 1]
+    tie_rank = tied.cumsum(-1, dtype=torch.int32)  # 1-based rank among the tied, by index
+    return torch.where(tied, tie_rank <= still_needed, above)
+
+
+def kth_largest(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The k-th largest entry of every row of values [..., W], for a k [...] that varies per row (0 <= k <= W);
+    a value above the row's maximum where k is 0.
+
+    One selection at a common rank: each row gets W - k values above and k values below all of its entries
+    (distinct, which keeps the selection fast), so that the (W + 1)-th smallest of the extended row is the k-th
+    largest of the row.
+    """
+    width = values.shape[-1]
+    slots = torch.arange(width, device=values.device, dtype=values.dtype)
+    bound = values.abs().amax(-1, keepdim=True) * 2 + 1  # [..., 1] beyond every entry of the row
+    beyond = bound * (1 + slots / width)  # [..., W] distinct, all above the row's entries
+    padding = torch.where(slots < (width - k).unsqueeze(-1), beyond, -beyond)
+    return torch.cat([values, padding], dim=-1).kthvalue(width + 1, dim=-1).values
 
 
 def sentence_core_neurons(
@@ -66,7 +81,7 @@ def sentence_core_neurons(
     width = activations.shape[-1]
     num_core = ceil_ratio(width, beta)
     in_set = token_mask.unsqueeze(-1)  # [B, T, 1]
-    frequency = (token_core & in_set).sum(1)  # [B, F] f(n)
+    frequency = (token_core & in_set).sum(1, dtype=torch.int32)  # [B, F] f(n)
     activation_sum = torch.where(in_set, activations, 0).sum(1, dtype=torch.float32)  # [B, F]
     ranking = _rank_descending(frequency, activation_sum)  # [B, F] neuron indices, best first
     return ranking[:, :num_core].sort(dim=-1).values
@@ -88,7 +103,7 @@ def neuron_mask(neuron_indices: torch.Tensor, width: int) -> torch.Tensor:
 
 def match_scores(token_core: torch.Tensor, core_neurons_mask: torch.Tensor) -> torch.Tensor:
     """score(x) = |C_rho(x) ∩ C_beta(S_match)| for every token: LongTensor [B, T]."""
-    return (token_core & core_neurons_mask.unsqueeze(1)).sum(-1)
+    return (token_core & core_neurons_mask.unsqueeze(1)).sum(-1, dtype=torch.int32).long()
 
 
 def last_token_mask(token_mask: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,12 @@ class SparsityMethod:
         """Core neurons [B, k] (sorted) of a layer from its prefill activations [B, T, F] over token_mask [B, T]."""
         raise NotImplementedError(f"{type(self).__name__} does not select neurons")
 
+    def select_tokens_and_neurons(
+        self, batch: TokenBatch, token_mask: torch.Tensor
+    ) -> tuple[TokenDecision, torch.Tensor]:
+        """Both choices at the prune layer when it is also a neuron layer (a method may share work here)."""
+        return self.select_tokens(batch), self.select_neurons(batch.activations, token_mask)
+
 
 # ---------------------------------------------------------------------------------------------- checks
 

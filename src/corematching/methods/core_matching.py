@@ -76,10 +76,23 @@ class CoreMatching(SparsityMethod):
         return selection.last_token_mask(batch.valid_mask)
 
     def select_tokens(self, batch: TokenBatch) -> TokenDecision:
-        scores = selection.core_matching_scores(batch.activations, self.match_mask(batch), self.rho, self.beta)
-        keep = selection.select_by_score(scores, batch.image_index, self.token_budget, self.min_tokens)
-        return TokenDecision(keep_visual=keep & batch.visual_mask, scores=scores.to(torch.float32))
+        token_core = selection.token_core_neurons(batch.activations, self.rho)
+        return self._decide_tokens(batch, token_core)
 
     def select_neurons(self, activations: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         token_core = selection.token_core_neurons(activations, self.rho)
         return selection.sentence_core_neurons(token_core, activations, token_mask, self.beta)
+
+    def select_tokens_and_neurons(
+        self, batch: TokenBatch, token_mask: torch.Tensor
+    ) -> tuple[TokenDecision, torch.Tensor]:
+        token_core = selection.token_core_neurons(batch.activations, self.rho)  # shared by both choices
+        neurons = selection.sentence_core_neurons(token_core, batch.activations, token_mask, self.beta)
+        return self._decide_tokens(batch, token_core), neurons
+
+    def _decide_tokens(self, batch: TokenBatch, token_core: torch.Tensor) -> TokenDecision:
+        activations = batch.activations
+        match_core = selection.sentence_core_neurons(token_core, activations, self.match_mask(batch), self.beta)
+        scores = selection.match_scores(token_core, selection.neuron_mask(match_core, activations.shape[-1]))
+        keep = selection.select_by_score(scores, batch.image_index, self.token_budget, self.min_tokens)
+        return TokenDecision(keep_visual=keep & batch.visual_mask, scores=scores.to(torch.float32))

@@ -268,7 +268,10 @@ class Engine:
             activations=call.prune_activations,
         )
         with torch.no_grad():
-            decision = self.method.select_tokens(batch)
+            if self.prune_layer in self.neuron_layers and batch.activations is not None:
+                decision, call.neurons[self.prune_layer] = self.method.select_tokens_and_neurons(batch, call.valid)
+            else:
+                decision = self.method.select_tokens(batch)
         call.prune_activations = None
         call.keep = call.valid & (~call.visual | (decision.keep_visual & call.visual))
         call.scores = decision.scores
@@ -322,7 +325,8 @@ class Engine:
         """Prefill: keep the prune layer's activations, and choose the core neurons of neuron layers."""
         activation = activation.detach()
         if layer == self.prune_layer and self.method.wants_prune_activations():
-            call.prune_activations = activation
+            call.prune_activations = activation  # its neurons are chosen together with the tokens
+            return
         if layer in self.neuron_layers:
             past_prune = self.prune_layer is not None and layer > self.prune_layer
             token_mask = call.layout.slot_valid if past_prune else call.valid
