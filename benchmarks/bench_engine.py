@@ -1,0 +1,276 @@
+"""Dense vs CoreMatching on a LLaVA-shaped model with real layer sizes (random weights), fp32 on CPU.
+
+The language model has TinyLlama-1.1B's widths (hidden 2048, FFN 5632, 32 heads, 4 KV heads, vocabulary 32064 as
+LLaVA-1.5) and 8 layers; the prompt is 576 visual tokens and 40 text tokens. The vision tower is a small CLIP;
+its features are computed once and passed as `mm_encoder_outputs`, so the timings cover the language model
+(embedding, decoder layers, LM head) and everything corematching does inside it.
+
+CoreMatching: prune_layer 1, 64 visual tokens kept, beta 0.4 on every layer (rho 0.2, match "text").
+Both run in one process, repetitions interleaved (dense, sparse, dense, ...), medians reported. Each run is
+one `model.generate` call (greedy, 32 new tokens); a logits processor stamps the time after every forward, which
+gives prefill time (start to first stamp), per-token decode time (between stamps) and end-to-end time.
+Peak memory is the process RSS sampled every millisecond during one extra run of each, after freed memory
+has been handed back to the OS.
+
+    python benchmarks/bench_engine.py            # what benchmarks/RESULTS.md shows
+    python benchmarks/bench_engine.py --reps 2   # quicker
+"""
+
+import argparse
+import ctypes
+import gc
+import os
+import platform
+import statistics
+import threading
+import time
+from contextlib import nullcontext
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+import corematching as cm
+
+HIDDEN, FFN, HEADS, KV_HEADS, LAYERS, VOCAB = 2048, 5632, 32, 4, 8, 32064
+IMAGE_TOKEN = 32000
+VISUAL, TEXT = 576, 40
+PRUNE_LAYER, KEPT_VISUAL, BETA = 1, 64, 0.4
+METHOD = cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=KEPT_VISUAL, beta=BETA, neuron_layers=list(range(LAYERS)))
+
+
+def build_model() -> LlavaForConditionalGeneration:
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=336, patch_size=14
+    )
+    text = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=2048,
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
+    model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def build_inputs(model) -> dict:
+    """[BOS, 5 text, 576 image, 34 text] with the image features precomputed."""
+    generator = torch.Generator().manual_seed(1)
+    before = torch.randint(3, 32000, (5,), generator=generator)
+    after = torch.randint(3, 32000, (TEXT - 6,), generator=generator)
+    input_ids = torch.cat([torch.tensor([1]), before, torch.full((VISUAL,), IMAGE_TOKEN), after]).unsqueeze(0)
+    pixel_values = torch.randn(1, 3, 336, 336, generator=generator)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=pixel_values).pooler_output
+    image = BaseModelOutputWithPooling(pooler_output=[f.detach() for f in features])
+    return {"input_ids": input_ids, "mm_encoder_outputs": {"image": image}}
+
+
+class StepClock(LogitsProcessor):
+    """Stamps the time each time generation has new logits, i.e. after every forward."""
+
+    def __init__(self):
+        self.stamps = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def run(model, method, inputs, new_tokens: int) -> dict:
+    clock = StepClock()
+    session = cm.sparsify(model, method) if method is not None else nullcontext()
+    with session, torch.no_grad():
+        start = time.perf_counter()
+        model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+        )
+        end = time.perf_counter()
+    steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+    return {"prefill": clock.stamps[0] - start, "steps": steps, "end_to_end": end - start}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def release_free_memory() -> None:
+    """Give freed heap memory back to the OS, so that RSS shows what is live (glibc keeps freed chunks)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_rss(model, method, inputs, new_tokens: int) -> tuple[int, int]:
+    """(RSS before the run, peak RSS during it), sampled every millisecond."""
+    release_free_memory()
+    before = rss_bytes()
+    peak = [before]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        run(model, method, inputs, new_tokens)
+    finally:
+        done.set()
+        sampler.join()
+    return before, peak[0]
+
+
+# ---------------------------------------------------------------------------------------------- analytic FLOPs
+
+
+def layer_flops(tokens: int, context_sum: int, ffn_width: int) -> float:
+    """FLOPs (2 per multiply-add) of one decoder layer for `tokens` queries whose attention contexts sum to
+    context_sum keys. Projections, attention scores and values, FFN; norms and RoPE are negligible."""
+    head_dim = HIDDEN // HEADS
+    kv_width = KV_HEADS * head_dim
+    projections = tokens * (2 * HIDDEN * HIDDEN + 2 * HIDDEN * kv_width)
+    attention = context_sum * 2 * HIDDEN  # QK^T and AV over all heads
+    ffn = tokens * 3 * HIDDEN * ffn_width
+    return 2.0 * (projections + attention + ffn)
+
+
+def causal_context(tokens: int) -> int:
+    return tokens * (tokens + 1) // 2
+
+
+def prefill_flops(kept: int | None) -> float:
+    """Prompt pass; lm_head on the last token only. kept: tokens after the prune layer (None: dense)."""
+    prompt = VISUAL + TEXT
+    total = 0.0
+    for layer in range(LAYERS):
+        tokens = prompt if kept is None or layer <= PRUNE_LAYER else kept
+        total += layer_flops(tokens, causal_context(tokens), FFN)
+    return total + 2.0 * HIDDEN * VOCAB
+
+
+def decode_flops(kept: int | None, new_tokens: int, core_width: int | None) -> float:
+    """Mean FLOPs of one decode step over the new tokens after the first (contexts grow by one per step)."""
+    prompt = VISUAL + TEXT
+    total = 0.0
+    for step in range(1, new_tokens):
+        for layer in range(LAYERS):
+            prefix = prompt if kept is None or layer <= PRUNE_LAYER else kept
+            width = FFN if core_width is None else core_width
+            total += layer_flops(1, prefix + step + 1, width)
+        total += 2.0 * HIDDEN * VOCAB
+    return total / (new_tokens - 1)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=5, help="timed runs of each (interleaved)")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = build_model()
+    inputs = build_inputs(model)
+    methods = {"dense": None, "corematching": METHOD}
+    for name, method in methods.items():  # warm-up, and the decision the sparse runs repeat
+        run(model, method, inputs, 2)
+    with cm.sparsify(model, METHOD) as session:
+        model(**inputs, logits_to_keep=1)
+        kept_tokens = len(session.last.kept_positions[0])
+        core_width = len(session.last.core_neurons[0])
+
+    results = {name: [] for name in methods}
+    for _ in range(args.reps):
+        for name, method in methods.items():
+            gc.collect()
+            results[name].append(run(model, method, inputs, args.new_tokens))
+    memory = {name: peak_rss(model, method, inputs, args.new_tokens) for name, method in methods.items()}
+
+    def median(name, key):
+        return statistics.median(r[key] for r in results[name])
+
+    def step_median(name):
+        return statistics.median(s for r in results[name] for s in r["steps"])
+
+    flops = {
+        "dense": (prefill_flops(None), decode_flops(None, args.new_tokens, None)),
+        "corematching": (prefill_flops(kept_tokens), decode_flops(kept_tokens, args.new_tokens, core_width)),
+    }
+    dense_prefill, sparse_prefill = median("dense", "prefill"), median("corematching", "prefill")
+    dense_step, sparse_step = step_median("dense"), step_median("corematching")
+    dense_e2e, sparse_e2e = median("dense", "end_to_end"), median("corematching", "end_to_end")
+    gib = 2**30
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(
+        f"model: 8 layers, hidden {HIDDEN}, FFN {FFN}, {HEADS} heads / {KV_HEADS} KV heads, vocab {VOCAB}, fp32; "
+        f"prompt {VISUAL} visual + {TEXT} text tokens; {args.new_tokens} new tokens; {args.reps} interleaved reps"
+    )
+    print(f"CoreMatching: {METHOD}")
+    print(f"tokens after layer {PRUNE_LAYER}: {kept_tokens} of {VISUAL + TEXT}; core neurons per layer: {core_width} of {FFN}")
+    print()
+    print("| metric | dense | CoreMatching | dense / CoreMatching |")
+    print("|---|---:|---:|---:|")
+    print(f"| prefill time (s) | {dense_prefill:.3f} | {sparse_prefill:.3f} | {dense_prefill / sparse_prefill:.2f}x |")
+    print(f"| decode time per token (ms) | {1000 * dense_step:.1f} | {1000 * sparse_step:.1f} | {dense_step / sparse_step:.2f}x |")
+    print(f"| end-to-end, {args.new_tokens} new tokens (s) | {dense_e2e:.3f} | {sparse_e2e:.3f} | {dense_e2e / sparse_e2e:.2f}x |")
+    print(
+        f"| peak RSS (GiB) | {memory['dense'][1] / gib:.2f} | {memory['corematching'][1] / gib:.2f} | "
+        f"{memory['dense'][1] / memory['corematching'][1]:.2f}x |"
+    )
+    print(
+        f"| peak RSS above the loaded model (GiB) | {(memory['dense'][1] - memory['dense'][0]) / gib:.3f} | "
+        f"{(memory['corematching'][1] - memory['corematching'][0]) / gib:.3f} | |"
+    )
+    print(f"| prefill FLOPs (GFLOP) | {flops['dense'][0] / 1e9:.1f} | {flops['corematching'][0] / 1e9:.1f} | "
+          f"{flops['dense'][0] / flops['corematching'][0]:.2f}x |")
+    print(f"| decode FLOPs per token (GFLOP) | {flops['dense'][1] / 1e9:.3f} | {flops['corematching'][1] / 1e9:.3f} | "
+          f"{flops['dense'][1] / flops['corematching'][1]:.2f}x |")
+    print()
+    print("| phase | achieved speedup | FLOP bound | achieved / bound |")
+    print("|---|---:|---:|---:|")
+    for phase, achieved, index in [
+        ("prefill", dense_prefill / sparse_prefill, 0),
+        ("decode (per token)", dense_step / sparse_step, 1),
+    ]:
+        bound = flops["dense"][index] / flops["corematching"][index]
+        print(f"| {phase} | {achieved:.2f}x | {bound:.2f}x | {achieved / bound:.2f} |")
+    spread = {
+        name: (min(r["prefill"] for r in results[name]), max(r["prefill"] for r in results[name]))
+        for name in methods
+    }
+    print()
+    print(
+        "prefill range over reps (s): "
+        + ", ".join(f"{name} {low:.3f}-{high:.3f}" for name, (low, high) in spread.items())
+    )
+
+
+if __name__ == "__main__":
+    main()
