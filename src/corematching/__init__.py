@@ -3,7 +3,8 @@
 from .errors import UnsupportedModelError
 from .methods import CoreMatching, Dense, RandomTokens, UniformTokens
 from .runtime import Session, SparsityRecord, sparsify
-from .zoo import answer, load_model
+from .vqa import answer
+from .zoo import load_model
 
 __all__ = [
     "CoreMatching",

@@ -62,3 +62,30 @@ def shape_and_color(items: list[Question]) -> tuple[str | None, str | None]:
             shape = next((s for s in SHAPES if s in text), shape)
             color = next((c for c in COLORS if c in text), color)
     return shape, color
+
+
+COLOR_TEMPLATES = ("what color is the shape?", "what is the color of the shape?", "what color is the {shape}?")
+SHAPE_TEMPLATES = ("what shape is in the image?", "what shape does the image contain?", "what is the {color} shape?")
+
+
+def with_open_questions(grouped: dict[int, list[Question]], seed: int) -> dict[int, list[Question]]:
+    """Add one colour and one shape question (easy-vqa's own templates) to every image whose labels are known.
+
+    Open questions are a small share of easy-vqa and the slowest to learn; the added ones are built only from
+    the training split's own answers.
+    """
+    import random
+
+    rng = random.Random(seed)
+    out = {}
+    for image_id, items in grouped.items():
+        shape, color = shape_and_color(items)
+        extra = []
+        if shape and color:
+            asked = {q.question for q in items}
+            for templates, answer in ((COLOR_TEMPLATES, color), (SHAPE_TEMPLATES, shape)):
+                text = rng.choice(templates).format(shape=shape, color=color)
+                if text not in asked:
+                    extra.append(Question(image_id, text, answer))
+        out[image_id] = list(items) + extra
+    return out

@@ -1,0 +1,238 @@
+"""The `corematching` command.
+
+    corematching                                  demo: the bundled model on easy-vqa test images, dense vs CoreMatching
+    corematching --image cat.png --question "What animal is this?" [--model ID_OR_PATH]
+    corematching eval --method corematching --budget 0.25 --output runs/cm.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import UnsupportedModelError
+
+METHOD_NAMES = ("dense", "corematching", "random", "uniform")
+
+
+def parse_budget(text: str):
+    """'64' -> 64 tokens, '0.25' -> a quarter, 'adaptive' -> None (elbow rule)."""
+    if text.lower() in ("adaptive", "none", "auto"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget must be an int, a fraction or 'adaptive', got {text!r}") from None
+
+
+def parse_layers(text: str):
+    if text.lower() in ("none", "default"):
+        return None
+    if text.lower() == "":
+        return []
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layers must be comma-separated ints, got {text!r}") from None
+
+
+def add_method_arguments(parser: argparse.ArgumentParser, default_method: str) -> None:
+    group = parser.add_argument_group("method")
+    group.add_argument("--method", choices=METHOD_NAMES, default=default_method)
+    group.add_argument("--budget", type=parse_budget, default=argparse.SUPPRESS,
+                       help="visual tokens kept per image: count, fraction, or 'adaptive'")
+    group.add_argument("--prune-layer", type=int, default=argparse.SUPPRESS)
+    group.add_argument("--rho", type=float, default=argparse.SUPPRESS)
+    group.add_argument("--beta", type=float, default=argparse.SUPPRESS)
+    group.add_argument("--match", default=argparse.SUPPRESS, help="match set: all, text or last")
+    group.add_argument("--neuron-layers", type=parse_layers, default=argparse.SUPPRESS,
+                       help="comma-separated layers decoding with core neurons ('' for none)")
+    group.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed of --method random")
+
+
+def build_method(args: argparse.Namespace):
+    """The method object named by --method, with the fields given on the command line (others default)."""
+    import corematching as cm
+
+    fields = {
+        "token_budget": getattr(args, "budget", "unset"),
+        "prune_layer": getattr(args, "prune_layer", "unset"),
+        "rho": getattr(args, "rho", "unset"),
+        "beta": getattr(args, "beta", "unset"),
+        "match": getattr(args, "match", "unset"),
+        "neuron_layers": getattr(args, "neuron_layers", "unset"),
+        "seed": getattr(args, "seed", "unset"),
+    }
+    accepted = {
+        "dense": (cm.Dense, ()),
+        "corematching": (cm.CoreMatching, ("token_budget", "prune_layer", "rho", "beta", "match", "neuron_layers")),
+        "random": (cm.RandomTokens, ("token_budget", "prune_layer", "seed")),
+        "uniform": (cm.UniformTokens, ("token_budget", "prune_layer")),
+    }
+    cls, names = accepted[args.method]
+    given = {name: value for name, value in fields.items() if value != "unset"}
+    extra = sorted(set(given) - set(names))
+    if extra:
+        raise ValueError(f"--method {args.method} does not take {', '.join(extra)}")
+    return cls(**given)
+
+
+# ----------------------------------------------------------------------------- run / demo
+
+
+def demo_items(count: int):
+    """Fixed demo questions: the first questions of the first test images, two per image."""
+    from .zoo import data
+
+    grouped = data.by_image(data.questions("test"))
+    items = []
+    for image_id in sorted(grouped)[: (count + 1) // 2]:
+        items.extend(grouped[image_id][:2])
+    return items[:count]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    import corematching as cm
+
+    from . import viz
+    from .evaluate import kept_patch_indices
+    from .vqa import answer_batch, check_image
+
+    if (args.image is None) != (args.question is None):
+        raise ValueError("--image and --question go together")
+    if args.question is not None and not args.question.strip():
+        raise ValueError("--question is empty")
+    if args.image is not None:
+        path = Path(args.image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        try:
+            image = Image.open(path)
+            image.load()
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"cannot read image {path}: {error}") from None
+        check_image(image)
+        jobs = [(path.stem, image, args.question, None)]
+    else:
+        from .zoo import data
+
+        paths = data.image_paths("test")
+        jobs = [(f"test-{q.image_id}", Image.open(paths[q.image_id]), q.question, q.answer)
+                for q in demo_items(args.questions)]
+    method = build_method(args)
+    print(f"loading {args.model} ...", flush=True)
+    model, processor = cm.load_model(args.model, device=args.device)
+    config = model.config
+    image_token_id = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
+    vision = config.vision_config
+    grid = (vision.image_size // vision.patch_size,) * 2
+    print(f"method: {method}", flush=True)
+    answer_batch(model, processor, [jobs[0][1]], [jobs[0][2]], None, 2)  # warm-up, not timed
+    out_dir = Path(args.out)
+    header = f"{'image':<12} {'question':<44} {'truth':<10} {'dense':<10} {'ms':>6} {'sparse':<10} {'kept':>7} {'ms':>6}"
+    print(header)
+    print("-" * len(header))
+    correct = {"dense": 0, "sparse": 0}
+    for number, (name, image, question, truth) in enumerate(jobs):
+        t0 = time.perf_counter()
+        dense = answer_batch(model, processor, [image], [question], None, args.max_new_tokens)
+        t1 = time.perf_counter()
+        sparse = answer_batch(model, processor, [image], [question], method, args.max_new_tokens)
+        t2 = time.perf_counter()
+        n_visual = int((dense.input_ids[0] == image_token_id).sum())
+        kept = list(range(n_visual))
+        if sparse.record is not None and sparse.record.kept_positions is not None:
+            kept = kept_patch_indices(sparse.input_ids[0], sparse.record.kept_positions[0], image_token_id)
+        if truth is not None:
+            correct["dense"] += dense.texts[0] == truth
+            correct["sparse"] += sparse.texts[0] == truth
+        print(f"{name:<12} {question[:44]:<44} {truth or '':<10} {dense.texts[0][:10]:<10} {1e3 * (t1 - t0):>6.0f} "
+              f"{sparse.texts[0][:10]:<10} {len(kept):>3}/{n_visual:<3} {1e3 * (t2 - t1):>6.0f}")
+        if n_visual == grid[0] * grid[1]:
+            panel = viz.kept_patches_overlay(check_image(image).resize((vision.image_size,) * 2), kept, grid,
+                                             title=f"{question[:40]} -> {sparse.texts[0][:12]}")
+            viz.save_side_by_side([panel], out_dir / f"{number:02d}-{name}.png")
+    if jobs[0][3] is not None:
+        print(f"\ncorrect: dense {correct['dense']}/{len(jobs)}, sparse {correct['sparse']}/{len(jobs)}")
+    print(f"kept-patch pictures: {out_dir}/")
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    import corematching as cm
+
+    from .evaluate import eval_questions, run_eval
+
+    method = build_method(args)
+    items = eval_questions(args.set)
+    if args.limit:
+        items = items[: args.limit]
+    output = Path(args.output)
+    print(f"loading {args.model} ...", flush=True)
+    model, processor = cm.load_model(args.model, device=args.device)
+    summary = run_eval(model, processor, None if args.method == "dense" else method, items, output,
+                       batch_size=args.batch_size)
+    kept = f"{summary.mean_kept:.1f}" if summary.mean_kept is not None else "all"
+    recall = f"{summary.object_recall:.3f}" if summary.object_recall is not None else "-"
+    print(f"\n| method | settings | questions | accuracy | visual tokens kept | object recall |")
+    print(f"|---|---|---|---|---|---|")
+    settings = ", ".join(f"{k}={v}" for k, v in summary.settings.items() if k not in ("method", "questions"))
+    print(f"| {summary.settings['method']} | {settings} | {summary.answered} | {summary.accuracy:.4f} | {kept} | {recall} |")
+    print(f"answers: {output}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def make_parser(command: str) -> argparse.ArgumentParser:
+    if command == "eval":
+        parser = argparse.ArgumentParser(prog="corematching eval", description="Accuracy on easy-vqa, resumable.")
+        parser.add_argument("--set", default="test-2000", help="test-2000 (seeded sample) or test (all 9,673)")
+        parser.add_argument("--limit", type=int, default=0, help="only the first N questions of the set")
+        parser.add_argument("--output", required=True, help="JSON-lines file of answers (appended; resumes)")
+        parser.add_argument("--batch-size", type=int, default=16)
+        default_method = "corematching"
+    else:
+        parser = argparse.ArgumentParser(prog="corematching", description=__doc__,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("--image", help="an image file to ask about")
+        parser.add_argument("--question", help="the question, in plain words")
+        parser.add_argument("--questions", type=int, default=6, help="demo: how many easy-vqa test questions")
+        parser.add_argument("--max-new-tokens", type=int, default=8)
+        parser.add_argument("--out", default="out", help="folder for the kept-patch pictures")
+        default_method = "corematching"
+    parser.add_argument("--model", default="evqa-smollm2", help="evqa-smollm2, a hub id or a local path")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    add_method_arguments(parser, default_method)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = "eval" if argv[:1] == ["eval"] else "run"
+    args = make_parser(command).parse_args(argv[1:] if command == "eval" else argv)
+    try:
+        return evaluate(args) if command == "eval" else run(args)
+    except (FileNotFoundError, ValueError, TypeError, UnsupportedModelError) as error:
+        print(f"corematching: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("corematching: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Accuracy of a method on easy-vqa, answer by answer, resumable, with object recall of the kept tokens.
+
+Every answer is appended to a JSON-lines file as soon as it is produced. The file's first line holds the
+settings of the run; rerunning with the same file and settings skips the questions already answered (a
+torn last line from an interrupted write is dropped), with other settings it refuses to mix results.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .vqa import answer_batch
+from .zoo import data
+
+EVAL_SETS = ("test-2000", "test")
+EVAL_SEED = 0
+
+
+def eval_questions(name: str = "test-2000") -> list[data.Question]:
+    """The fixed evaluation sets: all 9,673 test questions, or 2,000 of them drawn with seed 0."""
+    items = list(data.questions("test"))
+    if name == "test":
+        return items
+    if name == "test-2000":
+        picked = sorted(random.Random(EVAL_SEED).sample(range(len(items)), 2000))
+        return [items[i] for i in picked]
+    raise ValueError(f"eval set must be one of {', '.join(EVAL_SETS)}, got {name!r}")
+
+
+# ----------------------------------------------------------------------------- object recall
+
+
+def object_patches(image: Image.Image, grid: tuple[int, int], min_cover: float = 0.25) -> torch.Tensor:
+    """Bool [rows * cols]: patches at least `min_cover` covered by the shape.
+
+    easy-vqa draws one shape on a uniform background, so the shape is every pixel whose colour differs
+    from the most common border colour.
+    """
+    pixels = torch.from_numpy(__import__("numpy").asarray(image.convert("RGB"))).int()  # [H, W, 3]
+    border = torch.cat([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    colours, counts = border.unique(dim=0, return_counts=True)
+    background = colours[counts.argmax()]
+    shape_mask = (pixels - background).abs().sum(-1) > 30  # [H, W]
+    rows, cols = grid
+    height, width = shape_mask.shape
+    cover = shape_mask.float().reshape(rows, height // rows, cols, width // cols).mean(dim=(1, 3))
+    return (cover >= min_cover).flatten()
+
+
+def kept_patch_indices(input_ids: torch.Tensor, kept_positions: torch.Tensor, image_token_id: int) -> list[int]:
+    """Grid indices (row-major) of the kept visual tokens of one single-image sample."""
+    visual_positions = (input_ids == image_token_id).nonzero().flatten()
+    is_kept = torch.isin(visual_positions, kept_positions.to(visual_positions.device))
+    return is_kept.nonzero().flatten().tolist()
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def method_settings(method) -> dict:
+    if method is None:
+        return {"method": "Dense"}
+    fields = asdict(method) if is_dataclass(method) else {}
+    return {"method": type(method).__name__, **fields}
+
+
+@dataclass
+class Summary:
+    settings: dict
+    answered: int
+    accuracy: float
+    mean_kept: float | None
+    object_recall: float | None
+
+
+def read_results(path: Path, settings: dict) -> list[dict]:
+    """The answers already in `path`; raises when the file belongs to other settings."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for k, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if k != len(lines) - 1:
+                raise ValueError(f"{path}: line {k + 1} is not valid JSON") from None
+            # a torn last line from an interrupted run: drop it from the file
+            path.write_text("".join(l + "\n" for l in lines[:-1]))
+    if not rows:
+        return []
+    if rows[0].get("settings") != settings:
+        raise ValueError(
+            f"{path} holds results of other settings ({rows[0].get('settings')}); use another --output"
+        )
+    return rows[1:]
+
+
+def run_eval(model, processor, method, items: list[data.Question], output: Path, batch_size: int = 16,
+             progress: bool = True, max_new_tokens: int = 8) -> Summary:
+    from tqdm import tqdm
+
+    settings = {**method_settings(method), "questions": len(items)}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done = read_results(output, settings)
+    done_indices = {row["index"] for row in done}
+    if not output.exists() or output.stat().st_size == 0:
+        output.write_text(json.dumps({"settings": settings}) + "\n")
+    todo = [k for k in range(len(items)) if k not in done_indices]
+    image_token_id = getattr(model.config, "image_token_id", None) or model.config.image_token_index
+    vision = model.config.vision_config
+    grid = (vision.image_size // vision.patch_size,) * 2
+    paths = data.image_paths("test")
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), disable=not progress, desc=settings["method"],
+               unit="q", dynamic_ncols=True)
+    with output.open("a") as sink:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            images = [Image.open(paths[items[k].image_id]).convert("RGB") for k in chunk]
+            questions = [items[k].question for k in chunk]
+            predictions, record, input_ids = answer_batch(model, processor, images, questions, method,
+                                                          max_new_tokens)
+            for row, k in enumerate(chunk):
+                result = {
+                    "index": k,
+                    "image_id": items[k].image_id,
+                    "question": items[k].question,
+                    "answer": items[k].answer,
+                    "prediction": predictions[row],
+                    "correct": predictions[row] == items[k].answer,
+                }
+                if record is not None and record.kept_positions is not None:
+                    kept = kept_patch_indices(input_ids[row], record.kept_positions[row], image_token_id)
+                    shape = object_patches(images[row], grid)
+                    result["kept_patches"] = kept
+                    result["n_visual"] = grid[0] * grid[1]
+                    result["object_recall"] = shape[kept].sum().item() / max(1, shape.sum().item())
+                sink.write(json.dumps(result) + "\n")
+            sink.flush()
+            bar.update(len(chunk))
+    bar.close()
+    return summarize(output, settings)
+
+
+def summarize(output: Path, settings: dict | None = None) -> Summary:
+    rows = [json.loads(line) for line in output.read_text().splitlines() if line.strip()]
+    header, answers = rows[0]["settings"], rows[1:]
+    if settings is not None and header != settings:
+        raise ValueError(f"{output} holds other settings")
+    kept = [len(r["kept_patches"]) for r in answers if "kept_patches" in r]
+    recall = [r["object_recall"] for r in answers if "object_recall" in r]
+    return Summary(
+        settings=header,
+        answered=len(answers),
+        accuracy=sum(r["correct"] for r in answers) / max(1, len(answers)),
+        mean_kept=sum(kept) / len(kept) if kept else None,
+        object_recall=sum(recall) / len(recall) if recall else None,
+    )

@@ -1,0 +1,104 @@
+"""The shipped model: it loads offline and answers real easy-vqa test questions; eval resumes losslessly."""
+
+import json
+
+import pytest
+from PIL import Image
+
+import corematching as cm
+from corematching import evaluate, vqa
+from corematching.zoo import data
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return cm.load_model("evqa-smollm2")
+
+
+def fixed_questions():
+    """Three question types on six test images, none chosen by looking at the model's answers."""
+    grouped = data.by_image(data.questions("test"))
+    picked = []
+    for image_id in sorted(grouped)[:6]:
+        picked.append(grouped[image_id][0])
+    return picked
+
+
+def test_bundled_model_answers_test_questions(bundled):
+    model, processor = bundled
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    items = fixed_questions()
+    paths = data.image_paths("test")
+    answers = [cm.answer(model, processor, Image.open(paths[q.image_id]), q.question) for q in items]
+    correct = sum(a == q.answer for a, q in zip(answers, items))
+    assert correct >= 5, list(zip([q.question for q in items], answers, [q.answer for q in items]))
+
+
+def test_answer_under_a_method_restores_the_model(bundled):
+    model, processor = bundled
+    before = {k: v.clone() for k, v in model.state_dict().items() if "layers.3." in k}
+    q = fixed_questions()[0]
+    text = cm.answer(model, processor, Image.open(data.image_paths("test")[q.image_id]), q.question,
+                     method=cm.CoreMatching(token_budget=16))
+    assert isinstance(text, str) and text
+    after = model.state_dict()
+    assert all((after[k] == v).all() for k, v in before.items())
+
+
+def test_eval_resumes_without_loss_or_duplicates(bundled, tmp_path, monkeypatch):
+    model, processor = bundled
+    items = evaluate.eval_questions("test-2000")[:6]
+    method = cm.UniformTokens(token_budget=16)
+    reference = evaluate.run_eval(model, processor, method, items, tmp_path / "full.jsonl", batch_size=2,
+                                  progress=False)
+
+    # interrupt after the second batch
+    calls = {"n": 0}
+    real = evaluate.answer_batch
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "answer_batch", flaky)
+    output = tmp_path / "resumed.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run_eval(model, processor, method, items, output, batch_size=2, progress=False)
+    assert len(output.read_text().splitlines()) == 1 + 4
+    with output.open("a") as sink:  # a torn line, as a kill during a write leaves
+        sink.write('{"index": 4, "pred')
+    monkeypatch.setattr(evaluate, "answer_batch", real)
+    resumed = evaluate.run_eval(model, processor, method, items, output, batch_size=2, progress=False)
+
+    rows = [json.loads(line) for line in output.read_text().splitlines()][1:]
+    assert sorted(r["index"] for r in rows) == list(range(6))
+    full_rows = {r["index"]: r for r in map(json.loads, (tmp_path / "full.jsonl").read_text().splitlines()[1:])}
+    assert all(full_rows[r["index"]]["prediction"] == r["prediction"] for r in rows)
+    assert resumed.answered == reference.answered == 6 and resumed.accuracy == reference.accuracy
+
+
+def test_eval_refuses_to_mix_settings(bundled, tmp_path):
+    model, processor = bundled
+    items = evaluate.eval_questions("test-2000")[:2]
+    output = tmp_path / "a.jsonl"
+    evaluate.run_eval(model, processor, cm.UniformTokens(token_budget=16), items, output, progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        evaluate.run_eval(model, processor, cm.UniformTokens(token_budget=8), items, output, progress=False)
+
+
+def test_object_patches_follow_the_shape():
+    image = Image.new("RGB", (64, 64), (250, 250, 250))
+    for x in range(16, 32):
+        for y in range(8, 24):
+            image.putpixel((x, y), (200, 0, 0))
+    mask = evaluate.object_patches(image, (8, 8)).view(8, 8)
+    expected = [(r, c) for r in (1, 2) for c in (2, 3)]
+    assert sorted(map(tuple, mask.nonzero().tolist())) == expected
+
+
+def test_answer_rejects_bad_images(bundled):
+    model, processor = bundled
+    with pytest.raises(TypeError):
+        vqa.answer(model, processor, "not an image", "what?")
