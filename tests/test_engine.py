@@ -259,3 +259,44 @@ def test_plain_forward_returns_logits_of_the_kept_tokens(tiny_llava, single_inpu
     assert logits.shape[1] == len(kept)
     expected, _ = reference_run(model, inputs["input_ids"], inputs["pixel_values"], 1, kept)
     torch.testing.assert_close(logits[0, -1], expected, atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- other inputs
+
+
+def test_a_forward_that_extends_the_prompt_continues_it(tiny_llava, single_inputs):
+    """After generation, a plain forward over prompt + generated tokens (a fresh cache) gives the last step's
+    logits, and decoding on from the cache it returns gives what generation gives next."""
+    model, inputs = tiny_llava(), single_inputs()
+    with cm.sparsify(model, cm.CoreMatching(prune_layer=1, token_budget=8, beta=0.5)):
+        tokens, logits = generate(model, inputs, steps=STEPS)
+        out = model(input_ids=tokens[:, :-2], pixel_values=inputs["pixel_values"])
+        torch.testing.assert_close(out.logits[0, -1], logits[0, -2], atol=ATOL, rtol=0)
+        step = model(input_ids=tokens[:, -2:-1], pixel_values=None, cache=out.cache)
+        torch.testing.assert_close(step.logits[0, -1], logits[0, -1], atol=ATOL, rtol=0)
+
+
+def test_inputs_embeds_find_the_visual_tokens(tiny_llava, single_inputs):
+    model, inputs = tiny_llava(), single_inputs()
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    with cm.sparsify(model, cm.CoreMatching(prune_layer=1, token_budget=8, beta=0.5)) as session:
+        by_ids = model(**inputs).logits
+        kept_by_ids = session.last.kept_positions[0]
+        by_embeds = model(inputs_embeds=embeds, pixel_values=inputs["pixel_values"]).logits
+        kept_by_embeds = session.last.kept_positions[0]
+    assert torch.equal(kept_by_ids, kept_by_embeds)
+    torch.testing.assert_close(by_embeds, by_ids, atol=ATOL, rtol=0)
+
+
+def test_each_image_of_a_sample_keeps_its_own_budget(tiny_llava):
+    model = tiny_llava()
+    first, second = build_prompt(2, 3, seed=3), build_prompt(0, 4, seed=4)
+    prompt = torch.cat([first, second[1:]]).unsqueeze(0)  # two images in one sample
+    inputs = dict(input_ids=prompt, pixel_values=build_pixels(2, seed=8))
+    with cm.sparsify(model, cm.CoreMatching(prune_layer=1, token_budget=5)) as session:
+        model(**inputs)
+        kept_visual = session.last.kept_visual_positions[0]
+    visual = (prompt[0] == IMAGE_TOKEN).nonzero().flatten()
+    first_image, second_image = visual[:VISUAL_TOKENS], visual[VISUAL_TOKENS:]
+    assert int(torch.isin(kept_visual, first_image).sum()) == 5
+    assert int(torch.isin(kept_visual, second_image).sum()) == 5

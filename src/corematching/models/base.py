@@ -2,6 +2,7 @@
 
 An adapter knows model classes, never methods. It tells the runtime
   - which module receives the token ids and images of a call (the entry), and how to read that call;
+  - the language model, whose input embeddings carry the image features;
   - the decoder layers of the language model, how to read and rewrite their inputs, and how to gather
     position ids and position embeddings for a subset of tokens;
   - each layer's FFN parts (gate/up/down and activation function);
@@ -119,6 +120,10 @@ class ModelAdapter:
             torch.tensor(self.image_token_id, device=call.inputs_embeds.device)
         )
         return (call.inputs_embeds == image_embedding).all(-1)
+
+    def language_model_embeddings(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The input embeddings [B, T, H] of a language model call (image features already placed)."""
+        return kwargs.get("inputs_embeds")
 
     # ------------------------------------------------------------------------------------------ decoder layers
 

@@ -5,12 +5,14 @@ Every call of the adapter's entry module is classified once, at its start:
             layers > K run on the kept tokens only, packed per sample; FFNs run densely.
   decode    a call that continues the KV cache of the latest prefill: layers > K attend to the kept prompt
             tokens plus the generated ones; FFNs of the neuron layers use the sliced core-neuron weights.
-  continue  a call without cache whose tokens extend the latest prompt (generation with use_cache=False):
-            recomputes as prefill with the prompt's decisions, the new tokens decoding with core neurons,
-            which gives what cached decoding gives.
+  continue  a call without past tokens that extends the latest prompt (same tokens, padding and images,
+            the images checked through the language model's input embeddings), as in generation with
+            use_cache=False: recomputed with the prompt's decisions, the new tokens decoding with core
+            neurons, which gives what cached decoding gives.
   dense     anything else (no image, a foreign cache, a 4-D mask): the model runs untouched.
-Hooks call in here: `on_entry` / `on_entry_done` around the entry module, `on_layer` before each decoder
-layer after K, `ffn_forward` in place of the FFN forward of the watched layers.
+Hooks call in here: `on_entry` / `on_entry_done` around the entry module, `on_language_model` before the
+language model, `on_layer` before each decoder layer after K, `ffn_forward` in place of the FFN forward of the
+watched layers.
 """
 
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ class PromptState:
 
     input_ids: torch.Tensor | None  # [B, T0], to recognise continuations
     valid: torch.Tensor  # [B, T0] bool
-    image_inputs: object
+    embeddings: torch.Tensor | None  # [B, T0, H] the language model's input (image features included)
     layout: PackedLayout | None  # kept prompt tokens after the prune layer
     neurons: dict[int, torch.Tensor]  # layer -> [B, k] sorted core neurons
     sparse_rows: torch.Tensor  # [B] bool: samples with visual tokens (the others stay dense)
@@ -62,6 +64,8 @@ class CallState:
 
     kind: CallKind
     entry: EntryCall
+    may_continue: bool = False  # its tokens extend the latest prompt; its embeddings decide
+    embeddings: torch.Tensor | None = None  # prefill: the language model's input embeddings
     # prefill only
     valid: torch.Tensor | None = None  # [B, T] bool
     visual: torch.Tensor | None = None  # [B, T] bool
@@ -115,10 +119,44 @@ class Engine:
             if self.prompt is not None and entry.cache is self.prompt.cache and self.changes_model:
                 self.call = self._decode_call(entry, past)
             return
-        if self.changes_model and self._continues_prompt(entry):
-            self.call = self._continue_call(entry)
+        call = self._fresh_call(entry)
+        if self.changes_model and self._extends_prompt_tokens(entry):
+            call.may_continue = True  # settled in on_language_model, once the image features are in
+            self.call = call
             return
-        self.call = self._prefill_call(entry)
+        self._start_fresh(call)
+
+    def on_language_model(self, args: tuple, kwargs: dict) -> None:
+        """Pre-hook of the language model. Its input embeddings hold the image features: a call whose tokens
+        extend the latest prompt continues it only if the prompt's embeddings (images included) match."""
+        call = self.call
+        if call is None or call.kind in (CallKind.DECODE, CallKind.CONTINUE):
+            return
+        embeddings = self.adapter.language_model_embeddings(args, kwargs)
+        if call.may_continue:
+            prompt = self.prompt
+            same_prompt = (
+                embeddings is not None
+                and prompt.embeddings is not None
+                and embeddings.shape[0] == prompt.embeddings.shape[0]
+                and torch.equal(embeddings[:, : prompt.length], prompt.embeddings)
+            )
+            if same_prompt:
+                self.call = self._continue_call(call.entry)
+                return
+            call.may_continue = False
+            self._start_fresh(call)
+        if self.call is not None and self.call.kind == CallKind.PREFILL:
+            self.call.embeddings = embeddings
+
+    def _start_fresh(self, call: CallState) -> None:
+        """A call that starts a new prompt: prefill, or dense (still recorded as the latest prefill)."""
+        if call.kind == CallKind.PREFILL:
+            self.call = call
+            return
+        self.call = None
+        self.prompt = None
+        self.last = SparsityRecord(type(self.method).__name__, None, call.valid, call.visual)
 
     def on_entry_done(self) -> None:
         call, self.call = self.call, None
@@ -129,7 +167,9 @@ class Engine:
         if call.kind == CallKind.PREFILL:
             self._commit_prefill(call)
 
-    def _prefill_call(self, entry: EntryCall) -> CallState:
+    def _fresh_call(self, entry: EntryCall) -> CallState:
+        """The state of a call without past tokens: a prefill when it has images and the method changes the
+        model, dense otherwise."""
         device = entry.device
         batch, length = entry.batch_size, entry.length
         if entry.attention_mask is not None:
@@ -145,7 +185,7 @@ class Engine:
         image_ordinal = ordinal % per_image if per_image else ordinal
         outside = torch.full_like(ordinal, -1)
         kind = CallKind.PREFILL if entry.image_inputs is not None and self.changes_model else CallKind.DENSE
-        call = CallState(
+        return CallState(
             kind=kind,
             entry=entry,
             valid=valid,
@@ -153,12 +193,6 @@ class Engine:
             image_index=torch.where(visual, image_index, outside),
             image_ordinal=torch.where(visual, image_ordinal, outside),
         )
-        if kind == CallKind.DENSE:
-            # Nothing to change in this forward, but it is still the latest prefill: record it.
-            self.prompt = None
-            self.last = SparsityRecord(type(self.method).__name__, None, valid, visual)
-            return None
-        return call
 
     def _commit_prefill(self, call: CallState) -> None:
         keep = call.keep if call.keep is not None else call.valid
@@ -166,7 +200,7 @@ class Engine:
         self.prompt = PromptState(
             input_ids=call.entry.input_ids,
             valid=call.valid,
-            image_inputs=call.entry.image_inputs,
+            embeddings=call.embeddings,
             layout=call.layout,
             neurons=call.neurons,
             sparse_rows=sparse_rows,
@@ -223,13 +257,12 @@ class Engine:
             return torch.ones(entry.batch_size, stop - start, dtype=torch.bool, device=entry.device), True
         return entry.attention_mask[:, start:stop].to(device=entry.device, dtype=torch.bool), False
 
-    def _continues_prompt(self, entry: EntryCall) -> bool:
+    def _extends_prompt_tokens(self, entry: EntryCall) -> bool:
+        """Whether the call's tokens and padding are the latest prompt's followed by more tokens."""
         prompt = self.prompt
         if prompt is None or prompt.input_ids is None or entry.input_ids is None:
             return False
         if entry.batch_size != prompt.batch_size or entry.length <= prompt.length:
-            return False
-        if not _same_inputs(entry.image_inputs, prompt.image_inputs):
             return False
         length = prompt.length
         if not torch.equal(entry.input_ids[:, :length], prompt.input_ids):
@@ -363,18 +396,3 @@ def _cache_length(cache, layer: int) -> int:
 def _gather_hidden(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """hidden [B, T, H] at index [B, L] -> [B, L, H]."""
     return hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-
-
-def _same_inputs(first, second) -> bool:
-    """Whether two image inputs (tensors, lists of them, or pre-encoded outputs) hold the same values."""
-    if first is second:
-        return True
-    if first is None or second is None:
-        return False
-    if isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor):
-        return first.shape == second.shape and first.device == second.device and torch.equal(first, second)
-    if isinstance(first, (list, tuple)) and isinstance(second, (list, tuple)):
-        return len(first) == len(second) and all(_same_inputs(a, b) for a, b in zip(first, second))
-    if hasattr(first, "pooler_output") and hasattr(second, "pooler_output"):
-        return _same_inputs(first.pooler_output, second.pooler_output)
-    return False

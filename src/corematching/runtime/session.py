@@ -71,6 +71,11 @@ class Session:
         self._handles.append(entry.register_forward_hook(on_entry_done))
         if not engine.changes_model:
             return
+
+        def on_language_model(module, args, kwargs):
+            engine.on_language_model(args, kwargs)
+
+        self._handles.append(adapter.language_model.register_forward_pre_hook(on_language_model, with_kwargs=True))
         for layer in engine.upper_layers:
 
             def on_layer(module, args, kwargs, layer=layer):
