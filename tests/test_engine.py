@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, VISUAL_TOKENS, build_pixels, build_prompt, left_pad
+from tiny_llava import IMAGE_TOKEN, VISUAL_TOKENS, build_pixels, build_prompt, left_pad
 from reference import dense_activations, naive_core_matching_keep, naive_sentence_core, reference_run
 
 import corematching as cm

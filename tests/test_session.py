@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN
+from tiny_llava import IMAGE_TOKEN
 from transformers import LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration, MistralConfig
 
 import corematching as cm
