@@ -6,7 +6,9 @@ its features are computed once and passed as `mm_encoder_outputs`, so the timing
 (embedding, decoder layers, LM head) and everything corematching does inside it.
 
 CoreMatching: prune_layer 1, 64 visual tokens kept, beta 0.4 on every layer (rho 0.2, match "text").
-Both run in one process, repetitions interleaved (dense, sparse, dense, ...), medians reported. Each run is
+Both run in one process, repetitions interleaved (each rep a back-to-back pair, the order alternating);
+times are medians, speedups the median of the ratios within pairs, which follows a shared CPU's changing
+load better. Each run is
 one `model.generate` call (greedy, 32 new tokens); a logits processor stamps the time after every forward, which
 gives prefill time (start to first stamp), per-token decode time (between stamps) and end-to-end time.
 Peak memory is the process RSS sampled every millisecond during one extra run of each, after freed memory
@@ -189,7 +191,7 @@ def decode_flops(kept: int | None, new_tokens: int, core_width: int | None) -> f
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=5, help="timed runs of each (interleaved)")
+    parser.add_argument("--reps", type=int, default=7, help="timed runs of each (interleaved pairs)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -206,25 +208,33 @@ def main():
         core_width = len(session.last.core_neurons[0])
 
     results = {name: [] for name in methods}
-    for _ in range(args.reps):
-        for name, method in methods.items():
+    for rep in range(args.reps):
+        order = list(methods) if rep % 2 == 0 else list(reversed(methods))  # alternate who goes first
+        for name in order:
             gc.collect()
-            results[name].append(run(model, method, inputs, args.new_tokens))
+            results[name].append(run(model, methods[name], inputs, args.new_tokens))
     memory = {name: peak_rss(model, method, inputs, args.new_tokens) for name, method in methods.items()}
 
-    def median(name, key):
-        return statistics.median(r[key] for r in results[name])
+    # Per run: prefill, median decode step, end-to-end. Speedups are medians of the ratios within each rep's
+    # pair (run back to back), which follows the shared CPU's load better than a ratio of medians.
+    per_run = {
+        name: [(r["prefill"], statistics.median(r["steps"]), r["end_to_end"]) for r in runs]
+        for name, runs in results.items()
+    }
 
-    def step_median(name):
-        return statistics.median(s for r in results[name] for s in r["steps"])
+    def median_time(name, column):
+        return statistics.median(run[column] for run in per_run[name])
+
+    def paired_ratios(column):
+        return [d[column] / s[column] for d, s in zip(per_run["dense"], per_run["corematching"])]
+
+    def paired_speedup(column):
+        return statistics.median(paired_ratios(column))
 
     flops = {
         "dense": (prefill_flops(None), decode_flops(None, args.new_tokens, None)),
         "corematching": (prefill_flops(kept_tokens), decode_flops(kept_tokens, args.new_tokens, core_width)),
     }
-    dense_prefill, sparse_prefill = median("dense", "prefill"), median("corematching", "prefill")
-    dense_step, sparse_step = step_median("dense"), step_median("corematching")
-    dense_e2e, sparse_e2e = median("dense", "end_to_end"), median("corematching", "end_to_end")
     gib = 2**30
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
@@ -235,11 +245,16 @@ def main():
     print(f"CoreMatching: {METHOD}")
     print(f"tokens after layer {PRUNE_LAYER}: {kept_tokens} of {VISUAL + TEXT}; core neurons per layer: {core_width} of {FFN}")
     print()
-    print("| metric | dense | CoreMatching | dense / CoreMatching |")
+    print("| metric | dense (median) | CoreMatching (median) | speedup (median of paired ratios) |")
     print("|---|---:|---:|---:|")
-    print(f"| prefill time (s) | {dense_prefill:.3f} | {sparse_prefill:.3f} | {dense_prefill / sparse_prefill:.2f}x |")
-    print(f"| decode time per token (ms) | {1000 * dense_step:.1f} | {1000 * sparse_step:.1f} | {dense_step / sparse_step:.2f}x |")
-    print(f"| end-to-end, {args.new_tokens} new tokens (s) | {dense_e2e:.3f} | {sparse_e2e:.3f} | {dense_e2e / sparse_e2e:.2f}x |")
+    rows = [
+        ("prefill time (s)", 0, 1, "{:.3f}"),
+        ("decode time per token (ms)", 1, 1000, "{:.1f}"),
+        (f"end-to-end, {args.new_tokens} new tokens (s)", 2, 1, "{:.3f}"),
+    ]
+    for label, column, scale, fmt in rows:
+        dense, sparse = median_time("dense", column) * scale, median_time("corematching", column) * scale
+        print(f"| {label} | {fmt.format(dense)} | {fmt.format(sparse)} | {paired_speedup(column):.2f}x |")
     print(
         f"| peak RSS (GiB) | {memory['dense'][1] / gib:.2f} | {memory['corematching'][1] / gib:.2f} | "
         f"{memory['dense'][1] / memory['corematching'][1]:.2f}x |"
@@ -255,21 +270,17 @@ def main():
     print()
     print("| phase | achieved speedup | FLOP bound | achieved / bound |")
     print("|---|---:|---:|---:|")
-    for phase, achieved, index in [
-        ("prefill", dense_prefill / sparse_prefill, 0),
-        ("decode (per token)", dense_step / sparse_step, 1),
-    ]:
-        bound = flops["dense"][index] / flops["corematching"][index]
+    for phase, column in [("prefill", 0), ("decode (per token)", 1)]:
+        achieved = paired_speedup(column)
+        bound = flops["dense"][column] / flops["corematching"][column]
         print(f"| {phase} | {achieved:.2f}x | {bound:.2f}x | {achieved / bound:.2f} |")
-    spread = {
-        name: (min(r["prefill"] for r in results[name]), max(r["prefill"] for r in results[name]))
-        for name in methods
-    }
     print()
-    print(
-        "prefill range over reps (s): "
-        + ", ".join(f"{name} {low:.3f}-{high:.3f}" for name, (low, high) in spread.items())
-    )
+    for label, column in [("prefill", 0), ("decode per token", 1)]:
+        ratios = ", ".join(f"{r:.2f}" for r in paired_ratios(column))
+        times = "; ".join(
+            f"{name} " + ", ".join(f"{run[column]:.3f}" for run in per_run[name]) for name in methods
+        )
+        print(f"{label}: paired speedups {ratios} (times in s: {times})")
 
 
 if __name__ == "__main__":
