@@ -169,6 +169,8 @@ def warm_up_tower(model, pixels: dict[int, torch.Tensor], train_items, steps: in
     shape_head = torch.nn.Linear(width, len(data.SHAPES))
     color_head = torch.nn.Linear(width, len(data.COLORS))
     params = list(tower.parameters()) + list(shape_head.parameters()) + list(color_head.parameters())
+    for p in params:
+        p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
     grouped = data.by_image(train_items)
     ids, shape_labels, color_labels = [], [], []
@@ -236,6 +238,8 @@ def quick_accuracy(model, prefix, image_blocks, pixels, image_ids, pad_id) -> fl
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=800, help="alignment steps (4 images, ~42 questions each)")
+    parser.add_argument("--stop-after", type=int, default=0,
+                        help="end after this many steps (the schedule still spans --steps); 0: at --steps")
     parser.add_argument("--images-per-step", type=int, default=4)
     parser.add_argument("--tower-steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of projector and LoRA")
@@ -319,7 +323,9 @@ def main(argv=None) -> None:
     per_epoch = len(image_ids) // args.images_per_step
     model.train()
     t_last = time.time()
-    for step in range(start_step, args.steps):
+    last_step = min(args.steps, args.stop_after) if args.stop_after else args.steps
+    record["stopped_after"] = last_step
+    for step in range(start_step, last_step):
         epoch, k = divmod(step, per_epoch)
         order = torch.randperm(len(image_ids), generator=torch.Generator().manual_seed(args.seed + epoch))
         chunk = [image_ids[i] for i in order[k * args.images_per_step : (k + 1) * args.images_per_step]]
@@ -336,9 +342,9 @@ def main(argv=None) -> None:
         elapsed += now - t_last
         t_last = now
         if step % 5 == 0:
-            log(f"step {step}/{args.steps} loss {loss.item():.3f} answer acc {question_ok.float().mean():.2f} "
+            log(f"step {step}/{last_step} loss {loss.item():.3f} answer acc {question_ok.float().mean():.2f} "
                 f"{elapsed / 60:.1f} min")
-        done = step + 1 == args.steps
+        done = step + 1 == last_step
         if (step + 1) % 25 == 0 or done:
             if (step + 1) % 100 == 0 or done:
                 model.eval()
