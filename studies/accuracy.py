@@ -22,7 +22,7 @@ RUNS = Path("runs/study")
 RESULTS = Path(__file__).parent / "results"
 N_VISUAL = 64
 BUDGETS = {"100%": 64, "50%": 32, "25%": 16, "12.5%": 8}
-SWEEP_QUESTIONS = 500
+SWEEP_QUESTIONS = 400
 SWEEP_BUDGET = 8  # the hardest budget separates the settings most
 
 
@@ -43,8 +43,9 @@ def main_settings(prune_layer: int, match: str) -> dict[str, object]:
     for label, budget in BUDGETS.items():
         tag = label.rstrip("%")
         settings[f"cm-{tag}"] = cm.CoreMatching(prune_layer=prune_layer, token_budget=budget, match=match, beta=0.4)
-        settings[f"random-{tag}"] = cm.RandomTokens(prune_layer=prune_layer, token_budget=budget, seed=0)
-        settings[f"uniform-{tag}"] = cm.UniformTokens(prune_layer=prune_layer, token_budget=budget)
+        if budget < N_VISUAL:  # keeping every token, RandomTokens and UniformTokens are dense exactly
+            settings[f"random-{tag}"] = cm.RandomTokens(prune_layer=prune_layer, token_budget=budget, seed=0)
+            settings[f"uniform-{tag}"] = cm.UniformTokens(prune_layer=prune_layer, token_budget=budget)
     settings["cm-adaptive"] = cm.CoreMatching(prune_layer=prune_layer, token_budget=None, match=match, beta=0.4)
     settings["cm-12.5-tokens-only"] = cm.CoreMatching(prune_layer=prune_layer, token_budget=8, match=match,
                                                       neuron_layers=[])
@@ -97,11 +98,13 @@ def plot(prune_layer: int, match: str) -> None:
         xs, accs, recalls = [], [], []
         for tag, budget in BUDGETS.items():
             path = RUNS / f"{prefix}-{tag.rstrip('%')}.jsonl"
+            if budget == N_VISUAL and prefix != "cm":
+                path = RUNS / "dense.jsonl"  # keeping every token is dense
             if path.exists():
                 s = summarize(path)
                 xs.append(budget)
                 accs.append(100 * s.accuracy)
-                recalls.append(s.object_recall)
+                recalls.append(s.object_recall if s.object_recall is not None else 1.0)
         ax_acc.plot(xs, accs, style, label=label)
         ax_rec.plot(xs, recalls, style, label=label)
     dense = RUNS / "dense.jsonl"
@@ -131,7 +134,12 @@ def main() -> None:
     parser.add_argument("--prune-layer", type=int, default=cm.CoreMatching().prune_layer)
     parser.add_argument("--match", default=cm.CoreMatching().match)
     parser.add_argument("--only", nargs="*", help="run only these setting names")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     only = set(args.only) if args.only else None
     if args.stage == "sweep":
         run_all(sweep_settings(), eval_questions("test-2000")[:SWEEP_QUESTIONS], only)

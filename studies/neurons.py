@@ -135,7 +135,10 @@ def main() -> None:
     parser.add_argument("--passages", type=int, default=40)
     parser.add_argument("--magnitude", action="store_true",
                         help="variant: rank neurons by |a| instead of positive a (SwiGLU activations are signed)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
     model.eval()

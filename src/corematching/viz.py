@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 
 def kept_patches_overlay(image: Image.Image, kept: list[int], grid: tuple[int, int], scale: int = 6,
                          title: str | None = None) -> Image.Image:
-    """The image enlarged `scale` times, dropped patches dimmed and crossed out, kept ones outlined."""
+    """The image enlarged `scale` times, dropped patches dimmed, kept ones in full colour and outlined in red."""
     rows, cols = grid
     big = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
     shade = Image.new("RGB", big.size, (255, 255, 255))
@@ -25,7 +25,7 @@ def kept_patches_overlay(image: Image.Image, kept: list[int], grid: tuple[int, i
             canvas.paste(big.crop(box), box[:2])
             draw.rectangle(box, outline=(220, 30, 30), width=2)
         else:
-            draw.line(box, fill=(190, 190, 190), width=1)
+            draw.rectangle(box, outline=(215, 215, 215), width=1)
     if title:
         header = Image.new("RGB", (canvas.width, 22), (255, 255, 255))
         ImageDraw.Draw(header).text((4, 5), title, fill=(0, 0, 0))

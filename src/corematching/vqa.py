@@ -11,6 +11,12 @@ from PIL import Image
 DEFAULT_MAX_NEW_TOKENS = 8
 
 
+def short_answer(text: str) -> str:
+    """The first line of a generated answer, stripped (a short answer never spans lines)."""
+    stripped = text.strip()
+    return stripped.splitlines()[0].strip() if stripped else ""
+
+
 def prompts_for(processor, questions: list[str]) -> list[str]:
     """The model's own chat format with one image and one question per prompt."""
     prompts = []
@@ -56,7 +62,7 @@ def answer_batch(model, processor, images, questions, method=None, max_new_token
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         record = session.last if method is not None else None
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
-    answers = [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+    answers = [short_answer(text) for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
     return BatchAnswers(answers, record, inputs["input_ids"])
 
 
