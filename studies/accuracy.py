@@ -21,6 +21,7 @@ from corematching.evaluate import eval_questions, run_eval, summarize
 RUNS = Path("runs/study")
 RESULTS = Path(__file__).parent / "results"
 N_VISUAL = 64
+NUM_LAYERS = 30  # SmolLM2-135M
 BUDGETS = {"100%": 64, "50%": 32, "25%": 16, "12.5%": 8}
 SWEEP_QUESTIONS = 400
 SWEEP_BUDGET = 8  # the hardest budget separates the settings most
@@ -32,23 +33,27 @@ def sweep_settings() -> dict[str, object]:
         settings[f"sweep-L{layer}-text"] = cm.CoreMatching(prune_layer=layer, token_budget=SWEEP_BUDGET,
                                                            match="text", neuron_layers=[])
     for match in ("all", "last"):
-        for layer in (2, 4):
+        for layer in (1, 2, 4):
             settings[f"sweep-L{layer}-{match}"] = cm.CoreMatching(prune_layer=layer, token_budget=SWEEP_BUDGET,
                                                                   match=match, neuron_layers=[])
     return settings
 
 
 def main_settings(prune_layer: int, match: str) -> dict[str, object]:
+    """Budgets x methods. CoreMatching with its default neuron layers (none: see the neuron study), and with
+    core-neuron decoding at beta 0.4 on every layer after the prune layer, to show what that costs."""
     settings: dict[str, object] = {"dense": None}
+    after_prune = list(range(prune_layer + 1, NUM_LAYERS))
     for label, budget in BUDGETS.items():
         tag = label.rstrip("%")
-        settings[f"cm-{tag}"] = cm.CoreMatching(prune_layer=prune_layer, token_budget=budget, match=match, beta=0.4)
-        if budget < N_VISUAL:  # keeping every token, RandomTokens and UniformTokens are dense exactly
+        if budget < N_VISUAL:  # keeping every token without core-neuron decoding is dense exactly
+            settings[f"cm-{tag}"] = cm.CoreMatching(prune_layer=prune_layer, token_budget=budget, match=match)
             settings[f"random-{tag}"] = cm.RandomTokens(prune_layer=prune_layer, token_budget=budget, seed=0)
             settings[f"uniform-{tag}"] = cm.UniformTokens(prune_layer=prune_layer, token_budget=budget)
-    settings["cm-adaptive"] = cm.CoreMatching(prune_layer=prune_layer, token_budget=None, match=match, beta=0.4)
-    settings["cm-12.5-tokens-only"] = cm.CoreMatching(prune_layer=prune_layer, token_budget=8, match=match,
-                                                      neuron_layers=[])
+    settings["cm-adaptive"] = cm.CoreMatching(prune_layer=prune_layer, token_budget=None, match=match)
+    for tag, budget in (("100", N_VISUAL), ("25", 16)):
+        settings[f"cm-{tag}-neurons"] = cm.CoreMatching(prune_layer=prune_layer, token_budget=budget, match=match,
+                                                        beta=0.4, neuron_layers=after_prune)
     return settings
 
 
@@ -76,10 +81,28 @@ def table(names: list[str], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def baselines() -> str:
+    """Dense accuracy on the sweep's questions and the majority answer's accuracy on test-2000."""
+    from corematching.zoo.data import majority_answer
+
+    items = eval_questions("test-2000")
+    majority = majority_answer("train")
+    lines = [f"Majority answer ('{majority}', from the train split) on test-2000: "
+             f"{100 * sum(q.answer == majority for q in items) / len(items):.2f}%."]
+    dense = RUNS / "dense.jsonl"
+    if dense.exists():
+        rows = [json.loads(line) for line in dense.read_text().splitlines()[1:]]
+        first = [r["correct"] for r in rows if r["index"] < SWEEP_QUESTIONS]
+        if len(first) == SWEEP_QUESTIONS:
+            lines.append(f"Dense on the sweep's {SWEEP_QUESTIONS} questions: {100 * sum(first) / len(first):.2f}%.")
+    return "\n".join(lines) + "\n"
+
+
 def report(prune_layer: int, match: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     sweep = table(list(sweep_settings()), f"Sweep: CoreMatching at {SWEEP_BUDGET}/64 tokens, first "
                                           f"{SWEEP_QUESTIONS} questions of test-2000, no neuron sparsity")
+    sweep += "\n" + baselines()
     main = table(list(main_settings(prune_layer, match)), "Accuracy and object recall on test-2000")
     (RESULTS / "accuracy.md").write_text(sweep + "\n" + main)
     print(sweep + "\n" + main)
@@ -98,7 +121,7 @@ def plot(prune_layer: int, match: str) -> None:
         xs, accs, recalls = [], [], []
         for tag, budget in BUDGETS.items():
             path = RUNS / f"{prefix}-{tag.rstrip('%')}.jsonl"
-            if budget == N_VISUAL and prefix != "cm":
+            if budget == N_VISUAL:
                 path = RUNS / "dense.jsonl"  # keeping every token is dense
             if path.exists():
                 s = summarize(path)

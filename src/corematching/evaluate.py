@@ -12,6 +12,7 @@ import random
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -42,7 +43,7 @@ def object_patches(image: Image.Image, grid: tuple[int, int], min_cover: float =
     easy-vqa draws one shape on a uniform background, so the shape is every pixel whose colour differs
     from the most common border colour.
     """
-    pixels = torch.from_numpy(__import__("numpy").asarray(image.convert("RGB"))).int()  # [H, W, 3]
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).int()  # [H, W, 3]
     border = torch.cat([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     colours, counts = border.unique(dim=0, return_counts=True)
     background = colours[counts.argmax()]

@@ -25,7 +25,8 @@ class CoreMatching(SparsityMethod):
     prune_layer: tokens are scored from this layer's FFN activations and removed after it.
     token_budget: visual tokens kept per image: an int, a fraction in (0, 1], or None for the elbow rule.
     rho, beta: token-wise and sentence-wise core neuron ratios, in (0, 1].
-    neuron_layers: layers that decode with core neurons; None means every layer after prune_layer.
+    neuron_layers: layers that decode with core neurons; None means the measured default
+        (defaults.default_neuron_layers: none on the bundled model, where core-neuron decoding cost too much).
     match: the match set whose core neurons score the visual tokens: "all", "text" or "last".
     min_tokens: the fewest visual tokens an image keeps.
     """
@@ -56,7 +57,7 @@ class CoreMatching(SparsityMethod):
 
     def neuron_layer_indices(self, num_layers: int) -> tuple[int, ...]:
         if self.neuron_layers is None:
-            return tuple(range(self.prune_layer + 1, num_layers))
+            return defaults.default_neuron_layers(self.prune_layer, num_layers)
         return check_layer_list("neuron_layers", self.neuron_layers)
 
     def check_layers(self, num_layers: int) -> None:
