@@ -72,7 +72,7 @@ class CoreNeuronDecoding:
         for layer, mlp in self.mlps.items():
             activation = self.activations.pop(layer)  # [1, T, F]
             mask = torch.ones(activation.shape[:2], dtype=torch.bool)
-            neurons = self.method.select_neurons(activation, mask)  # [1, k]
+            neurons = self.method.select_neurons(activation, mask, layer)  # [1, k]
             parts = FFNParts(module=mlp, up=mlp.up_proj, down=mlp.down_proj, act=mlp.act_fn, gate=mlp.gate_proj)
             mlp.forward = SlicedFFN.gather(parts, neurons)  # instance attribute: shadows the class forward
 

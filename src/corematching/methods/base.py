@@ -58,15 +58,16 @@ class SparsityMethod:
         """Which visual tokens go past the prune layer."""
         return TokenDecision(keep_visual=batch.visual_mask.clone())
 
-    def select_neurons(self, activations: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-        """Core neurons [B, k] (sorted) of a layer from its prefill activations [B, T, F] over token_mask [B, T]."""
+    def select_neurons(self, activations: torch.Tensor, token_mask: torch.Tensor, layer: int) -> torch.Tensor:
+        """Core neurons [B, k] (sorted) of decoder layer `layer` from its prefill activations [B, T, F] over
+        token_mask [B, T]."""
         raise NotImplementedError(f"{type(self).__name__} does not select neurons")
 
     def select_tokens_and_neurons(
-        self, batch: TokenBatch, token_mask: torch.Tensor
+        self, batch: TokenBatch, token_mask: torch.Tensor, layer: int
     ) -> tuple[TokenDecision, torch.Tensor]:
         """Both choices at the prune layer when it is also a neuron layer (a method may share work here)."""
-        return self.select_tokens(batch), self.select_neurons(batch.activations, token_mask)
+        return self.select_tokens(batch), self.select_neurons(batch.activations, token_mask, layer)
 
 
 # ---------------------------------------------------------------------------------------------- checks

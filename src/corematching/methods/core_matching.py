@@ -80,12 +80,12 @@ class CoreMatching(SparsityMethod):
         token_core = selection.token_core_neurons(batch.activations, self.rho)
         return self._decide_tokens(batch, token_core)
 
-    def select_neurons(self, activations: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    def select_neurons(self, activations: torch.Tensor, token_mask: torch.Tensor, layer: int) -> torch.Tensor:
         token_core = selection.token_core_neurons(activations, self.rho)
         return selection.sentence_core_neurons(token_core, activations, token_mask, self.beta)
 
     def select_tokens_and_neurons(
-        self, batch: TokenBatch, token_mask: torch.Tensor
+        self, batch: TokenBatch, token_mask: torch.Tensor, layer: int
     ) -> tuple[TokenDecision, torch.Tensor]:
         token_core = selection.token_core_neurons(batch.activations, self.rho)  # shared by both choices
         neurons = selection.sentence_core_neurons(token_core, batch.activations, token_mask, self.beta)

@@ -302,7 +302,9 @@ class Engine:
         )
         with torch.no_grad():
             if self.prune_layer in self.neuron_layers and batch.activations is not None:
-                decision, call.neurons[self.prune_layer] = self.method.select_tokens_and_neurons(batch, call.valid)
+                decision, call.neurons[self.prune_layer] = self.method.select_tokens_and_neurons(
+                    batch, call.valid, self.prune_layer
+                )
             else:
                 decision = self.method.select_tokens(batch)
         call.prune_activations = None
@@ -364,7 +366,7 @@ class Engine:
             past_prune = self.prune_layer is not None and layer > self.prune_layer
             token_mask = call.layout.slot_valid if past_prune else call.valid
             with torch.no_grad():
-                call.neurons[layer] = self.method.select_neurons(activation, token_mask)
+                call.neurons[layer] = self.method.select_neurons(activation, token_mask, layer)
 
     def _sliced(self, layer: int, parts: FFNParts) -> SlicedFFN | None:
         """The layer's core-neuron FFN, gathered on first use after the prefill (None: all neurons are core)."""
