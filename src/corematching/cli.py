@@ -44,7 +44,9 @@ def parse_layers(text: str):
 
 def add_method_arguments(parser: argparse.ArgumentParser, default_method: str) -> None:
     group = parser.add_argument_group("method")
-    group.add_argument("--method", choices=METHOD_NAMES, default=default_method)
+    group.add_argument("--method", default=default_method,
+                       help=f"{', '.join(METHOD_NAMES)}, any method spec (name:field=value,...; see "
+                            "corematching.method_spec) or package.module:Class")
     group.add_argument("--budget", type=parse_budget, default=argparse.SUPPRESS,
                        help="visual tokens kept per image: count, fraction, or 'adaptive'")
     group.add_argument("--prune-layer", type=int, default=argparse.SUPPRESS)
@@ -75,6 +77,11 @@ def build_method(args: argparse.Namespace):
         "random": (cm.RandomTokens, ("token_budget", "prune_layer", "seed")),
         "uniform": (cm.UniformTokens, ("token_budget", "prune_layer")),
     }
+    if args.method not in accepted:  # any other public method, or a user's package.module:Class
+        from . import method_spec
+
+        overrides = {name: value for name, value in fields.items() if value != "unset"}
+        return method_spec.build(args.method, **overrides)
     cls, names = accepted[args.method]
     given = {name: value for name, value in fields.items() if value != "unset"}
     extra = sorted(set(given) - set(names))
@@ -222,9 +229,13 @@ def make_parser(command: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = "eval" if argv[:1] == ["eval"] else "run"
-    args = make_parser(command).parse_args(argv[1:] if command == "eval" else argv)
+    command = argv[0] if argv[:1] in (["eval"], ["bench"]) else "run"
     try:
+        if command == "bench":
+            from . import bench
+
+            return bench.main(argv[1:])
+        args = make_parser(command).parse_args(argv[1:] if command == "eval" else argv)
         return evaluate(args) if command == "eval" else run(args)
     except (FileNotFoundError, ValueError, TypeError, UnsupportedModelError) as error:
         print(f"corematching: error: {error}", file=sys.stderr)

@@ -1,0 +1,427 @@
+"""`corematching bench`: methods side by side on one model, in one process: FLOPs, latency, memory, accuracy.
+
+    corematching bench --methods "dense;corematching;random;uniform" --budgets 0.5,0.25,0.125 \
+        --questions 300 --output runs/bench.jsonl
+
+For every method/setting (a spec of `method_spec`; `--budgets` repeats each method that has a token budget
+at every budget):
+  - analytic FLOPs (`flops.py`) of prefill (vision tower + projector + language model) and of one decode
+    token, from the tokens and core neurons the session's record says the method kept on the timing prompts;
+  - prefill time, per-token decode time and end-to-end time for `--new-tokens` tokens (exactly that many:
+    end-of-sequence is suppressed), batch 1, medians over `--reps` rounds of the timing prompts; the methods
+    take turns within each round (the order rotating), after one warm-up run each;
+  - peak memory during one pass over the timing prompts: process RSS on CPU (sampled every millisecond, freed
+    heap handed back first), `torch.cuda.max_memory_allocated` on CUDA;
+  - accuracy and object recall on the first `--questions` questions of the eval set (`evaluate.run_eval`,
+    answers in `<output stem>-answers/`, resumable).
+One JSON line per method/setting goes to `--output` when its accuracy run is complete; a rerun skips the
+settings already there (same model and bench settings), and resumes a partial accuracy run. At the end the
+table of every record in the file is printed and the Pareto plot (accuracy against prefill FLOPs) written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import gc
+import json
+import os
+import re
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from . import flops, method_spec
+
+DEFAULT_METHODS = "dense;corematching;random;uniform"
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+class StepClock:
+    """A logits processor that stamps the time after every forward of `generate`."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def timed_generate(model, method, inputs: dict, new_tokens: int) -> tuple[dict, object]:
+    """One generate call of exactly `new_tokens` tokens under `method`: (times in s, the session's record)."""
+    from transformers import LogitsProcessorList
+
+    import corematching as cm
+
+    clock = StepClock()
+    with cm.sparsify(model, method) as session, torch.no_grad():
+        sync(model)
+        start = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       logits_processor=LogitsProcessorList([clock]))
+        sync(model)
+        end = time.perf_counter()
+        record = session.last
+    steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+    times = {
+        "prefill": clock.stamps[0] - start,
+        "decode_per_token": statistics.median(steps) if steps else float("nan"),
+        "end_to_end": end - start,
+    }
+    return times, record
+
+
+def sync(model) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS, so that RSS shows what is live (glibc keeps freed chunks)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory(model, method, prompts: list[dict], new_tokens: int) -> dict:
+    """Peak memory while generating for every prompt once: {"peak_bytes", "above_model_bytes", "kind"}."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(model.device)
+        before = torch.cuda.memory_allocated(model.device)
+        for inputs in prompts:
+            timed_generate(model, method, inputs, new_tokens)
+        peak = torch.cuda.max_memory_allocated(model.device)
+        return {"kind": "cuda_max_memory_allocated", "peak_bytes": peak, "above_model_bytes": peak - before}
+    release_free_memory()
+    before = rss_bytes()
+    peak = [before]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        for inputs in prompts:
+            timed_generate(model, method, inputs, new_tokens)
+    finally:
+        done.set()
+        sampler.join()
+    return {"kind": "rss", "peak_bytes": peak[0], "above_model_bytes": peak[0] - before}
+
+
+# ---------------------------------------------------------------------------------------------- records
+
+
+def file_label(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", label).strip("_")
+
+
+def read_records(path: Path, config: dict) -> dict[str, dict]:
+    """{spec: record} already in `path` for this config; raises when the file was written with another one."""
+    if not path.exists():
+        return {}
+    records = {}
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines) - 1:  # torn by an interrupted write: dropped
+                path.write_text("".join(l + "\n" for l in lines[:-1]))
+                break
+            raise ValueError(f"{path}: line {number + 1} is not valid JSON") from None
+        if record.get("config") != config:
+            raise ValueError(
+                f"{path} holds results of other bench settings ({record.get('config')}); use another --output"
+            )
+        records[record["spec"]] = record
+    return records
+
+
+def timing_prompts(processor, model, items, count: int) -> list[dict]:
+    """Batch-1 inputs of the first `count` eval questions."""
+    from PIL import Image
+
+    from .vqa import prompts_for
+    from .zoo import data
+
+    paths = data.image_paths("test")
+    prompts = []
+    for item in items[:count]:
+        image = Image.open(paths[item.image_id]).convert("RGB")
+        inputs = processor(images=[image], text=prompts_for(processor, [item.question]), return_tensors="pt")
+        inputs = inputs.to(model.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        prompts.append(dict(inputs))
+    return prompts
+
+
+def measure(model, methods: dict[str, object], prompts: list[dict], reps: int, new_tokens: int,
+            progress: bool = True) -> dict[str, dict]:
+    """FLOPs, times and memory of every method: {spec: {...}}."""
+    from tqdm import tqdm
+
+    shapes = flops.model_shapes(model)
+    specs = list(methods)
+    for spec in specs:  # warm-up
+        timed_generate(model, methods[spec], prompts[0], new_tokens)
+    times = {spec: [] for spec in specs}
+    counts = {spec: [] for spec in specs}
+    bar = tqdm(total=reps * len(specs) * len(prompts), desc="timing", unit="run", disable=not progress,
+               dynamic_ncols=True)
+    for rep in range(reps):
+        order = specs[rep % len(specs):] + specs[: rep % len(specs)]  # rotate who goes first
+        for spec in order:
+            for number, inputs in enumerate(prompts):
+                gc.collect()
+                run_times, record = timed_generate(model, methods[spec], inputs, new_tokens)
+                times[spec].append(run_times)
+                if rep == 0:
+                    counts[spec].append(count_sample(shapes, record, inputs, new_tokens))
+                bar.update(1)
+    bar.close()
+    results = {}
+    for spec in specs:
+        memory = peak_memory(model, methods[spec], prompts, new_tokens)
+        results[spec] = {
+            "flops": mean_counts(counts[spec]),
+            "times": {key: statistics.median(t[key] for t in times[spec]) for key in times[spec][0]},
+            "memory": memory,
+        }
+    return results
+
+
+def count_sample(shapes, record, inputs: dict, new_tokens: int) -> dict:
+    input_ids = inputs["input_ids"]
+    counted = flops.sample_flops(shapes, record, prompt_length=input_ids.shape[1], images=1, new_tokens=new_tokens)
+    visual = int(record.visual_mask[0].sum())
+    kept_visual = len(record.kept_visual_positions[0]) if record.prune_layer is not None else visual
+    return {
+        "prefill": counted.prefill_total,
+        "prefill_language_model": counted.prefill,
+        "vision": counted.vision,
+        "decode_per_token": counted.decode_per_token,
+        "prompt_tokens": input_ids.shape[1],
+        "visual_tokens": visual,
+        "kept_visual_tokens": kept_visual,
+        "prune_layer": record.prune_layer,
+        "mean_decode_ffn_width": statistics.mean(
+            w if w is not None else shapes.layers[l].ffn_width for l, w in enumerate(counted.decode_widths)
+        ),
+    }
+
+
+def mean_counts(counts: list[dict]) -> dict:
+    keys = [k for k in counts[0] if k != "prune_layer"]
+    out = {key: statistics.mean(c[key] for c in counts) for key in keys}
+    out["prune_layer"] = counts[0]["prune_layer"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def table(records: list[dict]) -> str:
+    dense = next((r for r in records if r["method"] == "Dense"), None)
+    lines = [
+        "| method | visual tokens kept | accuracy | object recall | prefill GFLOPs | decode MFLOPs/token "
+        "| prefill ms | decode ms/token | end-to-end ms | peak memory MiB | prefill speedup |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        f, t = r["flops"], r["times"]
+        recall = f"{r['object_recall']:.3f}" if r.get("object_recall") is not None else "-"
+        accuracy = f"{100 * r['accuracy']:.2f}%" if r.get("accuracy") is not None else "-"
+        speedup = f"{dense['times']['prefill'] / t['prefill']:.2f}x" if dense else "-"
+        lines.append(
+            f"| {r['label']} | {f['kept_visual_tokens']:.1f}/{f['visual_tokens']:.0f} | {accuracy} | {recall} "
+            f"| {f['prefill'] / 1e9:.3f} | {f['decode_per_token'] / 1e6:.1f} | {1e3 * t['prefill']:.0f} "
+            f"| {1e3 * t['decode_per_token']:.1f} | {1e3 * t['end_to_end']:.0f} "
+            f"| {r['memory']['peak_bytes'] / 2**20:.0f} | {speedup} |"
+        )
+    return "\n".join(lines)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats (fewer or equal FLOPs and higher or equal accuracy, one strictly),
+    sorted by FLOPs."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any(
+            (x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def plot(records: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in records if r.get("accuracy") is not None]
+    if not records:
+        return
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    methods = sorted({r["method"] for r in records})
+    colours = {name: plt.cm.tab10(k % 10) for k, name in enumerate(methods)}
+    points = [(r["flops"]["prefill"] / 1e9, 100 * r["accuracy"]) for r in records]
+    for k, name in enumerate(methods):
+        mine = sorted(((p, r) for p, r in zip(points, records) if r["method"] == name), key=lambda pr: pr[0])
+        xs, ys = [p[0] for p, _ in mine], [p[1] for p, _ in mine]
+        ax.plot(xs, ys, color=colours[name], marker="o", ms=6, lw=1, label=name, zorder=3)
+        for (x, y), r in mine:  # the budget next to each point; methods at equal FLOPs stack their labels
+            text = r["label"][len(name):].strip() or name
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, -3 + 8 * (k - len(methods) / 2)),
+                        fontsize=7, color=colours[name])
+    front = pareto_front(points)
+    ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="0.6", lw=1,
+            zorder=1, label="Pareto front")
+    ax.set_xlabel("prefill GFLOPs per question (vision + language model, analytic)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corematching bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="evqa-smollm2", help="evqa-smollm2, a hub id or a local path")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help="';'-separated method specs, e.g. \"dense;corematching:token_budget=0.25;"
+                             "mypkg.mod:MyMethod\"")
+    parser.add_argument("--budgets", default="",
+                        help="comma-separated token budgets applied to every method with a token_budget field "
+                             "not given in its spec, e.g. 0.5,0.25,0.125")
+    parser.add_argument("--set", default="test-2000", help="eval set (see `corematching eval`)")
+    parser.add_argument("--questions", type=int, default=300, help="accuracy on the first N questions (0: skip)")
+    parser.add_argument("--batch-size", type=int, default=16, help="batch size of the accuracy runs")
+    parser.add_argument("--timing-prompts", type=int, default=4, help="questions timed, batch 1")
+    parser.add_argument("--reps", type=int, default=3, help="timed rounds over the timing prompts")
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated in the timed runs")
+    parser.add_argument("--output", required=True, help="JSON-lines file of records (appended; resumes)")
+    parser.add_argument("--plot", default=None, help="Pareto plot PNG (default: the output with .png)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def parse_budgets(text: str) -> list:
+    from .cli import parse_budget
+
+    budgets = [parse_budget(part.strip()) for part in text.split(",") if part.strip()]
+    return budgets
+
+
+def main(argv: list[str]) -> int:
+    import corematching as cm
+
+    from .evaluate import eval_questions, run_eval
+
+    args = make_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    specs = method_spec.expand(args.methods, parse_budgets(args.budgets))
+    if len(set(specs)) != len(specs):
+        raise ValueError(f"a method spec is given twice: {specs}")
+    methods = {spec: method_spec.build(spec) for spec in specs}
+    for name, value in (("--reps", args.reps), ("--timing-prompts", args.timing_prompts),
+                        ("--new-tokens", args.new_tokens)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    output = Path(args.output)
+    plot_path = Path(args.plot) if args.plot else output.with_suffix(".png")
+    items = eval_questions(args.set)
+    config = {
+        "model": args.model,
+        "set": args.set,
+        "questions": min(args.questions, len(items)),
+        "timing_prompts": args.timing_prompts,
+        "reps": args.reps,
+        "new_tokens": args.new_tokens,
+    }
+    done = read_records(output, config)
+    pending = {spec: method for spec, method in methods.items() if spec not in done}
+    progress = not args.no_progress
+    if pending:
+        print(f"loading {args.model} ...", flush=True)
+        model, processor = cm.load_model(args.model, device=args.device)
+        prompts = timing_prompts(processor, model, items, args.timing_prompts)
+        config_note = f"{torch.get_num_threads()} threads, {model.device}, {model.dtype}"
+        print(f"measuring {len(pending)} settings ({len(done)} already in {output}); {config_note}", flush=True)
+        started = time.perf_counter()
+        measured = measure(model, pending, prompts, args.reps, args.new_tokens, progress)
+        answers_dir = output.with_name(output.stem + "-answers")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        for spec, method in pending.items():
+            summary = None
+            if config["questions"]:
+                summary = run_eval(model, processor, method, items[: config["questions"]],
+                                   answers_dir / f"{file_label(spec)}.jsonl", batch_size=args.batch_size,
+                                   progress=progress)
+            record = {
+                "spec": spec,
+                "label": method_spec.describe(method),
+                "method": type(method).__name__,
+                "settings": dataclasses.asdict(method) if dataclasses.is_dataclass(method) else {},
+                "config": config,
+                **measured[spec],
+                "accuracy": summary.accuracy if summary else None,
+                "object_recall": summary.object_recall if summary else None,
+                "answered": summary.answered if summary else 0,
+                "environment": {"device": str(model.device), "dtype": str(model.dtype),
+                                "threads": torch.get_num_threads(), "torch": torch.__version__},
+            }
+            with output.open("a") as sink:
+                sink.write(json.dumps(record) + "\n")
+        print(f"measured in {time.perf_counter() - started:.0f} s", flush=True)
+    records = list(read_records(output, config).values())
+    order = {spec: k for k, spec in enumerate(specs)}
+    records.sort(key=lambda r: order.get(r["spec"], len(order)))
+    print()
+    print(table(records))
+    plot(records, plot_path, f"{args.model}, {config['set']} first {config['questions']} questions")
+    print(f"\nrecords: {output}\nPareto plot: {plot_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
