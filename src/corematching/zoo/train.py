@@ -1,6 +1,6 @@
-"""Training recipe of the bundled VLM `evqa-smollm2` (one command: `python -m corematching.zoo.train`).
+"""Training recipe of the bundled VLMs (one command: `python -m corematching.zoo.train --model NAME`).
 
-LLaVA style, on the easy-vqa train split, seeded and resumable:
+`evqa-smollm2` (the default) trains LLaVA style on the easy-vqa train split, seeded and resumable:
 
 1. *Tower warm-up* (about a minute): the CLIP-style vision tower learns to tell the shape and the colour
    (labels read off the training questions) through two throw-away linear heads on its mean patch token.
@@ -13,8 +13,15 @@ LLaVA style, on the easy-vqa train split, seeded and resumable:
    exactly what the single-question prompt computes, at a third of the cost. Logits are only formed at
    the answer positions.
 
-Checkpoints go to `runs/evqa-smollm2/` every few steps; rerunning the command resumes. At the end the
-trained tensors are written to `zoo/weights/evqa-smollm2.safetensors` with a JSON record of the run.
+`scenes-smollm2` trains the same way on procedural multi-object scenes (`zoo/scenes.py`), with two changes:
+the tower warm-up is per patch (each patch token learns which colour and which shape cover its patch, whether
+an object's centre lies in it, and its row and column), so that the visual tokens carry local content that the
+language model can count and relate; and every step draws fresh training scenes (scene(TRAIN_SEED, i), about
+eight questions each, every question kind), so no scene is seen twice.
+
+Checkpoints go to `runs/<name>/` every few steps; rerunning the command resumes. The trained tensors are
+written to `zoo/weights/<name>.safetensors` with a JSON record of the run (for scenes-smollm2 also at every
+held-out check, so that an interrupted run leaves its latest weights).
 """
 
 from __future__ import annotations
@@ -31,9 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import build, data
-
-RUN_DIR = Path("runs") / build.NAME
+from . import build, data, scenes
 
 
 # ----------------------------------------------------------------------------- data
@@ -47,14 +52,13 @@ def load_pixels(processor, split: str) -> dict[int, torch.Tensor]:
     return {i: pixels[k] for k, i in enumerate(ids)}
 
 
-def tokenize_blocks(processor, items: list[data.Question]) -> tuple[list[int], list[tuple[list[int], int]]]:
+def tokenize_blocks(processor, items, n_visual: int = build.N_VISUAL) -> tuple[list[int], list[tuple[list[int], int]]]:
     """Token ids of the shared image prefix, and per question (block ids, number of prompt tokens in it).
 
     Each block is the single-question prompt after the prefix, followed by the answer and <|im_end|>; it is
     cut from the tokenization of the full text so that it matches what the processor produces at inference.
     """
     tokenizer = processor.tokenizer
-    n_visual = build.N_VISUAL
     prefix_text = "<|im_start|>user\n" + build.IMAGE_TOKEN * n_visual + "\n"
     prefix = tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
     blocks = []
@@ -205,6 +209,119 @@ def warm_up_tower(model, pixels: dict[int, torch.Tensor], train_items, steps: in
     return correct / max(total, 1)
 
 
+# ----------------------------------------------------------------------------- scenes-smollm2
+
+
+def patch_labels(scene: scenes.Scene, grid: int, min_cover: float = 0.15) -> dict[str, torch.Tensor]:
+    """Per-patch targets of one scene, each [grid * grid] (row-major, like the visual tokens).
+
+    colour / shape: of the object covering most of the patch if it covers at least `min_cover` of it, else the
+    extra class "none"; centre: 1 where an object's centre lies in the patch (objects are at least 16 pixels
+    apart centre to centre along some axis, so a patch holds at most one centre).
+    """
+    size = scenes.IMAGE_SIZE // grid
+    object_map = torch.from_numpy(scene.object_map.astype("int64"))  # [H, W], -1 background
+    n_objects = len(scene.objects)
+    one_hot = F.one_hot(object_map + 1, n_objects + 1)[..., 1:].float()  # [H, W, objects]
+    cover = one_hot.reshape(grid, size, grid, size, n_objects).mean(dim=(1, 3)).reshape(grid * grid, n_objects)
+    best_cover, best = cover.max(-1) if n_objects else (torch.zeros(grid * grid), torch.zeros(grid * grid).long())
+    colour = torch.tensor([scenes.COLORS.index(o.color) for o in scene.objects])[best]
+    shape = torch.tensor([scenes.SHAPES.index(o.shape) for o in scene.objects])[best]
+    empty = best_cover < min_cover
+    colour[empty], shape[empty] = len(scenes.COLORS), len(scenes.SHAPES)
+    centre = torch.zeros(grid * grid, dtype=torch.long)
+    for o in scene.objects:
+        cx, cy = o.center
+        centre[int(cy // size) * grid + int(cx // size)] = 1
+    return {"colour": colour, "shape": shape, "centre": centre}
+
+
+def warm_up_tower_on_patches(model, processor, spec: build.Spec, steps: int, seed: int, log) -> dict[str, float]:
+    """Train the tower's patch tokens on per-patch labels of fresh scenes (seed stream distinct from training's)."""
+    tower = model.model.vision_tower
+    width = model.config.vision_config.hidden_size
+    grid = spec.grid
+    heads = torch.nn.ModuleDict({
+        "colour": torch.nn.Linear(width, len(scenes.COLORS) + 1),
+        "shape": torch.nn.Linear(width, len(scenes.SHAPES) + 1),
+        "centre": torch.nn.Linear(width, 2),
+        "row": torch.nn.Linear(width, grid),
+        "col": torch.nn.Linear(width, grid),
+    })
+    params = list(tower.parameters()) + list(heads.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
+    positions = torch.arange(grid * grid)
+    tower.train()
+    hits: dict[str, list[float]] = {name: [] for name in heads}
+    batch_size = 32
+    for step in range(steps):
+        lr_scale = min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for group in optimizer.param_groups:
+            group["lr"] = 2e-3 * lr_scale
+        batch = [scenes.scene(seed + 1000, step * batch_size + j) for j in range(batch_size)]
+        pixels = processor.image_processor([sc.image for sc in batch], return_tensors="pt")["pixel_values"]
+        labels = [patch_labels(sc, grid) for sc in batch]
+        targets = {name: torch.cat([lab[name] for lab in labels]) for name in ("colour", "shape", "centre")}
+        targets["row"] = (positions // grid).repeat(batch_size)
+        targets["col"] = (positions % grid).repeat(batch_size)
+        tokens = tower(pixels).last_hidden_state[:, 1:].reshape(-1, width)  # [batch * patches, width]
+        loss = 0.0
+        for name, head in heads.items():
+            logits = head(tokens)
+            loss = loss + F.cross_entropy(logits, targets[name])
+            if step >= steps - 20:
+                hits[name].append((logits.argmax(-1) == targets[name]).float().mean().item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0:
+            log(f"tower warm-up step {step}/{steps} loss {loss.item():.3f}")
+    tower.eval()
+    return {name: round(sum(v) / len(v), 4) for name, v in hits.items() if v}
+
+
+def scene_step_items(step: int, images_per_step: int) -> list[list[scenes.Item]]:
+    """The training questions of one alignment step: fresh scenes, about eight questions each."""
+    batch = []
+    for j in range(images_per_step):
+        index = step * images_per_step + j
+        scene = scenes.scene(scenes.TRAIN_SEED, index)
+        batch.append(scenes.questions_for(scene, random.Random(f"train-questions:{index}")))
+    return batch
+
+
+MONITOR_SEED = 2  # held-out monitoring during training: neither the training scenes nor the evaluation set
+MONITOR_SIZE = 140
+
+
+@torch.no_grad()
+def scenes_monitor(model, processor, prefix, monitor_items, pad_id) -> dict[str, float]:
+    """Teacher-forced answer accuracy on held-out scene questions, overall and per kind."""
+    ok_by_kind: dict[str, list[bool]] = {}
+    for start in range(0, len(monitor_items), 10):
+        chunk = monitor_items[start : start + 10]
+        blocks = [tokenize_blocks(processor, [item])[1] for item in chunk]
+        pixels = processor.image_processor([item.image for item in chunk], return_tensors="pt")["pixel_values"]
+        _, question_ok = answer_loss(model, prefix, blocks, pixels, pad_id)
+        for item, ok in zip(chunk, question_ok.tolist()):
+            ok_by_kind.setdefault(item.kind, []).append(ok)
+    result = {kind: sum(v) / len(v) for kind, v in sorted(ok_by_kind.items())}
+    result["all"] = sum(sum(v) for v in ok_by_kind.values()) / len(monitor_items)
+    return result
+
+
+def check_disjoint(n_train_scenes: int, log) -> None:
+    """Refuse to train if any evaluation image equals a training image (pixel for pixel)."""
+    eval_digests = {scenes.image_digest(item.image) for item in scenes.sample(scenes.EVAL_SIZE, scenes.EVAL_SEED)}
+    eval_digests |= {scenes.image_digest(item.image) for item in scenes.sample(MONITOR_SIZE, MONITOR_SEED)}
+    for i in range(n_train_scenes):
+        if scenes.image_digest(scenes.scene(scenes.TRAIN_SEED, i).image) in eval_digests:
+            raise RuntimeError(f"training scene {i} equals an evaluation image")
+    log(f"checked: none of {n_train_scenes} training scenes equals an evaluation or monitoring image")
+
+
 def answer_loss(model, prefix, blocks_batch, pixel_batch, pad_id):
     """Mean over questions of each question's mean answer-token loss; also per-question correctness [Q]."""
     input_ids, position_ids, mask, targets = pack(prefix, blocks_batch, pad_id)
@@ -235,23 +352,49 @@ def quick_accuracy(model, prefix, image_blocks, pixels, image_ids, pad_id) -> fl
     return hits / total
 
 
+DEFAULTS = {  # per bundled model: alignment steps, tower warm-up steps
+    "evqa-smollm2": {"steps": 800, "tower_steps": 400},
+    "scenes-smollm2": {"steps": 1600, "tower_steps": 300},
+}
+
+
+def write_weights(model, lora: LoRA, record: dict, out: Path) -> float:
+    """Write the trained tensors and the run's record next to them (atomically); returns the size in MB."""
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(trained_state(model, lora), str(tmp), metadata={"record": json.dumps(record)})
+    tmp.replace(out)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    return out.stat().st_size / 2**20
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=800, help="alignment steps (4 images, ~42 questions each)")
+    parser.add_argument("--model", choices=tuple(build.SPECS), default=build.NAME, help="which bundled model")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="alignment steps (4 images, ~42 questions each); 0: the model's default")
     parser.add_argument("--stop-after", type=int, default=0,
                         help="end after this many steps (the schedule still spans --steps); 0: at --steps")
     parser.add_argument("--images-per-step", type=int, default=4)
-    parser.add_argument("--tower-steps", type=int, default=400)
+    parser.add_argument("--tower-steps", type=int, default=0, help="tower warm-up steps; 0: the model's default")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of projector and LoRA")
     parser.add_argument("--tower-lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", type=Path, default=build.WEIGHTS)
+    parser.add_argument("--out", type=Path, default=None, help="weights file (default: the package's)")
     args = parser.parse_args(argv)
+    spec = build.spec_for(args.model)
+    is_scenes = args.model == "scenes-smollm2"
+    args.steps = args.steps or DEFAULTS[args.model]["steps"]
+    args.tower_steps = args.tower_steps or DEFAULTS[args.model]["tower_steps"]
+    args.out = args.out or spec.weights
     if args.threads:
         torch.set_num_threads(args.threads)
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    log_file = open(RUN_DIR / "train.log", "a")
+    run_dir = Path("runs") / args.model
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_file = open(run_dir / "train.log", "a")
 
     def log(msg: str) -> None:
         line = f"{time.strftime('%H:%M:%S')} {msg}"
@@ -261,24 +404,29 @@ def main(argv=None) -> None:
 
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    model, processor = build.build_untrained(seed=args.seed)
+    model, processor = build.build_untrained(seed=args.seed, name=args.model)
     pad_id = processor.tokenizer.pad_token_id
     for p in model.parameters():
         p.requires_grad_(False)
     lora = LoRA(model, build.LORA_RANK, build.LORA_TARGETS, seed=args.seed)
 
-    train_items = data.questions("train")
-    train_pixels = load_pixels(processor, "train")
-    test_pixels = load_pixels(processor, "test")
-    train_groups = data.with_open_questions(data.by_image(train_items), seed=args.seed)
-    test_groups = data.by_image(data.questions("test"))
-    prefix, _ = tokenize_blocks(processor, train_items[:1])
-    train_blocks = {i: tokenize_blocks(processor, items)[1] for i, items in train_groups.items()}
-    held_out_ids = sorted(test_groups)[-40:]  # monitoring only; not part of any reported evaluation set
-    held_out_blocks = {i: tokenize_blocks(processor, test_groups[i])[1] for i in held_out_ids}
-    log(f"{len(train_items)} train questions on {len(train_groups)} images; prefix {len(prefix)} tokens")
+    prefix, _ = tokenize_blocks(processor, [data.Question(0, "?", "yes")], spec.n_visual)
+    if is_scenes:
+        check_disjoint(args.steps * args.images_per_step, log)
+        monitor_items = scenes.sample(MONITOR_SIZE, MONITOR_SEED)
+        log(f"scenes: {args.steps * args.images_per_step} fresh training scenes; prefix {len(prefix)} tokens")
+    else:
+        train_items = data.questions("train")
+        train_pixels = load_pixels(processor, "train")
+        test_pixels = load_pixels(processor, "test")
+        train_groups = data.with_open_questions(data.by_image(train_items), seed=args.seed)
+        test_groups = data.by_image(data.questions("test"))
+        train_blocks = {i: tokenize_blocks(processor, items)[1] for i, items in train_groups.items()}
+        held_out_ids = sorted(test_groups)[-40:]  # monitoring only; not part of any reported evaluation set
+        held_out_blocks = {i: tokenize_blocks(processor, test_groups[i])[1] for i in held_out_ids}
+        log(f"{len(train_items)} train questions on {len(train_groups)} images; prefix {len(prefix)} tokens")
 
-    checkpoint = RUN_DIR / "checkpoint.pt"
+    checkpoint = run_dir / "checkpoint.pt"
     tower_params = list(model.model.vision_tower.parameters())
     projector_params = list(model.model.multi_modal_projector.parameters())
     record = {"seed": args.seed, "steps": args.steps, "images_per_step": args.images_per_step}
@@ -293,11 +441,17 @@ def main(argv=None) -> None:
         log(f"resumed at step {start_step} ({elapsed / 60:.1f} min so far)")
     else:
         t0 = time.time()
-        record["tower_warmup_accuracy"] = warm_up_tower(
-            model, train_pixels, train_items, args.tower_steps, args.seed, log
-        )
+        if is_scenes:
+            record["tower_warmup_accuracy"] = warm_up_tower_on_patches(
+                model, processor, spec, args.tower_steps, args.seed, log
+            )
+            record["tower_warmup_seconds"] = round(time.time() - t0)
+        else:
+            record["tower_warmup_accuracy"] = warm_up_tower(
+                model, train_pixels, train_items, args.tower_steps, args.seed, log
+            )
         elapsed = time.time() - t0
-        log(f"tower warm-up: shape/colour accuracy {record['tower_warmup_accuracy']:.3f} in {elapsed:.0f}s")
+        log(f"tower warm-up: accuracy {record['tower_warmup_accuracy']} in {elapsed:.0f}s")
 
     for p in tower_params + projector_params:
         p.requires_grad_(True)
@@ -319,21 +473,32 @@ def main(argv=None) -> None:
         progress = (step - warmup) / max(1, args.steps - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    image_ids = sorted(train_groups)
-    per_epoch = len(image_ids) // args.images_per_step
+    if not is_scenes:
+        image_ids = sorted(train_groups)
+        per_epoch = len(image_ids) // args.images_per_step
+
+    def batch_for(step: int):
+        """(question blocks per image, pixel values [images, 3, H, W]) of one alignment step."""
+        if is_scenes:
+            per_image = scene_step_items(step, args.images_per_step)
+            blocks = [tokenize_blocks(processor, items, spec.n_visual)[1] for items in per_image]
+            images = [items[0].image for items in per_image]
+            return blocks, processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        epoch, k = divmod(step, per_epoch)
+        order = torch.randperm(len(image_ids), generator=torch.Generator().manual_seed(args.seed + epoch))
+        chunk = [image_ids[i] for i in order[k * args.images_per_step : (k + 1) * args.images_per_step]]
+        return [train_blocks[i] for i in chunk], torch.stack([train_pixels[i] for i in chunk])
+
     model.train()
     t_last = time.time()
     last_step = min(args.steps, args.stop_after) if args.stop_after else args.steps
     record["stopped_after"] = last_step
+    check_every = 100
     for step in range(start_step, last_step):
-        epoch, k = divmod(step, per_epoch)
-        order = torch.randperm(len(image_ids), generator=torch.Generator().manual_seed(args.seed + epoch))
-        chunk = [image_ids[i] for i in order[k * args.images_per_step : (k + 1) * args.images_per_step]]
         for group, peak in zip(optimizer.param_groups, peaks):
             group["lr"] = peak * schedule(step)
-        loss, question_ok = answer_loss(
-            model, prefix, [train_blocks[i] for i in chunk], torch.stack([train_pixels[i] for i in chunk]), pad_id
-        )
+        blocks, pixels = batch_for(step)
+        loss, question_ok = answer_loss(model, prefix, blocks, pixels, pad_id)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tower_params + projector_params + list(lora.parameters()), 1.0)
@@ -346,12 +511,26 @@ def main(argv=None) -> None:
                 f"{elapsed / 60:.1f} min")
         done = step + 1 == last_step
         if (step + 1) % 25 == 0 or done:
-            if (step + 1) % 100 == 0 or done:
+            if (step + 1) % check_every == 0 or done:
                 model.eval()
-                acc = quick_accuracy(model, prefix, held_out_blocks, test_pixels, held_out_ids, pad_id)
+                if is_scenes:
+                    accuracy = scenes_monitor(model, processor, prefix, monitor_items, pad_id)
+                    record["monitor_accuracy"] = accuracy["all"]
+                    record["monitor_accuracy_per_kind"] = {k: round(v, 3) for k, v in accuracy.items()}
+                    record.setdefault("curve", []).append([step + 1, round(elapsed / 60, 1), round(accuracy["all"], 3)])
+                    log(f"step {step + 1}: held-out answer accuracy {accuracy['all']:.3f} (teacher-forced, "
+                        f"{MONITOR_SIZE} questions of seed {MONITOR_SEED}) " +
+                        " ".join(f"{k} {v:.2f}" for k, v in accuracy.items() if k != "all"))
+                else:
+                    acc = quick_accuracy(model, prefix, held_out_blocks, test_pixels, held_out_ids, pad_id)
+                    record["monitor_accuracy"] = acc
+                    log(f"step {step + 1}: held-out answer accuracy {acc:.3f} (teacher-forced, 40 test images)")
                 model.train()
-                record["monitor_accuracy"] = acc
-                log(f"step {step + 1}: held-out answer accuracy {acc:.3f} (teacher-forced, 40 test images)")
+                if is_scenes:  # leave the latest weights in the package at every check
+                    record["steps_done"] = step + 1
+                    record["train_minutes"] = round(elapsed / 60, 1)
+                    size_mb = write_weights(model, lora, record, args.out)
+                    log(f"exported step {step + 1} to {args.out} ({size_mb:.1f} MB)")
             state = trained_state(model, lora)
             torch.save(
                 {"state": state, "optimizer": optimizer.state_dict(), "step": step + 1, "elapsed": elapsed,
@@ -360,14 +539,11 @@ def main(argv=None) -> None:
             )
             checkpoint.with_suffix(".tmp").replace(checkpoint)
             t_last = time.time()
-    from safetensors.torch import save_file
 
     record["train_minutes"] = round(elapsed / 60, 1)
-    state = trained_state(model, lora)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(args.out), metadata={"record": json.dumps(record)})
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    size_mb = args.out.stat().st_size / 2**20
+    if is_scenes:
+        record["steps_done"] = last_step
+    size_mb = write_weights(model, lora, record, args.out)
     log(f"wrote {args.out} ({size_mb:.1f} MB): {record}")
 
 

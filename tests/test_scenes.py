@@ -1,0 +1,145 @@
+"""The procedural scenes dataset: answers on hand-built scenes, masks, determinism, train/eval disjointness."""
+
+import random
+
+import numpy as np
+import pytest
+
+from corematching.zoo import scenes
+from corematching.zoo.scenes import SceneObject
+
+
+def obj(shape, color, x, y, w=20, h=None):
+    return SceneObject(shape, color, (x, y, x + w, y + (h if h is not None else w)))
+
+
+def asked(scene, kind, seeds=range(40)):
+    """Every (question, answer, object indices) the generator produces for `kind` over many draws."""
+    out = set()
+    for seed in seeds:
+        result = scenes.question_about(scene, kind, random.Random(seed))
+        if result is not None:
+            question, answer, indices = result
+            out.add((question, answer, tuple(indices)))
+    return out
+
+
+# red circle (left, top), blue square (right, top), green triangle (middle, bottom), blue circle (far right, bottom)
+SCENE = scenes.render([
+    obj("circle", "red", 5, 5),
+    obj("square", "blue", 60, 8),
+    obj("triangle", "green", 40, 80),
+    obj("circle", "blue", 100, 90),
+])
+
+
+def test_colour_and_shape_questions_only_about_unique_objects():
+    colour = asked(SCENE, "color")
+    # the circle occurs twice: never asked; square and triangle are unique
+    assert colour == {("what color is the square?", "blue", (1,)), ("what color is the triangle?", "green", (2,))}
+    shape = asked(SCENE, "shape")
+    # blue occurs twice: never asked
+    assert shape == {("what shape is the red object?", "circle", (0,)),
+                     ("what shape is the green object?", "triangle", (2,))}
+
+
+def test_counts():
+    counts = {q: a for q, a, _ in asked(SCENE, "count_shape", range(200))}
+    assert counts == {"how many circles are there?": "2", "how many squares are there?": "1",
+                      "how many triangles are there?": "1", "how many rectangles are there?": "0",
+                      "how many crosses are there?": "0"}
+    assert asked(SCENE, "count_all") == {("how many objects are there?", "4", (0, 1, 2, 3))}
+
+
+def test_exists_answers_match_the_scene_and_are_balanced():
+    yes = no = 0
+    for seed in range(400):
+        question, answer, indices = scenes.question_about(SCENE, "exists", random.Random(seed))
+        color, shape = question[len("is there a "):-1].split()
+        present = any(o.color == color and o.shape == shape for o in SCENE.objects)
+        assert answer == ("yes" if present else "no")
+        yes += answer == "yes"
+        no += answer == "no"
+    assert 160 < yes < 240 and 160 < no < 240
+
+
+def test_spatial_questions_have_exactly_one_answer():
+    # left of the square (centre x 70): only the red circle (x 15); the triangle (x 50) is also left -> not asked
+    # above the triangle (centre y 90): the red circle and the blue square are both above -> not asked
+    left = asked(SCENE, "left_of")
+    for question, answer, indices in left:
+        assert question != "what color is the object left of the square?"
+    assert ("what color is the object left of the triangle?", "red", (0, 2)) in left
+    # above the square: the red circle's centre is 3 px higher, inside the ambiguity margin -> not asked
+    assert asked(SCENE, "above") == set()
+
+    row = scenes.render([obj("circle", "red", 5, 50), obj("square", "blue", 50, 50), obj("cross", "teal", 95, 50)])
+    assert asked(row, "left_of") == {("what color is the object left of the square?", "red", (0, 1))}
+    assert asked(row, "above") == set()  # all centres on one line: nothing is above anything
+
+    column = scenes.render([obj("triangle", "yellow", 50, 5), obj("circle", "brown", 52, 60)])
+    assert asked(column, "above") == {("what color is the object above the circle?", "yellow", (0, 1))}
+    # centres 2 px apart horizontally: inside the ambiguity margin, so no left-of question
+    assert asked(column, "left_of") == set()
+
+
+def test_masks_cover_exactly_the_objects_asked_about():
+    for item in scenes.sample(150, seed=5):
+        assert item.mask.shape == (scenes.IMAGE_SIZE, scenes.IMAGE_SIZE) and item.mask.dtype == bool
+        object_map = item.scene.object_map
+        covered = set(np.unique(object_map[item.mask]).tolist())
+        assert -1 not in covered
+        if item.kind == "count_all":
+            assert covered == set(range(len(item.scene.objects)))
+        if item.kind in ("color", "shape"):
+            assert len(covered) == 1
+            (k,) = covered
+            assert item.answer in (item.scene.objects[k].color, item.scene.objects[k].shape)
+        if item.kind in ("left_of", "above"):
+            assert len(covered) == 2 and item.answer in {item.scene.objects[k].color for k in covered}
+        if item.kind == "count_shape":
+            assert len(covered) == int(item.answer)
+        # every covered object is covered completely
+        for k in covered:
+            assert item.mask[object_map == k].all()
+
+
+def test_sample_answers_agree_with_the_drawn_objects():
+    for item in scenes.sample(200, seed=6):
+        objects = item.scene.objects
+        assert 2 <= len(objects) <= 5 and len(item.answer.split()) == 1
+        if item.kind == "count_all":
+            assert item.answer == str(len(objects))
+        if item.kind == "count_shape":
+            shape = next(s for s in scenes.SHAPES if scenes.PLURALS[s] in item.question)
+            assert item.answer == str(sum(o.shape == shape for o in objects))
+        for o in objects:
+            w, h = o.box[2] - o.box[0], o.box[3] - o.box[1]
+            assert scenes.MIN_SIZE - 5 <= min(w, h) and max(w, h) <= scenes.MAX_SIZE
+
+
+def test_sample_is_deterministic_and_prefix_stable():
+    a, b = scenes.sample(12, seed=3), scenes.sample(20, seed=3)
+    for x, y in zip(a, b):
+        assert x.question == y.question and x.answer == y.answer
+        assert x.image.tobytes() == y.image.tobytes() and (x.mask == y.mask).all()
+    other = scenes.sample(12, seed=4)
+    assert [x.image.tobytes() for x in a] != [x.image.tobytes() for x in other]
+
+
+def test_evaluation_images_are_not_training_images():
+    eval_digests = {scenes.image_digest(item.image) for item in scenes.sample(scenes.EVAL_SIZE, scenes.EVAL_SEED)}
+    assert len(eval_digests) == scenes.EVAL_SIZE
+    train_digests = {scenes.image_digest(scenes.scene(scenes.TRAIN_SEED, i).image) for i in range(2000)}
+    assert not eval_digests & train_digests
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match="n must be"):
+        scenes.sample(-1, seed=0)
+    with pytest.raises(ValueError, match="seed must be"):
+        scenes.sample(3, seed="a")
+    with pytest.raises(ValueError, match="overlap"):
+        scenes.render([obj("circle", "red", 5, 5), obj("square", "blue", 10, 10)])
+    with pytest.raises(ValueError, match="kind must be"):
+        scenes.question_about(SCENE, "size", random.Random(0))
