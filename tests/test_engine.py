@@ -53,7 +53,9 @@ def test_keep_all_equals_dense(tiny_llava, single_inputs, attn, use_cache, neuro
     with cm.sparsify(model, method) as session:
         tokens, logits = generate(model, inputs, use_cache)
         kept = session.last.kept_positions[0]
-    assert kept.tolist() == list(range(inputs["input_ids"].shape[1]))
+    # without a cache every step is a fresh prefill of the sequence so far, and session.last describes the last one
+    prefill_length = inputs["input_ids"].shape[1] + (0 if use_cache else STEPS - 1)
+    assert kept.tolist() == list(range(prefill_length))
     assert torch.equal(tokens, dense_tokens)
     torch.testing.assert_close(logits, dense_logits, atol=ATOL, rtol=0)
 
@@ -83,11 +85,11 @@ def test_kept_tokens_follow_the_core_matching_rule(tiny_llava, single_inputs):
         assert kept == sorted(text + expected_visual), case
 
 
-def test_token_removal_matches_the_gathered_reference(tiny_llava, single_inputs, attn, use_cache):
+def test_token_removal_matches_the_gathered_reference(tiny_llava, single_inputs, attn):
     model, inputs = tiny_llava(attn), single_inputs()
     prune_layer = 1
     with cm.sparsify(model, cm.CoreMatching(prune_layer=prune_layer, token_budget=8, beta=1.0)) as session:
-        tokens, logits = generate(model, inputs, use_cache)
+        tokens, logits = generate(model, inputs)
         record = session.last
     prompt_length = inputs["input_ids"].shape[1]
     kept = record.kept_positions[0]
@@ -113,12 +115,12 @@ def test_budget_larger_than_the_image_keeps_every_token(tiny_llava, single_input
 
 
 @pytest.mark.parametrize("neuron_layers", [[2, 3], [0, 1, 2, 3]])
-def test_core_neuron_decoding_matches_the_zeroed_reference(tiny_llava, single_inputs, attn, use_cache, neuron_layers):
+def test_core_neuron_decoding_matches_the_zeroed_reference(tiny_llava, single_inputs, attn, neuron_layers):
     model, inputs = tiny_llava(attn), single_inputs()
     prune_layer, rho, beta = 1, 0.2, 0.5
     method = cm.CoreMatching(prune_layer=prune_layer, token_budget=8, rho=rho, beta=beta, neuron_layers=neuron_layers)
     with cm.sparsify(model, method) as session:
-        tokens, logits = generate(model, inputs, use_cache)
+        tokens, logits = generate(model, inputs)
         record = session.last
     prompt_length = inputs["input_ids"].shape[1]
     kept, core = record.kept_positions[0], record.core_neurons
@@ -264,16 +266,40 @@ def test_plain_forward_returns_logits_of_the_kept_tokens(tiny_llava, single_inpu
 # ---------------------------------------------------------------------------------------------- other inputs
 
 
-def test_a_forward_that_extends_the_prompt_continues_it(tiny_llava, single_inputs):
-    """After generation, a plain forward over prompt + generated tokens (a fresh cache) gives the last step's
-    logits, and decoding on from the cache it returns gives what generation gives next."""
+def test_generation_without_a_cache_prefills_afresh_at_every_step(tiny_llava, single_inputs, attn):
+    """use_cache=False: each step is a fresh prefill of the sequence so far (the method chooses again), so each
+    step's logits are those of a plain forward of that sequence, which the gathered reference checks."""
+    model, inputs = tiny_llava(attn), single_inputs()
+    method = cm.CoreMatching(prune_layer=1, token_budget=8, beta=0.5, neuron_layers=[2, 3])
+    with cm.sparsify(model, method) as session:
+        tokens, logits = generate(model, inputs, use_cache=False)
+        prompt_length = inputs["input_ids"].shape[1]
+        for step in range(STEPS):
+            sequence = tokens[:, : prompt_length + step]
+            out = model(input_ids=sequence, pixel_values=inputs["pixel_values"], use_cache=False)
+            kept = session.last.kept_positions[0]
+            torch.testing.assert_close(logits[0, step], out.logits[0, -1], atol=ATOL, rtol=0)
+            expected, _ = reference_run(model, sequence, inputs["pixel_values"], 1, kept)
+            torch.testing.assert_close(out.logits[0, -1], expected, atol=ATOL, rtol=0)
+
+
+def test_a_forward_after_another_is_a_fresh_prefill(tiny_llava, single_inputs):
+    """Likelihood scoring: model(prompt) then model(prompt + answer) gives what a fresh session gives for the
+    second, and session.last describes the second."""
     model, inputs = tiny_llava(), single_inputs()
-    with cm.sparsify(model, cm.CoreMatching(prune_layer=1, token_budget=8, beta=0.5)):
-        tokens, logits = generate(model, inputs, steps=STEPS)
-        out = model(input_ids=tokens[:, :-2], pixel_values=inputs["pixel_values"])
-        torch.testing.assert_close(out.logits[0, -1], logits[0, -2], atol=ATOL, rtol=0)
-        step = model(input_ids=tokens[:, -2:-1], pixel_values=None, cache=out.cache)
-        torch.testing.assert_close(step.logits[0, -1], logits[0, -1], atol=ATOL, rtol=0)
+    answer = torch.tensor([[7, 8, 9]])
+    longer = dict(inputs, input_ids=torch.cat([inputs["input_ids"], answer], 1), attention_mask=None)
+    method = cm.CoreMatching(prune_layer=1, token_budget=8, beta=0.5)
+    with cm.sparsify(model, method) as session:
+        fresh = model(**longer).logits
+        fresh_kept = session.last.kept_positions[0]
+    with cm.sparsify(model, method) as session:
+        model(**inputs)
+        first_kept = session.last.kept_positions[0]
+        second = model(**longer).logits
+        assert torch.equal(session.last.kept_positions[0], fresh_kept)
+    assert len(fresh_kept) == len(first_kept) + 3
+    torch.testing.assert_close(second, fresh, atol=0, rtol=0)
 
 
 def test_inputs_embeds_find_the_visual_tokens(tiny_llava, single_inputs):

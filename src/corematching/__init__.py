@@ -1,18 +1,20 @@
 """corematching: training-free co-adaptive token and neuron sparsity for vision-language models."""
 
-from .errors import UnsupportedModelError
-from .methods import CoreMatching, Dense, RandomTokens, UniformTokens
+from .errors import UnsupportedModeError, UnsupportedModelError
+from .methods import CoreInfer, CoreMatching, Dense, RandomTokens, UniformTokens
 from .runtime import Session, SparsityRecord, sparsify
 from .vqa import answer
 from .zoo import load_model
 
 __all__ = [
+    "CoreInfer",
     "CoreMatching",
     "Dense",
     "RandomTokens",
     "Session",
     "SparsityRecord",
     "UniformTokens",
+    "UnsupportedModeError",
     "UnsupportedModelError",
     "answer",
     "load_model",

@@ -238,6 +238,10 @@ def make_parser(command: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # the HTTP server (corematching.serve): its own arguments and errors
+        from .serve.cli import main as serve_main
+
+        return serve_main(argv[1:])
     command = argv[0] if argv[:1] in (["eval"], ["bench"]) else "run"
     try:
         if command == "bench":

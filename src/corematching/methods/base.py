@@ -37,6 +37,10 @@ class SparsityMethod:
         """The layer after which tokens are removed, or None when the method keeps every token."""
         return None
 
+    def applies_to_text(self) -> bool:
+        """Whether samples without images are sparsified too (neuron methods); token methods leave them dense."""
+        return False
+
     def wants_prune_activations(self) -> bool:
         """Whether select_tokens reads the prune layer's FFN activations."""
         return False

@@ -121,9 +121,24 @@ class ModelAdapter:
         )
         return (call.inputs_embeds == image_embedding).all(-1)
 
-    def language_model_embeddings(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
-        """The input embeddings [B, T, H] of a language model call (image features already placed)."""
-        return kwargs.get("inputs_embeds")
+    def image_positions(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the visual tokens visual [B, T] (bool) of a call: (image_index, image_ordinal), each [B, T] long,
+        the image a token belongs to within its sample and its position inside that image; -1 elsewhere."""
+        ordinal = visual.long().cumsum(1) - 1  # [B, T] index among the sample's visual tokens
+        per_image = self.tokens_per_image
+        image_index = ordinal // per_image if per_image else torch.zeros_like(ordinal)
+        image_ordinal = ordinal % per_image if per_image else ordinal
+        outside = torch.full_like(ordinal, -1)
+        return torch.where(visual, image_index, outside), torch.where(visual, image_ordinal, outside)
+
+    def output_cache(self, output) -> object:
+        """The KV cache an entry call returned (it may have created it), or None."""
+        cache = getattr(output, "cache", None)
+        return cache if cache is not None else getattr(output, "past_key_values", None)
+
+    def top_module(self) -> nn.Module:
+        """The module users call (it takes `labels`)."""
+        return self.model
 
     # ------------------------------------------------------------------------------------------ decoder layers
 

@@ -66,8 +66,6 @@ class LlavaLlamaAdapter(ModelAdapter):
             raise UnsupportedModelError(
                 f"decoder layer {layer}: the FFN ({type(mlp).__name__}) has no {', '.join(missing)}"
             )
-        if not all(isinstance(getattr(mlp, name), nn.Linear) for name in ("gate_proj", "up_proj", "down_proj")):
-            raise UnsupportedModelError(f"decoder layer {layer}: the FFN projections are not nn.Linear modules")
         return FFNParts(module=mlp, up=mlp.up_proj, down=mlp.down_proj, act=mlp.act_fn, gate=mlp.gate_proj)
 
     def read_entry_call(self, args: tuple, kwargs: dict) -> EntryCall:

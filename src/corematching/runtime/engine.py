@@ -1,93 +1,71 @@
 """The engine: carries a method's decisions out inside the model's own forward passes.
 
-Every call of the adapter's entry module is classified once, at its start:
-  prefill   fresh inputs with images: the method chooses tokens (after the prune layer K) and core neurons;
-            layers > K run on the kept tokens only, packed per sample; FFNs run densely.
-  decode    a call that continues the KV cache of the latest prefill: layers > K attend to the kept prompt
-            tokens plus the generated ones; FFNs of the neuron layers use the sliced core-neuron weights.
-  continue  a call without past tokens that extends the latest prompt (same tokens, padding and images,
-            the images checked through the language model's input embeddings), as in generation with
-            use_cache=False: recomputed with the prompt's decisions, the new tokens decoding with core
-            neurons, which gives what cached decoding gives.
-  dense     anything else (no image, a foreign cache, a 4-D mask): the model runs untouched.
-Hooks call in here: `on_entry` / `on_entry_done` around the entry module, `on_language_model` before the
-language model, `on_layer` before each decoder layer after K, `ffn_forward` in place of the FFN forward of the
-watched layers.
+Every call of the adapter's entry module is classified once, at its start, by the KV cache it brings:
+  fresh    no past tokens (no cache, or an empty one): with images (or with a method that also applies to text)
+           the method chooses tokens after the prune layer K and core neurons; layers > K run on the kept
+           tokens only, packed per sample; FFNs run densely. The decisions are attached to the cache the call
+           fills (cache_state.py).
+  extend   past tokens in a cache this session filled: its state says which tokens layers > K hold. The new
+           tokens (one decode step, several verified tokens, or a whole new turn) attend to those plus each
+           other; the FFNs of the neuron layers compute only the prefill's core neurons for them. A new turn
+           that brings images has its own visual tokens chosen the same way, among the new tokens.
+  dense    anything else (no image, a cache filled outside any session): the model runs untouched.
+Hooks call in here: `on_entry` / `on_entry_done` around the entry module, `on_layer` before each decoder layer
+after K, `ffn_forward` in place of the FFN forward of the watched layers.
 """
 
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
 
+from ..errors import UnsupportedModeError
 from ..methods import SparsityMethod, TokenBatch
 from ..models import EntryCall, FFNParts, ModelAdapter
-from .ffn import SlicedFFN, dense_ffn
+from .cache_state import CacheState, NeuronDecision, SessionToken, attach_state, detach_state, state_of
+from .ffn import SlicedFFN, dense_ffn, masked_ffn
 from .masks import packed_attention_mask
-from .packing import PackedLayout, extend_layout, pack_kept_tokens
+from .packing import PackedLayout, pack_kept_tokens
 from .records import SparsityRecord
+
+SLICED_DECISIONS_KEPT = 4  # sliced weights of this many recent prefills stay gathered
 
 
 class CallKind(Enum):
     DENSE = "dense"
-    PREFILL = "prefill"
-    DECODE = "decode"
-    CONTINUE = "continue"
-
-
-@dataclass
-class PromptState:
-    """What the latest prefill decided; lives until the next prefill."""
-
-    input_ids: torch.Tensor | None  # [B, T0], to recognise continuations
-    valid: torch.Tensor  # [B, T0] bool
-    embeddings: torch.Tensor | None  # [B, T0, H] the language model's input (image features included)
-    layout: PackedLayout | None  # kept prompt tokens after the prune layer
-    neurons: dict[int, torch.Tensor]  # layer -> [B, k] sorted core neurons
-    sparse_rows: torch.Tensor  # [B] bool: samples with visual tokens (the others stay dense)
-    all_rows_sparse: bool
-    cache: object  # the KV cache the prefill filled, or None
-    sliced: dict[int, SlicedFFN | None] = field(default_factory=dict)  # gathered on first use
-
-    @property
-    def length(self) -> int:
-        return self.valid.shape[1]
-
-    @property
-    def batch_size(self) -> int:
-        return self.valid.shape[0]
+    FRESH = "fresh"
+    EXTEND = "extend"
 
 
 @dataclass
 class CallState:
-    """One call of the entry module."""
+    """One call of the entry module. Token tensors cover the call's new tokens: [B, q]."""
 
     kind: CallKind
     entry: EntryCall
-    may_continue: bool = False  # its tokens extend the latest prompt; its embeddings decide
-    embeddings: torch.Tensor | None = None  # prefill: the language model's input embeddings
-    # prefill only
-    valid: torch.Tensor | None = None  # [B, T] bool
-    visual: torch.Tensor | None = None  # [B, T] bool
-    image_index: torch.Tensor | None = None  # [B, T] long, -1 outside images
-    image_ordinal: torch.Tensor | None = None  # [B, T] long, -1 outside images
-    prune_activations: torch.Tensor | None = None  # [B, T, F] at layer K, until tokens are chosen
-    neurons: dict[int, torch.Tensor] = field(default_factory=dict)
-    keep: torch.Tensor | None = None  # [B, T] bool
+    past: int = 0  # tokens already in the cache (full sequence)
+    state: CacheState | None = None  # extend: the state of the cache brought in
+    valid: torch.Tensor | None = None  # [B, q] bool
+    visual: torch.Tensor | None = None  # [B, q] bool
+    image_index: torch.Tensor | None = None  # [B, q] long, -1 outside images
+    image_ordinal: torch.Tensor | None = None  # [B, q] long, -1 outside images
+    chooses_tokens: bool = False  # the method picks visual tokens in this call
+    prune_activations: torch.Tensor | None = None  # [B, q, F] at layer K, until tokens are chosen
+    neurons: dict[int, torch.Tensor] = field(default_factory=dict)  # fresh: core neurons chosen
+    neuron_rows: torch.Tensor | None = None  # fresh: [B] bool rows whose neurons are chosen
+    keep: torch.Tensor | None = None  # [B, q] bool: new tokens that go past K
     scores: torch.Tensor | None = None
-    # layers after the prune layer
-    layout: PackedLayout | None = None  # prefill / continue: the tokens gathered at layer K + 1
-    decode_key_valid: torch.Tensor | None = None  # decode: [B, keys] validity of the cached + new keys
-    decode_all_valid: bool = False
+    layout: PackedLayout | None = None  # the new tokens gathered at layer K + 1 (None: all of them, in place)
     upper_inputs: dict | None = None  # kwargs every layer > K receives (mask, positions)
-    cache: object = None  # the cache seen by the layers
-    num_new: int = 0  # trailing tokens that decode with core neurons
 
 
 class Engine:
-    def __init__(self, adapter: ModelAdapter, method: SparsityMethod):
+    def __init__(self, adapter: ModelAdapter, method: SparsityMethod, token: SessionToken):
         self.adapter = adapter
         self.method = method
+        self.token = token
         num_layers = adapter.num_layers
         self.prune_layer = method.prune_layer_index()
         self.neuron_layers = frozenset(method.neuron_layer_indices(num_layers))
@@ -96,80 +74,68 @@ class Engine:
             self.watched_layers.add(self.prune_layer)
         self.upper_layers = range(self.prune_layer + 1, num_layers) if self.prune_layer is not None else range(0)
         self.changes_model = self.prune_layer is not None or bool(self.neuron_layers)
-        self.prompt: PromptState | None = None
         self.call: CallState | None = None
         self.last: SparsityRecord | None = None
+        # id(decision) -> (weak reference to it, {layer: SlicedFFN or None}); most recent last
+        self._sliced: OrderedDict[int, tuple[weakref.ref, dict]] = OrderedDict()
 
     def reset(self) -> None:
-        self.prompt = None
         self.call = None
+        self._sliced.clear()
 
     # ------------------------------------------------------------------------------------------ entry calls
 
     def on_entry(self, args: tuple, kwargs: dict) -> None:
         self.call = None
+        if torch.compiler.is_compiling():
+            raise UnsupportedModeError(
+                "torch.compile: a sparsified model changes its shapes with the tokens it keeps; run it uncompiled "
+                "(generate(..., disable_compile=True) when a static cache would trigger compilation)"
+            )
         entry = self.adapter.read_entry_call(args, kwargs)
         if entry.input_ids is None and entry.inputs_embeds is None:
             return  # the model raises its own error
-        mask = entry.attention_mask
-        if mask is not None and mask.dim() != 2:
-            return  # a custom 4-D mask: run dense
-        past = _cache_length(entry.cache, 0)
-        if past > 0:
-            if self.prompt is not None and entry.cache is self.prompt.cache and self.changes_model:
-                self.call = self._decode_call(entry, past)
-            return
-        call = self._fresh_call(entry)
-        if self.changes_model and self._extends_prompt_tokens(entry):
-            call.may_continue = True  # settled in on_language_model, once the image features are in
-            self.call = call
-            return
-        self._start_fresh(call)
-
-    def on_language_model(self, args: tuple, kwargs: dict) -> None:
-        """Pre-hook of the language model. Its input embeddings hold the image features: a call whose tokens
-        extend the latest prompt continues it only if the prompt's embeddings (images included) match."""
-        call = self.call
-        if call is None or call.kind in (CallKind.DECODE, CallKind.CONTINUE):
-            return
-        embeddings = self.adapter.language_model_embeddings(args, kwargs)
-        if call.may_continue:
-            prompt = self.prompt
-            same_prompt = (
-                embeddings is not None
-                and prompt.embeddings is not None
-                and embeddings.shape[0] == prompt.embeddings.shape[0]
-                and torch.equal(embeddings[:, : prompt.length], prompt.embeddings)
+        state = state_of(entry.cache)
+        if state is not None and state.owner is not self.token:
+            raise UnsupportedModeError(
+                f"this KV cache was filled under another corematching session ({state.owner.description}); "
+                "continue it inside that session"
             )
-            if same_prompt:
-                self.call = self._continue_call(call.entry)
-                return
-            call.may_continue = False
-            self._start_fresh(call)
-        if self.call is not None and self.call.kind == CallKind.PREFILL:
-            self.call.embeddings = embeddings
-
-    def _start_fresh(self, call: CallState) -> None:
-        """A call that starts a new prompt: prefill, or dense (still recorded as the latest prefill)."""
-        if call.kind == CallKind.PREFILL:
-            self.call = call
+        past = _cache_length(entry.cache, 0)
+        if past == 0:
+            detach_state(entry.cache)
+            state = None
+        elif state is not None and state.length != past:
+            raise UnsupportedModeError(
+                f"the KV cache holds {past} tokens but its sparsified prefill recorded {state.length}: it was "
+                "changed outside the session"
+            )
+        self.adapter.check_attention()
+        if entry.attention_mask is not None and entry.attention_mask.dim() != 2:
+            if state is not None or (entry.image_inputs is not None and self.changes_model):
+                raise UnsupportedModeError(
+                    "a custom 4-D attention mask: the session builds the masks of the layers after the prune "
+                    "layer itself; pass a 2-D padding mask"
+                )
             return
-        self.call = None
-        self.prompt = None
-        self.last = SparsityRecord(type(self.method).__name__, None, call.valid, call.visual)
+        call = self._new_call(entry, past, state)
+        if call.kind == CallKind.DENSE:
+            if past == 0:
+                self.last = SparsityRecord(type(self.method).__name__, None, call.valid, call.visual)
+            return
+        self.call = call
 
-    def on_entry_done(self) -> None:
+    def on_entry_done(self, output) -> None:
         call, self.call = self.call, None
         if call is None:
             return
-        if call.kind == CallKind.CONTINUE and call.cache is not None:
-            self.prompt.cache = call.cache  # later decode steps continue this cache
-        if call.kind == CallKind.PREFILL:
-            self._commit_prefill(call)
+        cache = call.entry.cache if call.entry.cache is not None else self.adapter.output_cache(output)
+        if cache is not None:
+            self._update_cache_state(call, cache)
+        if call.kind == CallKind.FRESH or call.chooses_tokens:
+            self.last = self._record(call)
 
-    def _fresh_call(self, entry: EntryCall) -> CallState:
-        """The state of a call without past tokens: a prefill when it has images and the method changes the
-        model, dense otherwise."""
+    def _new_call(self, entry: EntryCall, past: int, state: CacheState | None) -> CallState:
         device = entry.device
         batch, length = entry.batch_size, entry.length
         if entry.attention_mask is not None:
@@ -177,114 +143,104 @@ class Engine:
         else:
             valid = torch.ones(batch, length, dtype=torch.bool, device=device)
         visual = self.adapter.visual_mask(entry) & valid
-        if entry.image_inputs is None:
+        has_images = entry.image_inputs is not None
+        if not has_images:
             visual = torch.zeros_like(visual)
-        ordinal = visual.long().cumsum(1) - 1  # [B, T] index among the sample's visual tokens
-        per_image = self.adapter.tokens_per_image
-        image_index = ordinal // per_image if per_image else torch.zeros_like(ordinal)
-        image_ordinal = ordinal % per_image if per_image else ordinal
-        outside = torch.full_like(ordinal, -1)
-        kind = CallKind.PREFILL if entry.image_inputs is not None and self.changes_model else CallKind.DENSE
-        return CallState(
-            kind=kind,
+        applies = has_images or self.method.applies_to_text()
+        image_index, image_ordinal = self.adapter.image_positions(visual)
+        call = CallState(
+            kind=CallKind.DENSE,
             entry=entry,
+            past=past,
+            state=state,
             valid=valid,
             visual=visual,
-            image_index=torch.where(visual, image_index, outside),
-            image_ordinal=torch.where(visual, image_ordinal, outside),
+            image_index=image_index,
+            image_ordinal=image_ordinal,
         )
+        prunes = self.prune_layer is not None
+        if past == 0:
+            if applies and self.changes_model:
+                call.kind = CallKind.FRESH
+                call.chooses_tokens = prunes
+            return call
+        if state is None:
+            if has_images and prunes:  # a dense cache gets a new image: its tokens are chosen from here on
+                call.kind = CallKind.EXTEND
+                call.chooses_tokens = True
+            return call
+        if state.decision_rows is not None and state.decision_rows.shape[0] != batch:
+            raise UnsupportedModeError(
+                f"the batch has {batch} rows but the KV cache {state.decision_rows.shape[0]}: change the batch "
+                "through the cache (reorder_cache, batch_select_indices), not by passing other rows"
+            )
+        call.kind = CallKind.EXTEND
+        call.chooses_tokens = has_images and prunes
+        return call
 
-    def _commit_prefill(self, call: CallState) -> None:
+    def _update_cache_state(self, call: CallState, cache) -> None:
+        """Record in the cache what this call added: its length and the slots of the layers after K."""
+        past, length = call.past, call.valid.shape[1]
+        state = call.state
+        if call.kind == CallKind.FRESH:
+            decision = None
+            if call.neurons:
+                decision = NeuronDecision(neurons=dict(call.neurons), sparse_rows=call.neuron_rows)
+            rows = torch.arange(call.valid.shape[0], device=call.valid.device)
+            state = CacheState(self.token, 0, decision=decision, decision_rows=rows if decision is not None else None)
+        elif state is None:  # a dense cache extended with chosen tokens
+            state = CacheState(self.token, past)
+        if call.layout is not None or state.removed_tokens:
+            if state.removed_tokens:
+                old_index, old_valid = state.upper_index, state.upper_valid
+            else:
+                old_index, old_valid = self._dense_slots(call)
+            if call.layout is not None:
+                new_index, new_valid = call.layout.source_index + past, call.layout.slot_valid
+            else:
+                new_index = torch.arange(past, past + length, device=call.valid.device).expand_as(call.valid)
+                new_valid = call.valid
+            state.upper_all_valid = bool(old_valid.all()) and bool(new_valid.all())  # once per call, on the host
+            state.upper_index = torch.cat([old_index, new_index], dim=1)
+            state.upper_valid = torch.cat([old_valid, new_valid], dim=1)
+        state.length = past + length
+        attach_state(cache, state, self.prune_layer)
+
+    def _dense_slots(self, call: CallState) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots of a cache whose past tokens all went through every layer: [B, past] index and validity."""
+        batch, past, device = call.valid.shape[0], call.past, call.valid.device
+        index = torch.arange(past, device=device).expand(batch, past)
+        mask = call.entry.attention_mask
+        if mask is None:
+            return index, torch.ones_like(index, dtype=torch.bool)
+        return index, mask[:, :past].to(device=device, dtype=torch.bool)
+        return index, valid
+
+    def _record(self, call: CallState) -> SparsityRecord:
         keep = call.keep if call.keep is not None else call.valid
-        sparse_rows = call.visual.any(1)
-        self.prompt = PromptState(
-            input_ids=call.entry.input_ids,
-            valid=call.valid,
-            embeddings=call.embeddings,
-            layout=call.layout,
-            neurons=call.neurons,
-            sparse_rows=sparse_rows,
-            all_rows_sparse=bool(sparse_rows.all()),
-            cache=call.cache,
-        )
-        self.last = SparsityRecord(
+        return SparsityRecord(
             method=type(self.method).__name__,
-            prune_layer=self.prune_layer,
+            prune_layer=self.prune_layer if call.chooses_tokens else None,
             keep_mask=keep,
             visual_mask=call.visual,
             neurons=dict(call.neurons),
             token_scores=call.scores,
+            neuron_rows=call.neuron_rows,
         )
-
-    def _decode_call(self, entry: EntryCall, past: int) -> CallState:
-        prompt = self.prompt
-        if entry.batch_size != prompt.batch_size:
-            raise RuntimeError(
-                f"the batch changed from {prompt.batch_size} to {entry.batch_size} while decoding from a "
-                "sparsified prompt; beam search and batch reordering are not supported"
-            )
-        generated = past - prompt.length  # tokens already appended after the prompt
-        if generated < 0:
-            raise RuntimeError("the KV cache is shorter than the sparsified prompt; it cannot be continued")
-        call = CallState(kind=CallKind.DECODE, entry=entry, num_new=entry.length, cache=entry.cache)
-        if prompt.layout is not None:
-            expected = prompt.layout.width + generated
-            found = _cache_length(entry.cache, self.prune_layer + 1)
-            if found != expected:
-                raise RuntimeError(
-                    f"the KV cache of layer {self.prune_layer + 1} holds {found} tokens, but the sparsified "
-                    f"prompt plus the generated tokens make {expected}"
-                )
-            new_valid, all_new_valid = self._new_token_validity(entry, prompt.length, past + entry.length)
-            call.decode_key_valid = torch.cat([prompt.layout.slot_valid, new_valid], dim=1)
-            call.decode_all_valid = prompt.layout.all_valid and all_new_valid
-        return call
-
-    def _continue_call(self, entry: EntryCall) -> CallState:
-        prompt = self.prompt
-        call = CallState(kind=CallKind.CONTINUE, entry=entry, num_new=entry.length - prompt.length)
-        if prompt.layout is not None:
-            new_valid, all_new_valid = self._new_token_validity(entry, prompt.length, entry.length)
-            call.layout = extend_layout(
-                prompt.layout, prompt.length, entry.length, None if all_new_valid else new_valid
-            )
-        return call
-
-    def _new_token_validity(self, entry: EntryCall, start: int, stop: int) -> tuple[torch.Tensor, bool]:
-        """Validity [B, stop - start] of the tokens after the prompt, and whether it is all True by
-        construction (no 2-D mask was given, so no host check is needed)."""
-        if entry.attention_mask is None:
-            return torch.ones(entry.batch_size, stop - start, dtype=torch.bool, device=entry.device), True
-        return entry.attention_mask[:, start:stop].to(device=entry.device, dtype=torch.bool), False
-
-    def _extends_prompt_tokens(self, entry: EntryCall) -> bool:
-        """Whether the call's tokens and padding are the latest prompt's followed by more tokens."""
-        prompt = self.prompt
-        if prompt is None or prompt.input_ids is None or entry.input_ids is None:
-            return False
-        if entry.batch_size != prompt.batch_size or entry.length <= prompt.length:
-            return False
-        length = prompt.length
-        if not torch.equal(entry.input_ids[:, :length], prompt.input_ids):
-            return False
-        if entry.attention_mask is None:
-            return bool(prompt.valid.all())
-        return torch.equal(entry.attention_mask[:, :length].to(torch.bool), prompt.valid)
 
     # ------------------------------------------------------------------------------------------ decoder layers
 
     def on_layer(self, layer: int, args: tuple, kwargs: dict):
         """Pre-hook of decoder layer `layer` > K: returns the rewritten (args, kwargs), or None."""
         call = self.call
-        if call is None or call.kind == CallKind.DENSE:
+        if call is None:
             return None
-        inputs = self.adapter.read_layer_inputs(args, kwargs)
         if layer == self.prune_layer + 1:
-            call.cache = inputs.cache
-            if call.kind == CallKind.PREFILL:
+            inputs = self.adapter.read_layer_inputs(args, kwargs)
+            if call.chooses_tokens:
                 self._choose_tokens(call)
             self._prepare_upper_inputs(call, inputs)
-            if call.layout is not None:  # prefill / continue: gather the surviving tokens
+            if call.layout is not None:  # gather the surviving tokens
                 hidden = _gather_hidden(inputs.hidden_states, call.layout.source_index)
                 return self.adapter.write_layer_inputs(args, kwargs, hidden_states=hidden, **call.upper_inputs)
         if call.upper_inputs is None:
@@ -301,7 +257,7 @@ class Engine:
             activations=call.prune_activations,
         )
         with torch.no_grad():
-            if self.prune_layer in self.neuron_layers and batch.activations is not None:
+            if call.kind == CallKind.FRESH and self.prune_layer in self.neuron_layers and batch.activations is not None:
                 decision, call.neurons[self.prune_layer] = self.method.select_tokens_and_neurons(
                     batch, call.valid, self.prune_layer
                 )
@@ -313,77 +269,138 @@ class Engine:
         call.layout = pack_kept_tokens(call.keep)
 
     def _prepare_upper_inputs(self, call: CallState, inputs) -> None:
-        implementation = self.adapter.attention_implementation()
-        dtype = inputs.hidden_states.dtype
+        """The attention mask (and gathered positions) of the layers after K for this call's new tokens."""
+        state = call.state
+        removed_before = state is not None and state.removed_tokens
+        if call.layout is None and not removed_before:
+            return  # nothing removed so far: the layers after K run as in the dense model
+        if removed_before:
+            cached_valid = state.upper_valid
+        elif call.past > 0:
+            cached_valid = self._dense_slots(call)[1]
+        else:
+            cached_valid = call.valid[:, :0]
         if call.layout is not None:
-            layout = call.layout
-            call.upper_inputs = {
-                "attention_mask": packed_attention_mask(
-                    layout.slot_valid, layout.width, implementation, dtype, layout.all_valid
-                ),
-                "position_ids": self.adapter.gather_position_ids(inputs.position_ids, layout.source_index),
-                "position_embeddings": self.adapter.gather_position_embeddings(
-                    inputs.position_embeddings, layout.source_index
-                ),
-            }
-        elif call.decode_key_valid is not None:
-            call.upper_inputs = {
-                "attention_mask": packed_attention_mask(
-                    call.decode_key_valid, call.num_new, implementation, dtype, call.decode_all_valid
+            new_valid, all_new_valid = call.layout.slot_valid, call.layout.all_valid
+        else:
+            new_valid, all_new_valid = call.valid, call.entry.attention_mask is None
+        key_valid = torch.cat([cached_valid, new_valid], dim=1)
+        num_queries = new_valid.shape[1]
+        mask_length = self._mask_length(call, inputs.cache, num_queries, key_valid.shape[1])
+        if removed_before:
+            all_cached_valid = state.upper_all_valid
+        else:  # only a fresh call's padding or a dense cache's 2-D mask can mark a slot invalid
+            all_cached_valid = call.past == 0 or call.entry.attention_mask is None
+        all_valid = all_cached_valid and all_new_valid
+        call.upper_inputs = {
+            "attention_mask": packed_attention_mask(
+                key_valid,
+                num_queries,
+                self.adapter.attention_implementation(),
+                inputs.hidden_states.dtype,
+                all_valid,
+                mask_length,
+            )
+        }
+        if call.layout is not None:
+            index = call.layout.source_index
+            call.upper_inputs["position_ids"] = self.adapter.gather_position_ids(inputs.position_ids, index)
+            call.upper_inputs["position_embeddings"] = self.adapter.gather_position_embeddings(
+                inputs.position_embeddings, index
+            )
+
+    def _mask_length(self, call: CallState, cache, num_queries: int, num_keys: int) -> int:
+        """How many keys the attention of the layers after K will see: the slots in use, or the cache's whole
+        buffer for a static cache."""
+        if cache is None:
+            return num_keys
+        layer = self.prune_layer + 1
+        layers = getattr(cache, "layers", None)
+        if layers is not None and layer < len(layers):
+            cache_layer = layers[layer]
+            if getattr(cache_layer, "is_sliding", False):
+                raise UnsupportedModeError("sliding-window KV cache layers after the prune layer")
+            found = int(cache_layer.get_seq_length())
+            if found != num_keys - num_queries:
+                raise UnsupportedModeError(
+                    f"the KV cache of layer {layer} holds {found} tokens, but the sparsified sequence so far has "
+                    f"{num_keys - num_queries}: the cache was changed outside the session"
                 )
-            }
+        length, offset = cache.get_mask_sizes(num_queries, layer)
+        if offset != 0 or length < num_keys:
+            raise UnsupportedModeError(f"a KV cache of type {type(cache).__name__} with an offset key window")
+        return int(length)
 
     # ------------------------------------------------------------------------------------------ FFNs
 
     def ffn_forward(self, layer: int, parts: FFNParts, hidden: torch.Tensor) -> torch.Tensor:
         call = self.call
-        if call is None or call.kind == CallKind.DENSE:
+        if call is None:
             return dense_ffn(parts, hidden)[0]
-        if call.kind == CallKind.PREFILL:
+        if call.kind == CallKind.FRESH:
             out, activation = dense_ffn(parts, hidden)
             self._observe(call, layer, activation)
             return out
-        if layer not in self.neuron_layers:
+        decision = call.state.decision if call.state is not None else None
+        uses_core = decision is not None and layer in decision.neurons
+        wants_activation = call.chooses_tokens and layer == self.prune_layer and call.prune_activations is None
+        if wants_activation:
+            if uses_core:
+                rows = call.state.decision_rows
+                out, activation = masked_ffn(parts, hidden, decision.neurons[layer][rows], decision.sparse_rows[rows])
+            else:
+                out, activation = dense_ffn(parts, hidden)
+            call.prune_activations = activation.detach()
+            return out
+        if not uses_core:
             return dense_ffn(parts, hidden)[0]
-        sliced = self._sliced(layer, parts)
-        if sliced is None:
+        sliced = self._sliced_ffn(decision, layer, parts)
+        if sliced is None:  # every neuron is core
             return dense_ffn(parts, hidden)[0]
-        num_new = call.num_new
-        if num_new == hidden.shape[1]:
-            return self._core_neuron_ffn(sliced, parts, hidden)
-        # continue: the prompt part runs densely, the new tokens with core neurons
-        head = dense_ffn(parts, hidden[:, :-num_new])[0]
-        tail = self._core_neuron_ffn(sliced, parts, hidden[:, -num_new:])
-        return torch.cat([head, tail], dim=1)
+        rows = call.state.decision_rows
+        out = sliced(hidden, rows)
+        sparse_rows = decision.sparse_rows[rows]
+        if bool(decision.sparse_rows.all()):
+            return out
+        # Samples without visual tokens run dense, as they would alone.
+        return torch.where(sparse_rows.view(-1, 1, 1), out, dense_ffn(parts, hidden)[0])
 
     def _observe(self, call: CallState, layer: int, activation: torch.Tensor) -> None:
-        """Prefill: keep the prune layer's activations, and choose the core neurons of neuron layers."""
+        """Fresh prefill: keep the prune layer's activations, and choose the core neurons of neuron layers."""
         activation = activation.detach()
-        if layer == self.prune_layer and self.method.wants_prune_activations():
+        if call.chooses_tokens and layer == self.prune_layer and self.method.wants_prune_activations():
             call.prune_activations = activation  # its neurons are chosen together with the tokens
+            if layer in self.neuron_layers:
+                call.neuron_rows = self._neuron_rows(call)
             return
         if layer in self.neuron_layers:
-            past_prune = self.prune_layer is not None and layer > self.prune_layer
+            past_prune = self.prune_layer is not None and layer > self.prune_layer and call.layout is not None
             token_mask = call.layout.slot_valid if past_prune else call.valid
             with torch.no_grad():
                 call.neurons[layer] = self.method.select_neurons(activation, token_mask, layer)
+            call.neuron_rows = self._neuron_rows(call)
 
-    def _sliced(self, layer: int, parts: FFNParts) -> SlicedFFN | None:
-        """The layer's core-neuron FFN, gathered on first use after the prefill (None: all neurons are core)."""
-        prompt = self.prompt
-        if layer not in prompt.sliced:
-            neurons = prompt.neurons[layer]
-            full = neurons.shape[1] == parts.up.weight.shape[0]
-            prompt.sliced[layer] = None if full else SlicedFFN.gather(parts, neurons)
-        return prompt.sliced[layer]
+    def _neuron_rows(self, call: CallState) -> torch.Tensor:
+        """Rows that decode with core neurons: those with visual tokens (every row for a method that applies to
+        text)."""
+        if self.method.applies_to_text():
+            return torch.ones_like(call.visual[:, 0])
+        return call.visual.any(1)
 
-    def _core_neuron_ffn(self, sliced: SlicedFFN, parts: FFNParts, hidden: torch.Tensor) -> torch.Tensor:
-        out = sliced(hidden)
-        if self.prompt.all_rows_sparse:
-            return out
-        # Samples without visual tokens run dense, as they would alone.
-        dense = dense_ffn(parts, hidden)[0]
-        return torch.where(self.prompt.sparse_rows.view(-1, 1, 1), out, dense)
+    def _sliced_ffn(self, decision: NeuronDecision, layer: int, parts: FFNParts) -> SlicedFFN | None:
+        """The layer's core-neuron FFN for a prefill's decision, gathered on first use (None: all neurons)."""
+        key = id(decision)
+        entry = self._sliced.get(key)
+        if entry is None or entry[0]() is not decision:
+            entry = (weakref.ref(decision), {})
+            self._sliced[key] = entry
+            while len(self._sliced) > SLICED_DECISIONS_KEPT:
+                self._sliced.popitem(last=False)
+        self._sliced.move_to_end(key)
+        per_layer = entry[1]
+        if layer not in per_layer:
+            per_layer[layer] = SlicedFFN.gather(parts, decision.neurons[layer], decision.sparse_rows)
+        return per_layer[layer]
 
 
 def _cache_length(cache, layer: int) -> int:

@@ -1,10 +1,12 @@
-"""The FFN computations: dense (exposing the activation) and core-neuron decoding with sliced weights."""
+"""The FFN computations: dense (exposing the activation), masked, and core-neuron decoding with sliced weights."""
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from ..errors import UnsupportedModelError
 from ..models import FFNParts
 
 
@@ -21,12 +23,50 @@ def dense_ffn(parts: FFNParts, hidden: torch.Tensor) -> tuple[torch.Tensor, torc
     return parts.down(activation), activation
 
 
+def masked_ffn(
+    parts: FFNParts, hidden: torch.Tensor, neurons: torch.Tensor, sparse_rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FFN with each sparse row's activation zeroed outside its neurons [B, k]; other rows dense."""
+    activation = ffn_activation(parts, hidden)
+    keep = torch.zeros(activation.shape[0], activation.shape[-1], dtype=torch.bool, device=activation.device)
+    keep.scatter_(1, neurons.to(activation.device), True)
+    keep |= ~sparse_rows.to(activation.device).unsqueeze(1)
+    activation = activation * keep.unsqueeze(1).to(activation.dtype)
+    return parts.down(activation), activation
+
+
+def check_sliceable(parts: FFNParts, layer: int) -> None:
+    """Core-neuron decoding gathers rows and columns of plain floating-point weights; anything else (8-bit or
+    4-bit modules, tensor-subclass quantization, offloaded weights) is refused by name."""
+    for name in ("gate", "up", "down"):
+        linear = getattr(parts, name)
+        if linear is None:
+            continue
+        weight = linear.weight
+        if type(linear) is not nn.Linear:
+            kind = f"a {type(linear).__module__}.{type(linear).__name__} module"
+        elif type(weight.data) is not torch.Tensor:
+            kind = f"a {type(weight.data).__name__} weight (quantized tensor)"
+        elif not weight.dtype.is_floating_point:
+            kind = f"a {weight.dtype} weight"
+        elif weight.device.type == "meta":
+            kind = "an offloaded weight (on the meta device)"
+        else:
+            continue
+        raise UnsupportedModelError(
+            f"decoder layer {layer}: core-neuron decoding slices FFN weights, but its {name} projection is {kind}; "
+            "use a method without neuron_layers (token pruning works on any FFN) or unquantized weights"
+        )
+
+
 @dataclass
 class SlicedFFN:
-    """An FFN restricted to each sample's core neurons C: act(x W_g[C]ᵀ) * (x W_u[C]ᵀ) W_d[:, C]ᵀ.
+    """An FFN restricted to core neurons: act(x W_g[C]ᵀ) * (x W_u[C]ᵀ) W_d[:, C]ᵀ.
 
-    Weights are gathered once; rows of gate/up and columns of down, per sample:
-    gate, up [B, k, H]; down [B, H, k]; biases of gate/up [B, k]; down's bias is not sliced.
+    One copy for the whole batch: C is the union U of the samples' core neurons, and each sample's activation is
+    masked to its own set (`row_masks`), which equals zeroing it outside that set. So the memory added does not
+    grow with the batch (at most one FFN), and a sample's output does not depend on its batch mates.
+    gate, up [U, H]; down [H, U]; row_masks [B0, U] (None for one sample, whose set is U).
     """
 
     act: object
@@ -36,49 +76,64 @@ class SlicedFFN:
     up_bias: torch.Tensor | None
     gate_bias: torch.Tensor | None
     down_bias: torch.Tensor | None
+    row_masks: torch.Tensor | None
+    copied: bool = True  # the weights are a gathered copy (False: the model's own tensors)
 
     @classmethod
-    def gather(cls, parts: FFNParts, neurons: torch.Tensor) -> "SlicedFFN":
-        """neurons [B, k]: sorted core neuron indices of each sample."""
-        batch, k = neurons.shape
-        flat = neurons.reshape(-1)
+    def gather(cls, parts: FFNParts, neurons: torch.Tensor, sparse_rows: torch.Tensor) -> "SlicedFFN | None":
+        """neurons [B0, k]: sorted core neurons of each prefill row; sparse_rows [B0]: rows that use them.
+        None when the union is every neuron (the original weights are used, masked, without a copy)."""
+        width = parts.up.weight.shape[0]
+        rows = neurons[sparse_rows.to(neurons.device)]
+        union = torch.unique(rows) if rows.numel() else neurons[:0, 0]
+        if union.numel() == width and neurons.shape[1] == width:
+            return None
+        if union.numel() == width:
+            return cls._masked_originals(parts, neurons)
+        row_masks = None
+        if neurons.shape[0] > 1:  # position of each row's neurons inside the union
+            in_union = torch.searchsorted(union, neurons)
+            row_masks = torch.zeros(neurons.shape[0], union.numel(), dtype=torch.bool, device=neurons.device)
+            row_masks.scatter_(1, in_union.clamp(max=union.numel() - 1), True)
 
-        def rows(linear):
-            weight = linear.weight.detach().index_select(0, flat).view(batch, k, -1)
-            bias = None if linear.bias is None else linear.bias.detach().index_select(0, flat).view(batch, k)
+        def rows_of(linear):
+            weight = linear.weight.detach().index_select(0, union)
+            bias = None if linear.bias is None else linear.bias.detach().index_select(0, union)
             return weight, bias
 
-        up, up_bias = rows(parts.up)
-        gate, gate_bias = rows(parts.gate) if parts.gate is not None else (None, None)
-        down_weight = parts.down.weight.detach()  # [H, F]
-        down = down_weight.index_select(1, flat).view(down_weight.shape[0], batch, k).permute(1, 0, 2).contiguous()
+        up, up_bias = rows_of(parts.up)
+        gate, gate_bias = rows_of(parts.gate) if parts.gate is not None else (None, None)
+        down = parts.down.weight.detach().index_select(1, union)
         down_bias = None if parts.down.bias is None else parts.down.bias.detach()
-        return cls(parts.act, up, down, gate, up_bias, gate_bias, down_bias)
+        return cls(parts.act, up, down, gate, up_bias, gate_bias, down_bias, row_masks)
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [B, q, H] -> [B, q, H]."""
-        if self.up.shape[0] == 1:  # one sample: plain matmuls with [k, H] / [H, k] weights
-            activation = self._activation_single(hidden)
-            return F.linear(activation, self.down[0], self.down_bias)
-        activation = self._activation_batched(hidden)
-        out = torch.bmm(activation, self.down.transpose(1, 2))  # [B, q, H]
-        return out if self.down_bias is None else out + self.down_bias
+    @classmethod
+    def _masked_originals(cls, parts: FFNParts, neurons: torch.Tensor) -> "SlicedFFN":
+        """The union covers every neuron: the original weights (no copy) with each row's activation masked."""
+        row_masks = torch.zeros(neurons.shape[0], parts.up.weight.shape[0], dtype=torch.bool, device=neurons.device)
+        row_masks.scatter_(1, neurons, True)
 
-    def _activation_single(self, hidden):
-        def project(weight, bias):
-            return F.linear(hidden, weight[0], None if bias is None else bias[0])
+        def weight_and_bias(linear):
+            return linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
 
-        up = project(self.up, self.up_bias)
+        up, up_bias = weight_and_bias(parts.up)
+        gate, gate_bias = weight_and_bias(parts.gate) if parts.gate is not None else (None, None)
+        down, down_bias = weight_and_bias(parts.down)
+        return cls(parts.act, up, down, gate, up_bias, gate_bias, down_bias, row_masks, copied=False)
+
+    @property
+    def extra_bytes(self) -> int:
+        """Memory this FFN adds beside the model's own weights."""
+        copies = (self.up, self.down, self.gate, self.up_bias, self.gate_bias) if self.copied else ()
+        return sum(t.numel() * t.element_size() for t in (*copies, self.row_masks) if t is not None)
+
+    def __call__(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """hidden [B, q, H]; rows [B]: the prefill row each sample follows -> [B, q, H]."""
+        up = F.linear(hidden, self.up, self.up_bias)
         if self.gate is None:
-            return self.act(up)
-        return self.act(project(self.gate, self.gate_bias)) * up
-
-    def _activation_batched(self, hidden):
-        def project(weight, bias):
-            out = torch.bmm(hidden, weight.transpose(1, 2))  # [B, q, k]
-            return out if bias is None else out + bias.unsqueeze(1)
-
-        up = project(self.up, self.up_bias)
-        if self.gate is None:
-            return self.act(up)
-        return self.act(project(self.gate, self.gate_bias)) * up
+            activation = self.act(up)
+        else:
+            activation = self.act(F.linear(hidden, self.gate, self.gate_bias)) * up
+        if self.row_masks is not None:
+            activation = activation * self.row_masks[rows].unsqueeze(1).to(activation.dtype)
+        return F.linear(activation, self.down, self.down_bias)

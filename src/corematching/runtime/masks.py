@@ -4,24 +4,35 @@ import torch
 
 
 def packed_attention_mask(
-    key_valid: torch.Tensor, num_queries: int, implementation: str, dtype: torch.dtype, all_valid: bool
+    key_valid: torch.Tensor,
+    num_queries: int,
+    implementation: str,
+    dtype: torch.dtype,
+    all_valid: bool,
+    mask_length: int | None = None,
 ) -> torch.Tensor | None:
-    """Mask [B, 1, q, K] for q queries that are the last q of K keys, key_valid [B, K] (bool).
+    """Mask [B, 1, q, mask_length] for q queries that are the last q of K keys, key_valid [B, K] (bool).
 
     Query i sees key j when the key is valid and j <= K - q + i (causal in the packed order, which is the
     original order). A query whose own slot is padding also sees itself, so that no row is empty (an empty
-    row would give NaN that then leaks through the values). For sdpa, None is returned when every key is
-    valid and sdpa's own causal rule is exact (q == 1 or q == K). Eager takes an additive float mask.
+    row would give NaN that then leaks through the values). Keys K..mask_length-1 (the unused tail of a static
+    cache's buffer) are never seen. For sdpa, None is returned when every key is valid and sdpa's own causal
+    rule is exact (q == 1 or q == K, no unused tail). Eager takes an additive float mask.
     """
     batch, num_keys = key_valid.shape
-    if implementation == "sdpa" and all_valid and (num_queries == 1 or num_queries == num_keys):
+    mask_length = num_keys if mask_length is None else mask_length
+    exact_without_mask = all_valid and mask_length == num_keys and (num_queries == 1 or num_queries == num_keys)
+    if implementation == "sdpa" and exact_without_mask:
         return None
     device = key_valid.device
+    if mask_length > num_keys:
+        unused = torch.zeros(batch, mask_length - num_keys, dtype=torch.bool, device=device)
+        key_valid = torch.cat([key_valid, unused], dim=1)
     query_at = torch.arange(num_queries, device=device) + (num_keys - num_queries)  # [q] key index of each query
-    key_at = torch.arange(num_keys, device=device)
-    causal = key_at.unsqueeze(0) <= query_at.unsqueeze(1)  # [q, K]
-    itself = key_at.unsqueeze(0) == query_at.unsqueeze(1)  # [q, K]
-    allowed = (causal.unsqueeze(0) & key_valid.unsqueeze(1)) | itself.unsqueeze(0)  # [B, q, K]
+    key_at = torch.arange(mask_length, device=device)
+    causal = key_at.unsqueeze(0) <= query_at.unsqueeze(1)  # [q, mask_length]
+    itself = key_at.unsqueeze(0) == query_at.unsqueeze(1)  # [q, mask_length]
+    allowed = (causal.unsqueeze(0) & key_valid.unsqueeze(1)) | itself.unsqueeze(0)  # [B, q, mask_length]
     allowed = allowed.unsqueeze(1)
     if implementation == "eager":
         blocked = torch.finfo(dtype).min

@@ -15,6 +15,7 @@ class SparsityRecord:
     visual_mask: torch.Tensor  # [B, T] bool: visual tokens of input_ids
     neurons: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, k] sorted core neurons
     token_scores: torch.Tensor | None = None  # [B, T] the method's scores, when it has any
+    neuron_rows: torch.Tensor | None = None  # [B] bool: samples that decode with their core neurons
 
     @property
     def batch_size(self) -> int:
@@ -38,8 +39,9 @@ class SparsityRecord:
     @cached_property
     def core_neurons_per_sample(self) -> list[dict[int, torch.Tensor]]:
         """Per sample: {layer: sorted 1-D LongTensor of the neurons used while decoding}; empty for a sample
-        without visual tokens, which decodes densely."""
-        sparse_rows = self.visual_mask.any(1).tolist()
+        that decodes densely (one without visual tokens)."""
+        rows = self.neuron_rows if self.neuron_rows is not None else self.visual_mask.any(1)
+        sparse_rows = rows.tolist()
         return [
             {layer: rows[b] for layer, rows in self.neurons.items()} if sparse_rows[b] else {}
             for b in range(self.batch_size)

@@ -2,11 +2,15 @@
 
 import weakref
 
+import torch
 from torch import nn
 
+from ..errors import UnsupportedModeError, UnsupportedModelError
 from ..methods import SparsityMethod
 from ..models import adapter_for
+from .cache_state import SessionToken
 from .engine import Engine
+from .ffn import check_sliceable
 from .records import SparsityRecord
 
 # Entry modules currently under a session, so that two sessions never stack on one model.
@@ -36,12 +40,17 @@ class Session:
         method.check_layers(adapter.num_layers)
         if adapter.entry_module in _ACTIVE:
             raise RuntimeError("this model is already inside a corematching session; remove that one first")
+        _check_not_compiled(model)
         self.model = model
         self.method = method
         self.adapter = adapter
-        self.engine = Engine(adapter, method)
+        self.token = SessionToken(f"{type(method).__name__} on {type(model).__name__}")
+        self.engine = Engine(adapter, method, self.token)
+        for layer in self.engine.neuron_layers:
+            check_sliceable(adapter.ffn(layer), layer)
         self._handles = []
         self._replaced_forwards = []  # (module, previous instance forward or None)
+        self._generation_config = None  # (config, previous disable_compile) while the session overrides it
         try:
             self._install()
         except BaseException:
@@ -64,18 +73,15 @@ class Session:
             engine.on_entry(args, kwargs)
 
         def on_entry_done(module, args, output):
-            engine.on_entry_done()
+            engine.on_entry_done(output)
 
         entry = adapter.entry_module
         self._handles.append(entry.register_forward_pre_hook(on_entry, with_kwargs=True))
         self._handles.append(entry.register_forward_hook(on_entry_done))
         if not engine.changes_model:
             return
-
-        def on_language_model(module, args, kwargs):
-            engine.on_language_model(args, kwargs)
-
-        self._handles.append(adapter.language_model.register_forward_pre_hook(on_language_model, with_kwargs=True))
+        self._handles.append(adapter.top_module().register_forward_pre_hook(_refuse_labels, with_kwargs=True))
+        self._disable_generation_compile()
         for layer in engine.upper_layers:
 
             def on_layer(module, args, kwargs, layer=layer):
@@ -99,9 +105,21 @@ class Session:
             else:
                 module.forward = previous
         self._replaced_forwards.clear()
+        if self._generation_config is not None:
+            config, previous = self._generation_config
+            config.disable_compile = previous
+            self._generation_config = None
+        self.token.active = False  # caches it filled refuse to be continued from now on
         self.engine.reset()
         if _ACTIVE.get(self.adapter.entry_module) is self:
             del _ACTIVE[self.adapter.entry_module]
+
+    def _disable_generation_compile(self) -> None:
+        """generate() compiles the forward on GPUs when the cache is static; a sparsified forward must run eagerly."""
+        config = getattr(self.model, "generation_config", None)
+        if config is not None and hasattr(config, "disable_compile"):
+            self._generation_config = (config, config.disable_compile)
+            config.disable_compile = True
 
     def __enter__(self) -> "Session":
         return self
@@ -114,7 +132,36 @@ class Session:
         return f"Session({self.method!r}, {self.adapter.family}, {state})"
 
 
+def _refuse_labels(module, args, kwargs):
+    if kwargs.get("labels") is not None:
+        raise UnsupportedModeError(
+            "labels= under a session: a sparsified forward returns logits for the kept tokens only "
+            "(session.last.kept_positions), so the model's own loss would pair them with the wrong labels; "
+            "compute the loss from those logits, or run the forward outside the session"
+        )
+
+
+def _check_not_compiled(model: nn.Module) -> None:
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise UnsupportedModelError(
+            "a torch.compile'd model: sparsify the original module (model._orig_mod) and run it uncompiled; "
+            "the kept tokens change the shapes from call to call"
+        )
+
+
 def sparsify(model: nn.Module, method: SparsityMethod) -> Session:
     """Attach `method` to `model` (a transformers VLM). Returns a Session; the model is restored exactly when
-    the session is removed (leaving its `with` block, even on an exception, or calling `remove()`)."""
+    the session is removed (leaving its `with` block, even on an exception, or calling `remove()`).
+
+    Under the session every call of the model is one of:
+      - a call without past tokens (a plain forward, a prefill, likelihood scoring): the method chooses the kept
+        tokens and core neurons from this call's inputs (a fresh prefill, whatever came before). The returned
+        logits cover the kept tokens only: position s of `logits` belongs to token
+        `session.last.kept_positions[b][s]` (right-aligned when samples keep different numbers);
+      - a call that continues a KV cache filled under this session (decoding, a new turn, beam search, assisted
+        decoding, a deep copy of the cache): it continues exactly from that cache's own decisions;
+      - anything else (no image): the model runs unchanged.
+    `labels=` is refused (the loss would be paired with the wrong tokens), as are torch.compile and custom
+    4-D masks; a cache filled under the session refuses to be continued after the session is removed.
+    """
     return Session(model, method)

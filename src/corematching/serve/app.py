@@ -1,0 +1,185 @@
+"""The HTTP application: OpenAI's chat completions and models routes, a health check and the web page."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .errors import APIError, bad_request
+from .jobs import Job, Outcome
+from .methods import method_fields, method_name
+from .protocol import Limits, parse_chat_request
+from .scheduler import Scheduler
+from .worker import ModelWorker
+
+STATIC_DIR = Path(__file__).parent / "static"
+DISCONNECT_POLL_S = 0.5
+
+
+def create_app(worker: ModelWorker, limits: Limits, *, max_batch_size: int, max_wait_s: float, max_pending: int,
+               shutdown_timeout_s: float = 60.0) -> FastAPI:
+    scheduler = Scheduler(worker.run, max_batch_size, max_wait_s, max_pending)
+    worker.on_finished = scheduler.finished
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await run_in_threadpool(scheduler.close, shutdown_timeout_s)  # accepted requests finish first
+        worker.close()
+
+    app = FastAPI(title="corematching", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.scheduler, app.state.worker, app.state.limits = scheduler, worker, limits
+
+    @app.exception_handler(APIError)
+    async def api_error(request, error: APIError):
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, error: StarletteHTTPException):
+        return JSONResponse(APIError(error.status_code, str(error.detail)).body(), status_code=error.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request, error: Exception):
+        failure = APIError(500, f"internal error: {type(error).__name__}: {error}")
+        return JSONResponse(failure.body(), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": limits.model_name, "unfinished_requests": scheduler.pending,
+                "batches_run": scheduler.batches_run}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [
+            {"id": limits.model_name, "object": "model", "created": started, "owned_by": "corematching",
+             "max_model_len": limits.max_model_len,
+             "default_method": {"method": method_name(limits.default_method),
+                                **method_fields(limits.default_method)}}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise bad_request(f"the request body is not valid JSON: {error}", code="invalid_json") from None
+        chat = await run_in_threadpool(parse_chat_request, body, limits)  # decoding images is not free
+        prompt = worker.prompt_text(chat.messages)
+        prompt_tokens = await run_in_threadpool(worker.count_prompt_tokens, prompt,
+                                                [image.image for image in chat.images])
+        room = limits.max_model_len - prompt_tokens
+        if room < 1 or (chat.max_tokens_given and chat.max_tokens > room):
+            raise bad_request(
+                f"this model's maximum context length is {limits.max_model_len} tokens; the messages take "
+                f"{prompt_tokens} tokens (images included) and max_tokens asks for {chat.max_tokens} more",
+                param="messages", code="context_length_exceeded")
+        chat.max_tokens = min(chat.max_tokens, room)
+        job = Job(chat, prompt, prompt_tokens, asyncio.get_running_loop())
+        scheduler.submit(job)
+        if chat.stream:
+            return StreamingResponse(stream_events(job, scheduler, limits.model_name), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await whole_answer(job, request, scheduler, limits.model_name)
+
+    @app.get("/examples")
+    async def examples():
+        from .examples import example_images
+
+        return await run_in_threadpool(example_images)
+
+    @app.get("/")
+    async def index():
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+async def whole_answer(job: Job, request: Request, scheduler: Scheduler, model_name: str):
+    done = False
+    try:
+        while True:
+            try:
+                kind, payload = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return JSONResponse(APIError(499, "client closed the request").body(), status_code=499)
+                continue
+            if kind == "error":
+                done = True
+                raise payload
+            if kind == "done":
+                done = True
+                return completion_body(job, payload, model_name)
+    finally:
+        if not done:
+            scheduler.cancel(job)
+
+
+async def stream_events(job: Job, scheduler: Scheduler, model_name: str):
+    """Server-sent events in OpenAI's chunk format; a client that goes away cancels the job."""
+    done = False
+    try:
+        yield sse(chunk(job, model_name, {"role": "assistant", "content": ""}, None))
+        while True:
+            kind, payload = await job.events.get()
+            if kind == "text":
+                yield sse(chunk(job, model_name, {"content": payload}, None))
+            elif kind == "error":
+                done = True
+                yield sse(payload.body())
+                break
+            elif kind == "done":
+                done = True
+                final = chunk(job, model_name, {}, payload.finish_reason)
+                final["corematching"] = extension(job, payload)
+                yield sse(final)
+                if job.request.include_usage:
+                    usage = chunk(job, model_name, None, None)
+                    usage["choices"], usage["usage"] = [], payload.usage.as_dict()
+                    yield sse(usage)
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        if not done:
+            scheduler.cancel(job)
+
+
+def sse(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def chunk(job: Job, model_name: str, delta: dict | None, finish_reason: str | None) -> dict:
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                                        "logprobs": None}]
+    return {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": model_name,
+            "choices": choices}
+
+
+def completion_body(job: Job, outcome: Outcome, model_name: str) -> dict:
+    return {
+        "id": job.id,
+        "object": "chat.completion",
+        "created": job.created,
+        "model": model_name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": outcome.text},
+                     "finish_reason": outcome.finish_reason, "logprobs": None}],
+        "usage": outcome.usage.as_dict(),
+        "corematching": extension(job, outcome),
+    }
+
+
+def extension(job: Job, outcome: Outcome) -> dict:
+    """What the response adds to OpenAI's shape: the method that ran and the patches it kept per image."""
+    method = job.request.method
+    return {"method": method_name(method), "settings": method_fields(method), "kept_patches": outcome.kept_patches,
+            "grid": list(outcome.grid) if outcome.grid else None}

@@ -1,0 +1,101 @@
+"""`corematching serve`: an OpenAI-compatible HTTP server for a VLM under per-request sparsity.
+
+    corematching serve                                    the bundled model, CoreMatching by default, 127.0.0.1:8000
+    corematching serve --method dense --port 9000
+    corematching serve --model llava-hf/llava-1.5-7b-hf --budget 0.25 --max-batch-size 16
+    corematching serve --allowed-image-dir ./images       requests may name files under ./images
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from ..cli import add_method_arguments
+
+    parser = argparse.ArgumentParser(prog="corematching serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="evqa-smollm2", help="evqa-smollm2, a hub id or a local path")
+    parser.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: --model)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch-size", type=int, default=8, help="requests per batch (1: no batching)")
+    parser.add_argument("--max-wait-ms", type=float, default=20.0,
+                        help="how long the oldest waiting request may wait for batch mates")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests waiting or running at most; one more gets 429")
+    parser.add_argument("--max-images", type=int, default=1, help="images per request")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="prompt (images included) + max_tokens (default: the model's position limit)")
+    parser.add_argument("--default-max-tokens", type=int, default=64)
+    parser.add_argument("--default-temperature", type=float, default=0.0,
+                        help="temperature of requests that give none (0: greedy, as the model's own config)")
+    parser.add_argument("--allowed-image-dir", type=Path, default=None,
+                        help="requests may name image files inside this directory (off by default)")
+    parser.add_argument("--prefix-cache", action="store_true",
+                        help="reuse the pruned prefill of a repeated image + prompt (see README: Serving)")
+    parser.add_argument("--prefix-cache-size", type=int, default=32, help="prefills kept by --prefix-cache")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--shutdown-timeout", type=float, default=60.0,
+                        help="seconds accepted requests get to finish on shutdown")
+    add_method_arguments(parser, "corematching")
+    return parser
+
+
+def build(args: argparse.Namespace):
+    """The FastAPI app for parsed arguments (loads the model)."""
+    import torch
+
+    import corematching as cm
+
+    from ..cli import build_method
+    from .app import create_app
+    from .prefix_cache import PrefixCache
+    from .protocol import Limits
+    from .worker import ModelWorker
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.max_images < 0 or args.default_max_tokens < 1:
+        raise ValueError("--max-images must be >= 0 and --default-max-tokens >= 1")
+    if args.allowed_image_dir is not None and not args.allowed_image_dir.is_dir():
+        raise FileNotFoundError(f"--allowed-image-dir is not a directory: {args.allowed_image_dir}")
+    method = build_method(args)
+    model, processor = cm.load_model(args.model, device=args.device)
+    text_config = model.config.get_text_config()
+    max_model_len = args.max_model_len or getattr(text_config, "max_position_embeddings", None) or 4096
+    limits = Limits(
+        model_name=args.served_model_name or args.model,
+        max_model_len=max_model_len,
+        max_images=args.max_images,
+        default_max_tokens=args.default_max_tokens,
+        default_temperature=args.default_temperature,
+        allowed_image_dir=args.allowed_image_dir,
+        default_method=method,
+    )
+    prefix_cache = PrefixCache(args.prefix_cache_size) if args.prefix_cache else None
+    worker = ModelWorker(model, processor, prefix_cache)
+    return create_app(worker, limits, max_batch_size=args.max_batch_size, max_wait_s=args.max_wait_ms / 1000,
+                      max_pending=args.max_queue, shutdown_timeout_s=args.shutdown_timeout)
+
+
+def main(argv: list[str]) -> int:
+    import sys
+
+    import uvicorn
+
+    from ..errors import UnsupportedModelError
+
+    args = make_parser().parse_args(argv)
+    try:
+        app = build(args)
+    except (FileNotFoundError, ValueError, TypeError, UnsupportedModelError) as error:
+        print(f"corematching serve: error: {error}", file=sys.stderr)
+        return 2
+    print(f"corematching serve: {args.model} on http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=int(args.shutdown_timeout))
+    return 0

@@ -1,0 +1,26 @@
+"""A few easy-vqa test images, with one question and its answer each, for the web page's picker."""
+
+from __future__ import annotations
+
+import base64
+from functools import lru_cache
+
+EXAMPLE_COUNT = 6
+
+
+@lru_cache(maxsize=1)
+def example_images() -> list[dict]:
+    try:
+        from corematching.zoo import data
+    except ImportError:
+        return []
+    paths = data.image_paths("test")
+    grouped = data.by_image(data.questions("test"))
+    out = []
+    for image_id in sorted(grouped)[:EXAMPLE_COUNT]:
+        question = grouped[image_id][0]
+        with open(paths[image_id], "rb") as handle:
+            encoded = base64.b64encode(handle.read()).decode("ascii")
+        out.append({"id": f"test-{image_id}", "url": f"data:image/png;base64,{encoded}",
+                    "question": question.question, "answer": question.answer})
+    return out

@@ -1,0 +1,222 @@
+"""The model worker: runs one batch of jobs (one sparsity setting) through `generate` and reports each job.
+
+It owns the model. One session stays attached while consecutive batches share a sparsity setting and is
+replaced when the setting changes (a model holds one session at a time). Each batch is one plain
+`model.generate` call; per-request sampling, token limits, stop sequences, streaming and client disconnects
+are handled per row by a logits processor (`sampling.BatchChooser`) and a stopping criterion
+(`decoding.BatchFollower`). With prefix caching on, a request whose images and prompt were prefilled before
+under the same session decodes from a copy of that prefill's KV cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import torch
+from transformers import DynamicCache, LogitsProcessorList, StoppingCriteriaList
+
+import corematching as cm
+
+from .decoding import BatchFollower, RequestText
+from .jobs import Job, Outcome, Usage
+from .prefix_cache import PrefillEntry, PrefixCache, continued_copy, prefix_key
+from .sampling import BatchChooser, RequestSampler
+
+
+class ModelWorker:
+    def __init__(self, model, processor, prefix_cache: PrefixCache | None = None, on_finished=None):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.prefix_cache = prefix_cache
+        self.on_finished = on_finished or (lambda job: None)
+        self.processor_lock = threading.Lock()  # tokenizers are not safe to share between threads
+        config = model.config
+        self.image_token_id = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
+        vision = getattr(config, "vision_config", None)
+        self.grid = None
+        if vision is not None and getattr(vision, "image_size", None) and getattr(vision, "patch_size", None):
+            side = vision.image_size // vision.patch_size
+            self.grid = (side, side)
+        eos = model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, (list, tuple)) else [eos]
+        self.eos_ids = {int(i) for i in eos if i is not None}
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(int(self.tokenizer.eos_token_id))
+        pad = model.generation_config.pad_token_id
+        self.pad_id = pad if pad is not None else (self.tokenizer.pad_token_id or min(self.eos_ids))
+        # Every row stops on its own (its end token unless it ignores it, its limit, its stop sequences), so
+        # generate gets no end token: it stops when the follower says all rows are done.
+        self._session = None
+        self._session_key = None
+        self.session_id = 0
+
+    # ------------------------------------------------------------------------------------------ prompts
+
+    def prompt_text(self, messages: list[dict]) -> str:
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def encode(self, prompts: list[str], images: list) -> dict:
+        with self.processor_lock:
+            inputs = self.processor(images=images or None, text=prompts, padding=True, return_tensors="pt")
+        inputs = inputs.to(self.model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    def count_prompt_tokens(self, prompt: str, images: list) -> int:
+        """Tokens the model sees for this prompt, each image's tokens included."""
+        try:
+            return int(self.encode([prompt], images)["input_ids"].shape[1])
+        except ValueError as error:  # e.g. image placeholders and images that do not match
+            from .errors import bad_request
+
+            raise bad_request(f"the prompt cannot be encoded: {error}", param="messages") from None
+
+    # ------------------------------------------------------------------------------------------ sessions
+
+    def _use_method(self, method) -> None:
+        key = repr(method)
+        if key == self._session_key:
+            return
+        self.close()
+        if not isinstance(method, cm.Dense):
+            self._session = cm.sparsify(self.model, method)
+        self._session_key = key
+        self.session_id += 1
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.remove()
+            self._session = None
+        if self.prefix_cache is not None:
+            self.prefix_cache.drop_session(self.session_id)
+        self._session_key = None
+
+    # ------------------------------------------------------------------------------------------ batches
+
+    @torch.no_grad()
+    def run(self, jobs: list[Job]) -> None:
+        live = [job for job in jobs if not job.cancelled.is_set()]
+        for job in jobs:
+            if job.cancelled.is_set():
+                self._finish(job, Outcome("", "cancelled", Usage(prompt_tokens=job.prompt_tokens)))
+        if not live:
+            return
+        self._use_method(live[0].request.method)
+        rest = []
+        for job in live:
+            entry = None
+            if self.prefix_cache is not None and job.request.images:
+                entry = self.prefix_cache.get(prefix_key(job), self.session_id)
+            if entry is not None:
+                self._run_from_prefix(job, entry)
+            else:
+                rest.append(job)
+        if rest:
+            self._run_batch(rest)
+
+    def _texts_and_samplers(self, jobs):
+        texts = [RequestText(self.tokenizer, job.request.max_tokens, job.request.stop,
+                             set() if job.request.ignore_eos else self.eos_ids) for job in jobs]
+        samplers = [RequestSampler(job.request.temperature, job.request.top_p, job.request.seed) for job in jobs]
+        follower = BatchFollower(texts, on_text=lambda row, piece: jobs[row].emit("text", piece),
+                                 is_cancelled=lambda row: jobs[row].cancelled.is_set())
+        return texts, samplers, follower
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        started = time.perf_counter()
+        inputs = self.encode([job.prompt for job in jobs], [image.image for job in jobs for image in job.request.images])
+        texts, samplers, follower = self._texts_and_samplers(jobs)
+        cache = DynamicCache(config=self.model.config.get_text_config())
+        snapshot = {}
+        store = self.prefix_cache is not None and len(jobs) == 1 and bool(jobs[0].request.images)
+        if store:
+            def keep_prefill(scores):  # right after the prefill, before the cache takes the first new token
+                snapshot["cache"] = copy.deepcopy(cache)
+                snapshot["logits"] = scores[0].clone()
+        chooser = BatchChooser(samplers, on_prefill_done=keep_prefill if store else None)
+        self.model.generate(
+            **inputs,
+            cache=cache,
+            max_new_tokens=max(job.request.max_tokens for job in jobs),
+            do_sample=False,
+            logits_processor=LogitsProcessorList([chooser]),
+            stopping_criteria=StoppingCriteriaList([follower]),
+            pad_token_id=self.pad_id,
+            eos_token_id=None,  # every row stops on its own (see __init__)
+        )
+        record = self._session.last if self._session is not None else None
+        prefill_done = chooser.prefill_done_at or time.perf_counter()
+        for row, job in enumerate(jobs):
+            visual, kept, patches = self._kept(inputs["input_ids"][row], record, row)
+            if store and "cache" in snapshot:
+                self.prefix_cache.put(prefix_key(job), PrefillEntry(
+                    snapshot["cache"], snapshot["logits"], inputs["input_ids"][:1].clone(), visual, kept, patches,
+                    self.session_id))
+            usage = Usage(prompt_tokens=int(inputs["attention_mask"][row].sum()), visual_tokens=visual,
+                          visual_tokens_kept=kept, prefill_time_s=prefill_done - started,
+                          queue_time_s=started - job.enqueued_at, batch_size=len(jobs))
+            self._complete(job, texts[row], usage, prefill_done, patches)
+
+    def _run_from_prefix(self, job: Job, entry: PrefillEntry) -> None:
+        started = time.perf_counter()
+        texts, samplers, follower = self._texts_and_samplers([job])
+        cache = continued_copy(entry)
+        first = samplers[0].choose(entry.first_logits)
+        prefill_done = time.perf_counter()
+        follower.feed(0, first)
+        if texts[0].finish_reason is None:
+            chooser = BatchChooser(samplers)
+            chooser.prefill_done_at = prefill_done
+            input_ids = torch.cat([entry.input_ids, torch.tensor([[first]], device=entry.input_ids.device)], dim=1)
+            self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                cache=cache,
+                max_new_tokens=job.request.max_tokens - 1,
+                do_sample=False,
+                logits_processor=LogitsProcessorList([chooser]),
+                stopping_criteria=StoppingCriteriaList([follower]),
+                pad_token_id=self.pad_id,
+                eos_token_id=None,
+            )
+        usage = Usage(prompt_tokens=int(entry.input_ids.shape[1]), visual_tokens=entry.visual_tokens,
+                      visual_tokens_kept=entry.visual_tokens_kept, prefill_time_s=prefill_done - started,
+                      queue_time_s=started - job.enqueued_at, batch_size=1, prefix_cache_hit=True)
+        self._complete(job, texts[0], usage, prefill_done, entry.kept_patches)
+
+    # ------------------------------------------------------------------------------------------ reporting
+
+    def _complete(self, job: Job, text: RequestText, usage: Usage, prefill_done: float, patches) -> None:
+        if text.finish_reason is None:  # generate stopped at its own limit
+            piece = text._finish("length", text.text)
+            if piece:
+                job.emit("text", piece)
+        usage.completion_tokens = len(text.tokens)
+        usage.decode_time_s = max(0.0, (text.finished_at or time.perf_counter()) - prefill_done)
+        self._finish(job, Outcome(text.text, text.finish_reason, usage, patches, self.grid))
+
+    def _finish(self, job: Job, outcome: Outcome) -> None:
+        job.emit("done", outcome)
+        self.on_finished(job)
+
+    def _kept(self, input_ids: torch.Tensor, record, row: int) -> tuple[int, int, list[list[int]]]:
+        """Visual tokens of a row, how many were kept, and the kept patch indices per image."""
+        visual_positions = (input_ids == self.image_token_id).nonzero().squeeze(1)
+        visual = int(visual_positions.numel())
+        if visual == 0:
+            return 0, 0, []
+        if record is None or record.kept_positions is None:
+            kept_positions = visual_positions
+        else:
+            kept_positions = record.kept_visual_positions[row].to(visual_positions.device)
+        ordinals = torch.searchsorted(visual_positions, kept_positions).tolist()
+        per_image = self.grid[0] * self.grid[1] if self.grid else visual
+        images = max(1, visual // per_image)
+        patches = [[] for _ in range(images)]
+        for ordinal in ordinals:
+            patches[min(ordinal // per_image, images - 1)].append(ordinal % per_image)
+        return visual, len(ordinals), patches
