@@ -33,8 +33,10 @@ browser:
 bench: $(STAMP)
 	$(PY) benchmarks/bench_engine.py
 
+# make train MODEL=scenes-smollm2 (default: evqa-smollm2); resumes from runs/$(MODEL)/ when interrupted
+MODEL ?= evqa-smollm2
 train: $(STAMP)
-	$(PY) -m corematching.zoo.train
+	$(PY) -m corematching.zoo.train --model $(MODEL)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,6 +1,6 @@
 """The `corematching` command.
 
-    corematching                                  demo: the bundled model on easy-vqa test images, dense vs CoreMatching
+    corematching                                  demo: both bundled models (easy-vqa, scenes), dense vs CoreMatching
     corematching --image cat.png --question "What animal is this?" [--model ID_OR_PATH]
     corematching eval --method corematching --budget 0.25 --output runs/cm.jsonl
 """
@@ -104,15 +104,28 @@ def demo_items(count: int):
     return items[:count]
 
 
+DEMO_MODELS = ("evqa-smollm2", "scenes-smollm2")
+
+
+def demo_jobs(model_name: str, count: int) -> list[tuple]:
+    """(name, image, question, truth) of the demo of a bundled model: fixed questions of its evaluation data."""
+    from PIL import Image
+
+    if model_name == "scenes-smollm2":
+        from .zoo import scenes
+
+        return [(f"scene-{k}", item.image, item.question, item.answer)
+                for k, item in enumerate(scenes.sample(count, scenes.EVAL_SEED))]
+    from .zoo import data
+
+    paths = data.image_paths("test")
+    return [(f"test-{q.image_id}", Image.open(paths[q.image_id]), q.question, q.answer) for q in demo_items(count)]
+
+
 def run(args: argparse.Namespace) -> int:
-    import torch
     from PIL import Image, UnidentifiedImageError
 
-    import corematching as cm
-
-    from . import viz
-    from .evaluate import kept_patch_indices
-    from .vqa import answer_batch, check_image
+    from .vqa import check_image
 
     if (args.image is None) != (args.question is None):
         raise ValueError("--image and --question go together")
@@ -128,24 +141,35 @@ def run(args: argparse.Namespace) -> int:
         except (UnidentifiedImageError, OSError) as error:
             raise ValueError(f"cannot read image {path}: {error}") from None
         check_image(image)
-        jobs = [(path.stem, image, args.question, None)]
-    else:
-        from .zoo import data
-
-        paths = data.image_paths("test")
-        jobs = [(f"test-{q.image_id}", Image.open(paths[q.image_id]), q.question, q.answer)
-                for q in demo_items(args.questions)]
+        runs = [(args.model or DEMO_MODELS[0], [(path.stem, image, args.question, None)])]
+    else:  # the demo: every bundled model, or the one named by --model
+        models = [args.model] if args.model else list(DEMO_MODELS)
+        runs = [(name, demo_jobs(name, args.questions)) for name in models]
     method = build_method(args)
-    print(f"loading {args.model} ...", flush=True)
-    model, processor = cm.load_model(args.model, device=args.device)
+    for number, (model_name, jobs) in enumerate(runs):
+        if number:
+            print()
+        answer_jobs(args, method, model_name, jobs, Path(args.out) / model_name if len(runs) > 1 else Path(args.out))
+    return 0
+
+
+def answer_jobs(args: argparse.Namespace, method, model_name: str, jobs: list[tuple], out_dir: Path) -> None:
+    """Answer each (name, image, question, truth) dense and under `method`; print a table, save kept-patch pictures."""
+    import corematching as cm
+
+    from . import viz
+    from .evaluate import kept_patch_indices
+    from .vqa import answer_batch, check_image
+
+    print(f"loading {model_name} ...", flush=True)
+    model, processor = cm.load_model(model_name, device=args.device)
     config = model.config
     image_token_id = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
     vision = config.vision_config
     grid = (vision.image_size // vision.patch_size,) * 2
     print(f"method: {method}", flush=True)
     answer_batch(model, processor, [jobs[0][1]], [jobs[0][2]], None, 2)  # warm-up, not timed
-    out_dir = Path(args.out)
-    header = f"{'image':<12} {'question':<44} {'truth':<10} {'dense':<10} {'ms':>6} {'sparse':<10} {'kept':>7} {'ms':>6}"
+    header = f"{'image':<12} {'question':<48} {'truth':<10} {'dense':<10} {'ms':>6} {'sparse':<10} {'kept':>7} {'ms':>6}"
     print(header)
     print("-" * len(header))
     correct = {"dense": 0, "sparse": 0}
@@ -162,16 +186,16 @@ def run(args: argparse.Namespace) -> int:
         if truth is not None:
             correct["dense"] += dense.texts[0] == truth
             correct["sparse"] += sparse.texts[0] == truth
-        print(f"{name:<12} {question[:44]:<44} {truth or '':<10} {dense.texts[0][:10]:<10} {1e3 * (t1 - t0):>6.0f} "
+        print(f"{name:<12} {question[:48]:<48} {truth or '':<10} {dense.texts[0][:10]:<10} {1e3 * (t1 - t0):>6.0f} "
               f"{sparse.texts[0][:10]:<10} {len(kept):>3}/{n_visual:<3} {1e3 * (t2 - t1):>6.0f}")
         if n_visual == grid[0] * grid[1]:
             panel = viz.kept_patches_overlay(check_image(image).resize((vision.image_size,) * 2), kept, grid,
+                                             scale=max(1, 384 // vision.image_size),
                                              title=f"{question[:40]} -> {sparse.texts[0][:12]}")
             viz.save_side_by_side([panel], out_dir / f"{number:02d}-{name}.png")
     if jobs[0][3] is not None:
         print(f"\ncorrect: dense {correct['dense']}/{len(jobs)}, sparse {correct['sparse']}/{len(jobs)}")
     print(f"kept-patch pictures: {out_dir}/")
-    return 0
 
 
 # ----------------------------------------------------------------------------- eval
@@ -226,11 +250,16 @@ def make_parser(command: str) -> argparse.ArgumentParser:
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("--image", help="an image file to ask about")
         parser.add_argument("--question", help="the question, in plain words")
-        parser.add_argument("--questions", type=int, default=6, help="demo: how many easy-vqa test questions")
+        parser.add_argument("--questions", type=int, default=6, help="demo: how many questions per model")
         parser.add_argument("--max-new-tokens", type=int, default=8)
         parser.add_argument("--out", default="out", help="folder for the kept-patch pictures")
         default_method = "corematching"
-    parser.add_argument("--model", default="evqa-smollm2", help="evqa-smollm2, a hub id or a local path")
+    if command == "eval":
+        parser.add_argument("--model", default="evqa-smollm2", help="evqa-smollm2, a hub id or a local path")
+    else:
+        parser.add_argument("--model", default=None,
+                            help="evqa-smollm2, scenes-smollm2, a hub id or a local path (default: the demo runs "
+                                 "both bundled models; a question goes to evqa-smollm2)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     add_method_arguments(parser, default_method)
     return parser

@@ -354,7 +354,7 @@ def quick_accuracy(model, prefix, image_blocks, pixels, image_ids, pad_id) -> fl
 
 DEFAULTS = {  # per bundled model: alignment steps, tower warm-up steps
     "evqa-smollm2": {"steps": 800, "tower_steps": 400},
-    "scenes-smollm2": {"steps": 1600, "tower_steps": 300},
+    "scenes-smollm2": {"steps": 700, "tower_steps": 300},
 }
 
 
@@ -438,6 +438,10 @@ def main(argv=None) -> None:
             lora.a[k].data.copy_(saved["state"][f"lora.{name}.A"])
             lora.b[k].data.copy_(saved["state"][f"lora.{name}.B"])
         start_step, elapsed, record = saved["step"], saved["elapsed"], saved["record"]
+        if record["steps"] != args.steps:  # a resumed run may shorten or lengthen its schedule
+            log(f"schedule changed from {record['steps']} to {args.steps} steps")
+            record.setdefault("schedule_changes", []).append([start_step, args.steps])
+            record["steps"] = args.steps
         log(f"resumed at step {start_step} ({elapsed / 60:.1f} min so far)")
     else:
         t0 = time.time()
