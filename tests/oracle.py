@@ -21,10 +21,9 @@ def _rows(values: torch.Tensor, batch: int) -> torch.Tensor:
     return values.repeat_interleave(batch // values.shape[0], dim=0)
 
 
-def _allowed(mask, batch: int, num_queries: int, past: int, device) -> torch.Tensor:
-    """The dense model's own mask of one layer as bool [B, 1, q, kv]."""
+def _allowed(mask, batch: int, num_queries: int, past: int, device, kv: int) -> torch.Tensor:
+    """The dense model's own mask of one layer as bool [B, 1, q, kv] (kv: the keys attention will see)."""
     if mask is None:
-        kv = past + num_queries
         query_at = torch.arange(num_queries, device=device).unsqueeze(1) + past
         allowed = torch.arange(kv, device=device).unsqueeze(0) <= query_at
         return allowed.view(1, 1, num_queries, kv).expand(batch, 1, num_queries, kv)
@@ -63,7 +62,10 @@ def masked_reference(
         hidden = args[0] if args else kwargs["hidden_states"]
         batch, num_queries = hidden.shape[:2]
         past = call["past"]
-        allowed = _allowed(kwargs.get("attention_mask"), batch, num_queries, past, hidden.device).clone()
+        cache = kwargs.get("cache")
+        kv = cache.get_mask_sizes(num_queries, module.self_attn.layer_idx)[0] if cache is not None else None
+        kv = past + num_queries if kv is None else int(kv)
+        allowed = _allowed(kwargs.get("attention_mask"), batch, num_queries, past, hidden.device, kv).clone()
         kv = allowed.shape[-1]
         blocked = torch.zeros(batch, kv, dtype=torch.bool, device=hidden.device)
         rows = _rows(removed, batch)

@@ -11,7 +11,9 @@ GRID = IMAGE_SIZE // PATCH
 VISUAL_TOKENS = GRID * GRID
 
 
-def build_tiny_llava(attn: str = "sdpa", num_layers: int = 4, seed: int = 0) -> LlavaForConditionalGeneration:
+def build_tiny_llava(
+    attn: str = "sdpa", num_layers: int = 4, seed: int = 0, mlp_bias: bool = False
+) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
         hidden_size=32,
@@ -33,7 +35,8 @@ def build_tiny_llava(attn: str = "sdpa", num_layers: int = 4, seed: int = 0) -> 
         pad_token_id=PAD,
         bos_token_id=BOS,
         eos_token_id=2,
-        initializer_range=0.1,  # larger than the default so that random logits are well separated
+        initializer_range=0.1,
+        mlp_bias=mlp_bias,  # larger than the default so that random logits are well separated
     )
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
     model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=torch.float32)

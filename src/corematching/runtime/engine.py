@@ -26,7 +26,7 @@ from ..methods import SparsityMethod, TokenBatch
 from ..models import EntryCall, FFNParts, ModelAdapter
 from .cache_state import CacheState, NeuronDecision, SessionToken, attach_state, detach_state, state_of
 from .ffn import SlicedFFN, dense_ffn, masked_ffn
-from .masks import packed_attention_mask
+from .masks import packed_attention_mask, padding_mask_from_4d
 from .packing import PackedLayout, pack_kept_tokens
 from .records import SparsityRecord
 
@@ -111,13 +111,17 @@ class Engine:
                 "changed outside the session"
             )
         self.adapter.check_attention()
-        if entry.attention_mask is not None and entry.attention_mask.dim() != 2:
-            if state is not None or (entry.image_inputs is not None and self.changes_model):
-                raise UnsupportedModeError(
-                    "a custom 4-D attention mask: the session builds the masks of the layers after the prune "
-                    "layer itself; pass a 2-D padding mask"
-                )
-            return
+        mask = entry.attention_mask
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            padding = padding_mask_from_4d(mask, past, entry.length) if isinstance(mask, torch.Tensor) else None
+            if padding is None:
+                if state is not None or (entry.image_inputs is not None and self.changes_model):
+                    raise UnsupportedModeError(
+                        "a custom 4-D attention mask: the session builds the masks of the layers after the prune "
+                        "layer itself; pass a 2-D padding mask"
+                    )
+                return
+            entry.attention_mask = padding  # a causal padding mask, as generate() builds for static caches
         call = self._new_call(entry, past, state)
         if call.kind == CallKind.DENSE:
             if past == 0:

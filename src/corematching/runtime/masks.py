@@ -38,3 +38,20 @@ def packed_attention_mask(
         blocked = torch.finfo(dtype).min
         return torch.where(allowed, torch.zeros((), dtype=dtype, device=device), blocked)
     return allowed
+
+
+def padding_mask_from_4d(mask: torch.Tensor, past: int, num_queries: int) -> torch.Tensor | None:
+    """The 2-D padding mask [B, past + q] (bool) behind a 4-D causal padding mask [B, 1, q, kv] (bool, or additive
+    float), as generate() builds for static caches; None when the mask is anything else (a custom mask)."""
+    if mask.dim() != 4 or mask.shape[2] != num_queries or mask.shape[-1] < past + num_queries:
+        return None
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    allowed = allowed[:, 0, :, : past + num_queries]  # [B, q, past + q]
+    valid = allowed[:, -1, :]  # the last query is a real token: it sees exactly the valid keys
+    query_at = torch.arange(num_queries, device=mask.device).unsqueeze(1) + past
+    causal = torch.arange(past + num_queries, device=mask.device).unsqueeze(0) <= query_at  # [q, past + q]
+    standard = causal.unsqueeze(0) & valid.unsqueeze(1)
+    real_queries = valid[:, past:].unsqueeze(-1)  # [B, q, 1] rows of padding queries are not compared
+    if not bool(((allowed == standard) | ~real_queries).all()):
+        return None
+    return valid

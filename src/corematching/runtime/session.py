@@ -36,11 +36,11 @@ class Session:
     def __init__(self, model: nn.Module, method: SparsityMethod):
         if not isinstance(method, SparsityMethod):
             raise TypeError(f"method must be a corematching method (e.g. cm.CoreMatching()), got {method!r}")
+        _check_not_compiled(model)
         adapter = adapter_for(model)
         method.check_layers(adapter.num_layers)
         if adapter.entry_module in _ACTIVE:
             raise RuntimeError("this model is already inside a corematching session; remove that one first")
-        _check_not_compiled(model)
         self.model = model
         self.method = method
         self.adapter = adapter
