@@ -77,3 +77,26 @@ def test_entry_point_exits_non_zero_without_traceback(tmp_path):
                              "--question", "q"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "image not found" in result.stderr
+
+
+def test_an_unreachable_model_id_fails_fast_with_one_line(good_image, capsys, monkeypatch):
+    """No local directory, no cache entry and no network: the probe answers at once (no hub retries)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, err = run_cli(["--model", "nobody/no-such-vlm", "--image", str(good_image), "--question", "what?"], capsys)
+    assert code == 2
+    assert "not in the Hugging Face cache" in err and err.count("\n") == 1
+
+
+def test_a_model_of_an_unsupported_family_fails_with_one_line(good_image, capsys, monkeypatch):
+    """A loadable VLM that no adapter supports: one line naming the class, not an AttributeError."""
+    from torch import nn
+
+    import corematching as cm
+
+    class SomeOtherVLM(nn.Module):
+        device = "cpu"
+
+    monkeypatch.setattr(cm, "load_model", lambda name, device=None: (SomeOtherVLM(), object()))
+    code, err = run_cli(["--model", "some/other-vlm", "--image", str(good_image), "--question", "what?"], capsys)
+    assert code == 2
+    assert "SomeOtherVLM is not supported" in err and err.count("\n") == 1

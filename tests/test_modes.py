@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 from oracle import masked_reference, removed_mask
-from tiny_llava import IMAGE_TOKEN, VISUAL_TOKENS, build_pixels, build_prompt, build_tiny_llava, left_pad
+from tiny_llava import IMAGE_TOKEN, build_pixels, build_prompt, build_tiny_llava, left_pad
 from torch import nn
 
 import corematching as cm
@@ -284,7 +284,8 @@ def test_a_cache_of_another_session_raises(tiny_llava, single_inputs):
 def test_a_neuron_only_method_decodes_with_its_core_neurons(tiny_llava):
     """CoreInfer prunes no token; its core neurons are used while decoding (also without an image)."""
     model = tiny_llava()
-    for inputs in (inputs_of(build_prompt(3, 4, seed=16), build_pixels(1, seed=16)), inputs_of(torch.arange(3, 15), None)):
+    with_image = inputs_of(build_prompt(3, 4, seed=16), build_pixels(1, seed=16))
+    for inputs in (with_image, inputs_of(torch.arange(3, 15), None)):
         dense_tokens, dense_logits = generate(model, inputs)
         with cm.sparsify(model, cm.CoreInfer(beta=0.3, neuron_layers=[1, 2, 3])) as session:
             tokens, logits = generate(model, inputs)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from .errors import UnsupportedModelError
+from .models import adapter_for
 
 METHOD_NAMES = ("dense", "corematching", "random", "uniform")
 
@@ -163,6 +164,7 @@ def answer_jobs(args: argparse.Namespace, method, model_name: str, jobs: list[tu
 
     print(f"loading {model_name} ...", flush=True)
     model, processor = cm.load_model(model_name, device=args.device)
+    adapter_for(model)  # an unsupported family fails here with a one-line error, before any answer
     config = model.config
     image_token_id = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
     vision = config.vision_config

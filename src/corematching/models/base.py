@@ -191,13 +191,12 @@ def gather_tokens(values: torch.Tensor, index: torch.Tensor, token_dim: int) -> 
 
 
 def bind_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
-    """The call's arguments by name (positional ones included); unknown names stay as given."""
-    try:
-        bound = signature.bind_partial(*args, **kwargs)
-    except TypeError:
-        return dict(kwargs)
-    arguments = dict(bound.arguments)
-    extra = arguments.pop("kwargs", None)
-    if isinstance(extra, dict):
-        arguments.update(extra)
+    """The call's arguments by name: positional ones named from the signature, keyword ones as given."""
+    positional = [
+        parameter.name
+        for parameter in signature.parameters.values()
+        if parameter.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    arguments = dict(zip(positional, args))
+    arguments.update(kwargs)
     return arguments

@@ -22,7 +22,7 @@ class LlavaLlamaAdapter(ModelAdapter):
         return isinstance(model, (LlavaForConditionalGeneration, LlavaModel))
 
     def __init__(self, model: nn.Module):
-        from transformers import LlavaForConditionalGeneration, LlamaModel
+        from transformers import LlamaModel, LlavaForConditionalGeneration
 
         self.model = model
         self.entry_module = model.model if isinstance(model, LlavaForConditionalGeneration) else model

@@ -218,7 +218,6 @@ class Engine:
         if mask is None:
             return index, torch.ones_like(index, dtype=torch.bool)
         return index, mask[:, :past].to(device=device, dtype=torch.bool)
-        return index, valid
 
     def _record(self, call: CallState) -> SparsityRecord:
         keep = call.keep if call.keep is not None else call.valid
