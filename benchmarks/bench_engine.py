@@ -16,6 +16,13 @@ has been handed back to the OS.
 
     python benchmarks/bench_engine.py            # what benchmarks/RESULTS.md shows
     python benchmarks/bench_engine.py --reps 2   # quicker
+    python benchmarks/bench_engine.py --batches 1 4 8   # core-neuron decoding per batch size, old and new scheme
+
+The batch table compares two ways of decoding a batch with per-sample core neurons, in one run: one sliced copy
+of the FFN per sample (the earlier scheme, batched matmuls over [B, k, H] weights) and one copy of the union of
+the samples' core neurons with each sample's activation masked to its own set (the engine's scheme). For each
+batch size it reports the weights the scheme gathers beside the model's (extra resident memory), the decode time
+per token, and the speedup against dense decoding at the same batch size.
 """
 
 import argparse
@@ -45,7 +52,9 @@ HIDDEN, FFN, HEADS, KV_HEADS, LAYERS, VOCAB = 2048, 5632, 32, 4, 8, 32064
 IMAGE_TOKEN = 32000
 VISUAL, TEXT = 576, 40
 PRUNE_LAYER, KEPT_VISUAL, BETA = 1, 64, 0.4
-METHOD = cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=KEPT_VISUAL, beta=BETA, neuron_layers=list(range(LAYERS)))
+METHOD = cm.CoreMatching(
+    prune_layer=PRUNE_LAYER, token_budget=KEPT_VISUAL, beta=BETA, neuron_layers=list(range(LAYERS))
+)
 
 
 def build_model() -> LlavaForConditionalGeneration:
@@ -186,6 +195,89 @@ def decode_flops(kept: int | None, new_tokens: int, core_width: int | None) -> f
     return total / (new_tokens - 1)
 
 
+# ---------------------------------------------------------------------------------------------- batches
+
+
+class PerSampleSlicedFFN:
+    """The earlier scheme, for comparison: every sample gets its own gathered copy of its core neurons' weights
+    (gate, up [B, k, H]; down [B, H, k]) and the FFN runs as batched matmuls."""
+
+    def __init__(self, up, down, gate, act):
+        self.up, self.down, self.gate, self.act = up, down, gate, act
+
+    @classmethod
+    def gather(cls, parts, neurons, sparse_rows):
+        batch, k = neurons.shape
+        flat = neurons.reshape(-1)
+        up = parts.up.weight.detach().index_select(0, flat).view(batch, k, -1)
+        gate = parts.gate.weight.detach().index_select(0, flat).view(batch, k, -1)
+        down_weight = parts.down.weight.detach()
+        down = down_weight.index_select(1, flat).view(down_weight.shape[0], batch, k).permute(1, 0, 2).contiguous()
+        return cls(up, down, gate, parts.act)
+
+    @property
+    def extra_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.up, self.down, self.gate))
+
+    def __call__(self, hidden, rows):
+        up, gate, down = self.up[rows], self.gate[rows], self.down[rows]
+        activation = self.act(torch.bmm(hidden, gate.transpose(1, 2))) * torch.bmm(hidden, up.transpose(1, 2))
+        return torch.bmm(activation, down.transpose(1, 2))
+
+
+def build_batch_inputs(model, batch: int) -> dict:
+    """`batch` prompts of the same shape, each with its own text and image (so their core neurons differ)."""
+    generator = torch.Generator().manual_seed(2)
+    rows, features = [], []
+    for _ in range(batch):
+        before = torch.randint(3, 32000, (5,), generator=generator)
+        after = torch.randint(3, 32000, (TEXT - 6,), generator=generator)
+        rows.append(torch.cat([torch.tensor([1]), before, torch.full((VISUAL,), IMAGE_TOKEN), after]))
+        pixel_values = torch.randn(1, 3, 336, 336, generator=generator)
+        with torch.no_grad():
+            features.append(model.model.get_image_features(pixel_values=pixel_values).pooler_output[0].detach())
+    image = BaseModelOutputWithPooling(pooler_output=features)
+    return {"input_ids": torch.stack(rows), "mm_encoder_outputs": {"image": image}}
+
+
+def batch_table(model, batches: list[int], reps: int, new_tokens: int) -> None:
+    from corematching.runtime import engine as engine_module
+
+    schemes = {"dense": None, "per-sample copies": PerSampleSlicedFFN, "union copy": engine_module.SlicedFFN}
+    print("| batch | scheme | extra weights (MiB) | decode time per token (ms) | speedup vs dense |")
+    print("|---:|---|---:|---:|---:|")
+    for batch in batches:
+        inputs = build_batch_inputs(model, batch)
+        step_times = {name: [] for name in schemes}
+        extra = {}
+        for rep in range(reps + 1):  # the first rep warms up and is not timed
+            order = list(schemes) if rep % 2 == 0 else list(reversed(schemes))
+            for name in order:
+                sliced_class = schemes[name]
+                if sliced_class is not None:
+                    engine_module.SlicedFFN = sliced_class
+                try:
+                    method = None if sliced_class is None else METHOD
+                    session = cm.sparsify(model, method) if method is not None else nullcontext()
+                    clock = StepClock()
+                    with session, torch.no_grad():
+                        model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
+                                       logits_processor=LogitsProcessorList([clock]))
+                        if method is not None:
+                            sliced = session.engine._sliced.values()
+                            ffns = [ffn for _, per_layer in sliced for ffn in per_layer.values() if ffn is not None]
+                            extra[name] = sum(ffn.extra_bytes for ffn in ffns)
+                finally:
+                    engine_module.SlicedFFN = schemes["union copy"]
+                if rep > 0:
+                    step_times[name].append(statistics.median(b - a for a, b in zip(clock.stamps, clock.stamps[1:])))
+        for name in schemes:
+            per_token = statistics.median(step_times[name])
+            ratios = [d / s for d, s in zip(step_times["dense"], step_times[name])]
+            memory = f"{extra[name] / 2**20:.0f}" if name in extra else "0"
+            print(f"| {batch} | {name} | {memory} | {per_token * 1e3:.1f} | {statistics.median(ratios):.2f}x |")
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 
@@ -194,13 +286,19 @@ def main():
     parser.add_argument("--reps", type=int, default=7, help="timed runs of each (interleaved pairs)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", type=int, nargs="*", help="only the batch table, for these batch sizes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     model = build_model()
+    if args.batches:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.reps} reps, "
+              f"{args.new_tokens} new tokens; {METHOD}")
+        batch_table(model, args.batches, args.reps, args.new_tokens)
+        return
     inputs = build_inputs(model)
     methods = {"dense": None, "corematching": METHOD}
-    for name, method in methods.items():  # warm-up, and the decision the sparse runs repeat
+    for method in methods.values():  # warm-up, and the decision the sparse runs repeat
         run(model, method, inputs, 2)
     with cm.sparsify(model, METHOD) as session:
         model(**inputs, logits_to_keep=1)
@@ -243,7 +341,10 @@ def main():
         f"prompt {VISUAL} visual + {TEXT} text tokens; {args.new_tokens} new tokens; {args.reps} interleaved reps"
     )
     print(f"CoreMatching: {METHOD}")
-    print(f"tokens after layer {PRUNE_LAYER}: {kept_tokens} of {VISUAL + TEXT}; core neurons per layer: {core_width} of {FFN}")
+    print(
+        f"tokens after layer {PRUNE_LAYER}: {kept_tokens} of {VISUAL + TEXT}; "
+        f"core neurons per layer: {core_width} of {FFN}"
+    )
     print()
     print("| metric | dense (median) | CoreMatching (median) | speedup (median of paired ratios) |")
     print("|---|---:|---:|---:|")

@@ -123,6 +123,28 @@ def test_static_cache_equals_the_oracle(tiny_llava, single_inputs):
     torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
 
 
+def test_a_quantized_cache_is_refused(tiny_llava, single_inputs):
+    model, inputs = tiny_llava(), single_inputs()
+    options = {"cache_implementation": "quantized", "cache_config": {"backend": "fp8"}}
+    with cm.sparsify(model, method()), pytest.raises(cm.UnsupportedModeError, match="quantized KV cache"):
+        generate(model, inputs, **options)
+
+
+def test_layers_dispatched_by_accelerate_equal_the_oracle(single_inputs):
+    """A model placed with a device map (accelerate's hooks on every layer move inputs to the layer's device)."""
+    from accelerate import dispatch_model
+
+    model = build_tiny_llava(num_layers=4, seed=4)
+    names = ["model.vision_tower", "model.multi_modal_projector", "model.language_model.embed_tokens",
+             "model.language_model.norm", "model.language_model.rotary_emb", "lm_head"]
+    device_map = {name: "cpu" for name in names}
+    device_map.update({f"model.language_model.layers.{i}": "cpu" for i in range(4)})
+    model = dispatch_model(model, device_map=device_map, force_hooks=True)
+    assert hasattr(model.model.language_model.layers[2], "_hf_hook")
+    _, logits, expected, _ = assert_matches_oracle(model, single_inputs(), {})
+    torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
+
+
 def test_assisted_decoding_equals_the_oracle(tiny_llava):
     """Prompt lookup proposes several tokens at once; the model verifies them in one call and the cache is
     cropped back where they were rejected. A repetitive prompt makes proposals happen."""

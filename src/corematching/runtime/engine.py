@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
+from transformers.cache_utils import BaseQuantizedLayer
 
 from ..errors import UnsupportedModeError
 from ..methods import SparsityMethod, TokenBatch
@@ -323,6 +324,11 @@ class Engine:
             cache_layer = layers[layer]
             if getattr(cache_layer, "is_sliding", False):
                 raise UnsupportedModeError("sliding-window KV cache layers after the prune layer")
+            if isinstance(cache_layer, BaseQuantizedLayer):
+                raise UnsupportedModeError(
+                    "a quantized KV cache: it calibrates its quantization on the tokens it holds, which token "
+                    "removal changes, so the result would differ from the dense model's; use an unquantized cache"
+                )
             found = int(cache_layer.get_seq_length())
             if found != num_keys - num_queries:
                 raise UnsupportedModeError(
