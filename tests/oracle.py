@@ -63,17 +63,19 @@ def masked_reference(
         batch, num_queries = hidden.shape[:2]
         past = call["past"]
         cache = kwargs.get("cache")
-        kv = cache.get_mask_sizes(num_queries, module.self_attn.layer_idx)[0] if cache is not None else None
-        kv = past + num_queries if kv is None else int(kv)
-        allowed = _allowed(kwargs.get("attention_mask"), batch, num_queries, past, hidden.device, kv).clone()
+        kv, offset = past + num_queries, 0  # key j of the attention is sequence index offset + j
+        if cache is not None:
+            kv, offset = (int(v) for v in cache.get_mask_sizes(num_queries, module.self_attn.layer_idx))
+        allowed = _allowed(kwargs.get("attention_mask"), batch, num_queries, past - offset, hidden.device, kv)
+        allowed = allowed.clone()
         kv = allowed.shape[-1]
         blocked = torch.zeros(batch, kv, dtype=torch.bool, device=hidden.device)
-        rows = _rows(removed, batch)
+        rows = _rows(removed, batch)[:, offset:]
         width = min(kv, rows.shape[1])
         blocked[:, :width] = rows[:, :width]
         allowed &= ~blocked.view(batch, 1, 1, kv)
         queries = torch.arange(num_queries, device=hidden.device)
-        allowed[:, :, queries, queries + past] = True  # every token sees itself
+        allowed[:, :, queries, queries + past - offset] = True  # every token sees itself
         if attn == "eager":
             mask = torch.where(allowed, 0.0, torch.finfo(hidden.dtype).min).to(hidden.dtype)
         else:

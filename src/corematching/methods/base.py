@@ -18,8 +18,10 @@ class TokenBatch:
     visual_mask: torch.Tensor  # bool: visual tokens
     image_index: torch.Tensor  # long: which image of the sample a visual token belongs to, -1 otherwise
     image_ordinal: torch.Tensor  # long: position of a visual token inside its image, -1 otherwise
-    image_grid: tuple[int, int] | None  # (rows, cols) of an image's token grid, when known
+    image_grid: tuple[int, int] | None  # (rows, cols) of every image's token grid, when all images share one
     activations: torch.Tensor | None  # [B, T, F] FFN activations at the prune layer, when the method asks
+    grid_rows: torch.Tensor | None = None  # long: rows of the token's image grid (0 outside images / unknown)
+    grid_cols: torch.Tensor | None = None  # long: columns of the token's image grid
 
 
 @dataclass

@@ -24,28 +24,30 @@ def evenly_spaced(index: torch.Tensor, length: torch.Tensor, count: torch.Tensor
     return (count > 0) & (picks_before(index + 1) > picks_before(index))
 
 
-def grid_selection(ordinal: torch.Tensor, rows: int, cols: int, count: torch.Tensor) -> torch.Tensor:
+def grid_selection(ordinal: torch.Tensor, rows, cols, count: torch.Tensor) -> torch.Tensor:
     """Pick `count` tokens spread over a rows x cols grid (row-major ordinals): evenly spaced rows, then the
-    tokens spread over those rows as evenly as the count allows, evenly spaced inside each row."""
-    count = count.clamp(max=rows * cols)
+    tokens spread over those rows as evenly as the count allows, evenly spaced inside each row. rows and cols
+    are ints or long tensors shaped like ordinal (each token's own image grid, at least 1 x 1)."""
+    rows = torch.as_tensor(rows, device=ordinal.device).expand_as(ordinal)
+    cols = torch.as_tensor(cols, device=ordinal.device).expand_as(ordinal)
+    count = torch.minimum(count, rows * cols)
     row, col = ordinal // cols, ordinal % cols
     # Rows so that the picked lattice is about as dense along both axes, and wide enough for `count` tokens.
     ideal_rows = torch.sqrt(count.to(torch.float32) * rows / cols).round().long()
     min_rows = (count + cols - 1) // cols
-    num_rows = torch.minimum(torch.maximum(ideal_rows, min_rows), count.clamp(max=rows))
-    rows_t = torch.full_like(count, rows)
-    row_picked = evenly_spaced(row, rows_t, num_rows)
+    num_rows = torch.minimum(torch.maximum(ideal_rows, min_rows), torch.minimum(count, rows))
+    row_picked = evenly_spaced(row, rows, num_rows)
     row_rank = (2 * row * num_rows + rows - 1) // (2 * rows)  # picked rows before this one
     num_rows = num_rows.clamp(min=1)
     in_this_row = (row_rank + 1) * count // num_rows - row_rank * count // num_rows
-    col_picked = evenly_spaced(col, torch.full_like(count, cols), in_this_row)
+    col_picked = evenly_spaced(col, cols, in_this_row)
     return row_picked & col_picked
 
 
 @dataclass
 class UniformTokens(SparsityMethod):
     """Keeps token_budget visual tokens per image spread evenly over the image grid (2-D); removes the rest
-    after prune_layer. Images whose token count does not fill the model's grid are spread along one axis."""
+    after prune_layer. Images whose token count does not fill their grid are spread along one axis."""
 
     token_budget: int | float = defaults.TOKEN_BUDGET
     prune_layer: int = defaults.PRUNE_LAYER
@@ -64,8 +66,13 @@ class UniformTokens(SparsityMethod):
         size = order.size
         ordinal = batch.image_ordinal.clamp(min=0)
         picked = evenly_spaced(ordinal, size, count)
-        if batch.image_grid is not None:
-            rows, cols = batch.image_grid
-            on_grid = grid_selection(ordinal, rows, cols, count)
-            picked = torch.where(size == rows * cols, on_grid, picked)
+        if batch.grid_rows is not None:
+            rows, cols = batch.grid_rows, batch.grid_cols
+        elif batch.image_grid is not None:
+            rows, cols = (torch.full_like(ordinal, side) for side in batch.image_grid)
+        else:
+            rows = cols = None
+        if rows is not None:  # images whose tokens fill their grid get a 2-D spread
+            on_grid = grid_selection(ordinal, rows.clamp(min=1), cols.clamp(min=1), count)
+            picked = torch.where((size == rows * cols) & (rows > 0), on_grid, picked)
         return TokenDecision(keep_visual=picked & batch.visual_mask & (groups >= 0))

@@ -3,7 +3,7 @@
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import EntryCall, FFNParts, LayerInputs, ModelAdapter
+from .base import AttentionRule, EntryCall, FFNParts, ImageLayout, LayerInputs, ModelAdapter
 from .llava import LlavaLlamaAdapter
 
 ADAPTERS: list[type[ModelAdapter]] = [LlavaLlamaAdapter]
@@ -21,4 +21,13 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     )
 
 
-__all__ = ["ADAPTERS", "EntryCall", "FFNParts", "LayerInputs", "ModelAdapter", "adapter_for"]
+__all__ = [
+    "ADAPTERS",
+    "AttentionRule",
+    "EntryCall",
+    "FFNParts",
+    "ImageLayout",
+    "LayerInputs",
+    "ModelAdapter",
+    "adapter_for",
+]

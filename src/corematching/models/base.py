@@ -58,6 +58,64 @@ class EntryCall:
         return tokens.device
 
 
+@dataclass(frozen=True)
+class AttentionRule:
+    """A decoder layer's attention pattern, in full-sequence indices: causal, within `sliding_window` tokens when
+    set (a query at i sees keys j with i - j < window), and, with `bidirectional_images`, every token of its own
+    image both ways."""
+
+    sliding_window: int | None = None
+    bidirectional_images: bool = False
+
+
+@dataclass
+class ImageLayout:
+    """Per token of a call [B, T] (long): the image it belongs to within its sample (-1 outside images), its
+    position inside that image (row-major over the image's grid), and that image's grid rows and columns (0
+    where unknown)."""
+
+    image_index: torch.Tensor
+    image_ordinal: torch.Tensor
+    grid_rows: torch.Tensor
+    grid_cols: torch.Tensor
+
+
+def fixed_size_images(visual: torch.Tensor, per_image: int | None, grid: tuple[int, int] | None) -> ImageLayout:
+    """Every image has `per_image` tokens (None: one image per sample) on the same grid."""
+    ordinal = visual.long().cumsum(1) - 1  # [B, T] index among the sample's visual tokens
+    image_index = ordinal // per_image if per_image else torch.zeros_like(ordinal)
+    image_ordinal = ordinal % per_image if per_image else ordinal
+    outside = torch.full_like(ordinal, -1)
+    rows, cols = grid if grid is not None else (0, 0)
+    return ImageLayout(
+        image_index=torch.where(visual, image_index, outside),
+        image_ordinal=torch.where(visual, image_ordinal, outside),
+        grid_rows=torch.where(visual, rows, 0),
+        grid_cols=torch.where(visual, cols, 0),
+    )
+
+
+def images_of_sizes(visual: torch.Tensor, sizes: list[tuple[int, int, int]]) -> ImageLayout:
+    """Images of different sizes: the k-th image of the batch (sample by sample, in order) covers the next
+    sizes[k][0] visual tokens, on a sizes[k][1] x sizes[k][2] grid."""
+    device = visual.device
+    counts = torch.tensor([size[0] for size in sizes] or [0], device=device)
+    starts = counts.cumsum(0) - counts  # [N] first batch-wide visual ordinal of each image
+    flat_ordinal = visual.reshape(-1).long().cumsum(0).view_as(visual) - 1  # batch-wide, row-major
+    image = torch.searchsorted(starts, flat_ordinal.clamp(min=0), right=True) - 1  # [B, T] batch-wide image id
+    image = image.clamp(min=0)
+    first_image_of_sample = torch.where(visual, image, image.max() + 1).amin(1, keepdim=True)  # [B, 1]
+    rows = torch.tensor([size[1] for size in sizes] or [0], device=device)
+    cols = torch.tensor([size[2] for size in sizes] or [0], device=device)
+    outside = torch.full_like(image, -1)
+    return ImageLayout(
+        image_index=torch.where(visual, image - first_image_of_sample, outside),
+        image_ordinal=torch.where(visual, flat_ordinal - starts[image], outside),
+        grid_rows=torch.where(visual, rows[image], 0),
+        grid_cols=torch.where(visual, cols[image], 0),
+    )
+
+
 @dataclass
 class LayerInputs:
     """The inputs of one decoder layer call that token removal rewrites."""
@@ -81,8 +139,9 @@ class ModelAdapter:
     language_model: nn.Module
     decoder_layers: list[nn.Module]
     image_token_id: int
-    image_grid: tuple[int, int] | None = None  # (rows, cols) of one image's tokens
+    image_grid: tuple[int, int] | None = None  # (rows, cols) of one image's tokens, when all images share it
     tokens_per_image: int | None = None
+    position_token_dim: int = 1  # the token dim of position embeddings ([B, T, D]; 2 for M-RoPE's [3, B, T, D])
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -112,24 +171,42 @@ class ModelAdapter:
     def read_entry_call(self, args: tuple, kwargs: dict) -> EntryCall:
         raise NotImplementedError
 
+    def visual_token_ids(self) -> tuple[int, ...]:
+        """The placeholder ids whose positions receive image (or video) features."""
+        return (self.image_token_id,)
+
     def visual_mask(self, call: EntryCall) -> torch.Tensor:
         """Bool [B, T]: the visual placeholder tokens of the call."""
+        ids = self.visual_token_ids()
         if call.input_ids is not None:
-            return call.input_ids == self.image_token_id
-        image_embedding = self.entry_module.get_input_embeddings()(
-            torch.tensor(self.image_token_id, device=call.inputs_embeds.device)
-        )
-        return (call.inputs_embeds == image_embedding).all(-1)
+            return torch.isin(call.input_ids, torch.tensor(ids, device=call.input_ids.device))
+        embed = self.entry_module.get_input_embeddings()
+        mask = torch.zeros(call.inputs_embeds.shape[:2], dtype=torch.bool, device=call.inputs_embeds.device)
+        for token_id in ids:
+            embedding = embed(torch.tensor(token_id, device=call.inputs_embeds.device))
+            mask |= (call.inputs_embeds == embedding).all(-1)
+        return mask
 
-    def image_positions(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For the visual tokens visual [B, T] (bool) of a call: (image_index, image_ordinal), each [B, T] long,
-        the image a token belongs to within its sample and its position inside that image; -1 elsewhere."""
-        ordinal = visual.long().cumsum(1) - 1  # [B, T] index among the sample's visual tokens
-        per_image = self.tokens_per_image
-        image_index = ordinal // per_image if per_image else torch.zeros_like(ordinal)
-        image_ordinal = ordinal % per_image if per_image else ordinal
-        outside = torch.full_like(ordinal, -1)
-        return torch.where(visual, image_index, outside), torch.where(visual, image_ordinal, outside)
+    def image_sizes(self, call: EntryCall) -> list[tuple[int, int, int]] | None:
+        """(tokens, grid rows, grid cols) of every image of the call, in order of appearance (sample by sample),
+        or None when every image has the model's fixed `tokens_per_image` and `image_grid`."""
+        return None
+
+    def image_layout(self, call: EntryCall, visual: torch.Tensor) -> "ImageLayout":
+        """Which image each visual token of visual [B, T] belongs to, where inside it, and that image's grid."""
+        sizes = self.image_sizes(call)
+        if sizes is None:
+            return fixed_size_images(visual, self.tokens_per_image, self.image_grid)
+        return images_of_sizes(visual, sizes)
+
+    def attention_rule(self, layer: int) -> "AttentionRule":
+        """How decoder layer `layer` masks attention (from the language model's config by default)."""
+        config = self.language_model.config
+        layer_types = getattr(config, "layer_types", None)
+        window = None
+        if layer_types is not None and layer_types[layer] == "sliding_attention":
+            window = getattr(config, "sliding_window", None)
+        return AttentionRule(sliding_window=window, bidirectional_images=False)
 
     def output_cache(self, output) -> object:
         """The KV cache an entry call returned (it may have created it), or None."""
@@ -171,10 +248,10 @@ class ModelAdapter:
         return gather_tokens(position_ids, index, token_dim=1)
 
     def gather_position_embeddings(self, position_embeddings, index: torch.Tensor):
-        """(cos, sin), each [B or 1, T, D] -> [B, L, D] at index [B, L]."""
+        """(cos, sin), each [..., B or 1, T, D] -> [..., B, L, D] at index [B, L]."""
         if position_embeddings is None:
             return None
-        return tuple(gather_tokens(part, index, token_dim=1) for part in position_embeddings)
+        return tuple(gather_tokens(part, index, token_dim=self.position_token_dim) for part in position_embeddings)
 
 
 def gather_tokens(values: torch.Tensor, index: torch.Tensor, token_dim: int) -> torch.Tensor:

@@ -24,10 +24,10 @@ from transformers.cache_utils import BaseQuantizedLayer
 
 from ..errors import UnsupportedModeError
 from ..methods import SparsityMethod, TokenBatch
-from ..models import EntryCall, FFNParts, ModelAdapter
+from ..models import EntryCall, FFNParts, ImageLayout, ModelAdapter
 from .cache_state import CacheState, NeuronDecision, SessionToken, attach_state, detach_state, state_of
 from .ffn import SlicedFFN, dense_ffn, masked_ffn
-from .masks import packed_attention_mask, padding_mask_from_4d
+from .masks import padding_mask_from_4d, upper_attention_mask
 from .packing import PackedLayout, pack_kept_tokens
 from .records import SparsityRecord
 
@@ -50,8 +50,7 @@ class CallState:
     state: CacheState | None = None  # extend: the state of the cache brought in
     valid: torch.Tensor | None = None  # [B, q] bool
     visual: torch.Tensor | None = None  # [B, q] bool
-    image_index: torch.Tensor | None = None  # [B, q] long, -1 outside images
-    image_ordinal: torch.Tensor | None = None  # [B, q] long, -1 outside images
+    images: ImageLayout | None = None  # which image each new token belongs to, and its grid
     chooses_tokens: bool = False  # the method picks visual tokens in this call
     prune_activations: torch.Tensor | None = None  # [B, q, F] at layer K, until tokens are chosen
     neurons: dict[int, torch.Tensor] = field(default_factory=dict)  # fresh: core neurons chosen
@@ -59,7 +58,9 @@ class CallState:
     keep: torch.Tensor | None = None  # [B, q] bool: new tokens that go past K
     scores: torch.Tensor | None = None
     layout: PackedLayout | None = None  # the new tokens gathered at layer K + 1 (None: all of them, in place)
-    upper_inputs: dict | None = None  # kwargs every layer > K receives (mask, positions)
+    upper_inputs: dict | None = None  # kwargs every layer > K receives (positions), without the mask
+    upper_keys: tuple | None = None  # (key index [B, K], key valid [B, K], all valid) of the layers > K
+    upper_masks: dict = field(default_factory=dict)  # (rule, key offset, mask length) -> mask
 
 
 class Engine:
@@ -152,7 +153,6 @@ class Engine:
         if not has_images:
             visual = torch.zeros_like(visual)
         applies = has_images or self.method.applies_to_text()
-        image_index, image_ordinal = self.adapter.image_positions(visual)
         call = CallState(
             kind=CallKind.DENSE,
             entry=entry,
@@ -160,8 +160,7 @@ class Engine:
             state=state,
             valid=valid,
             visual=visual,
-            image_index=image_index,
-            image_ordinal=image_ordinal,
+            images=self.adapter.image_layout(entry, visual) if has_images else None,
         )
         prunes = self.prune_layer is not None
         if past == 0:
@@ -239,26 +238,33 @@ class Engine:
         call = self.call
         if call is None:
             return None
+        inputs = self.adapter.read_layer_inputs(args, kwargs)
         if layer == self.prune_layer + 1:
-            inputs = self.adapter.read_layer_inputs(args, kwargs)
             if call.chooses_tokens:
                 self._choose_tokens(call)
             self._prepare_upper_inputs(call, inputs)
             if call.layout is not None:  # gather the surviving tokens
                 hidden = _gather_hidden(inputs.hidden_states, call.layout.source_index)
-                return self.adapter.write_layer_inputs(args, kwargs, hidden_states=hidden, **call.upper_inputs)
-        if call.upper_inputs is None:
+                mask = self._upper_mask(call, layer, inputs)
+                return self.adapter.write_layer_inputs(
+                    args, kwargs, hidden_states=hidden, attention_mask=mask, **call.upper_inputs
+                )
+        if call.upper_keys is None:
             return None
-        return self.adapter.write_layer_inputs(args, kwargs, **call.upper_inputs)
+        mask = self._upper_mask(call, layer, inputs)
+        return self.adapter.write_layer_inputs(args, kwargs, attention_mask=mask, **call.upper_inputs)
 
     def _choose_tokens(self, call: CallState) -> None:
+        images = call.images
         batch = TokenBatch(
             valid_mask=call.valid,
             visual_mask=call.visual,
-            image_index=call.image_index,
-            image_ordinal=call.image_ordinal,
+            image_index=images.image_index,
+            image_ordinal=images.image_ordinal,
             image_grid=self.adapter.image_grid,
             activations=call.prune_activations,
+            grid_rows=images.grid_rows,
+            grid_cols=images.grid_cols,
         )
         with torch.no_grad():
             if call.kind == CallKind.FRESH and self.prune_layer in self.neuron_layers and batch.activations is not None:
@@ -273,39 +279,32 @@ class Engine:
         call.layout = pack_kept_tokens(call.keep)
 
     def _prepare_upper_inputs(self, call: CallState, inputs) -> None:
-        """The attention mask (and gathered positions) of the layers after K for this call's new tokens."""
+        """The keys the layers after K attend to in this call (cached slots, then the call's kept tokens), and
+        the gathered positions of the kept tokens."""
         state = call.state
         removed_before = state is not None and state.removed_tokens
         if call.layout is None and not removed_before:
             return  # nothing removed so far: the layers after K run as in the dense model
         if removed_before:
-            cached_valid = state.upper_valid
-        elif call.past > 0:
-            cached_valid = self._dense_slots(call)[1]
-        else:
-            cached_valid = call.valid[:, :0]
-        if call.layout is not None:
-            new_valid, all_new_valid = call.layout.slot_valid, call.layout.all_valid
-        else:
-            new_valid, all_new_valid = call.valid, call.entry.attention_mask is None
-        key_valid = torch.cat([cached_valid, new_valid], dim=1)
-        num_queries = new_valid.shape[1]
-        mask_length = self._mask_length(call, inputs.cache, num_queries, key_valid.shape[1])
-        if removed_before:
-            all_cached_valid = state.upper_all_valid
-        else:  # only a fresh call's padding or a dense cache's 2-D mask can mark a slot invalid
+            cached_index, cached_valid, all_cached_valid = state.upper_index, state.upper_valid, state.upper_all_valid
+        else:  # a dense cache, or none: only a 2-D mask can mark a slot invalid
+            cached_index, cached_valid = self._dense_slots(call)
             all_cached_valid = call.past == 0 or call.entry.attention_mask is None
-        all_valid = all_cached_valid and all_new_valid
-        call.upper_inputs = {
-            "attention_mask": packed_attention_mask(
-                key_valid,
-                num_queries,
-                self.adapter.attention_implementation(),
-                inputs.hidden_states.dtype,
-                all_valid,
-                mask_length,
-            )
-        }
+        length = call.valid.shape[1]
+        layout = call.layout
+        if layout is not None:
+            new_index, new_valid, all_new_valid = layout.source_index, layout.slot_valid, layout.all_valid
+        else:
+            new_index = torch.arange(length, device=call.valid.device).expand_as(call.valid)
+            new_valid, all_new_valid = call.valid, call.entry.attention_mask is None
+        new_group = _gather_tokens(call.images.image_index, new_index) if call.images is not None else None
+        call.upper_keys = (
+            torch.cat([cached_index, new_index + call.past], dim=1),
+            torch.cat([cached_valid, new_valid], dim=1),
+            all_cached_valid and all_new_valid,
+            new_group,  # [B, q'] image of each new kept token (-1: text), for bidirectional image attention
+        )
+        call.upper_inputs = {}
         if call.layout is not None:
             index = call.layout.source_index
             call.upper_inputs["position_ids"] = self.adapter.gather_position_ids(inputs.position_ids, index)
@@ -313,22 +312,43 @@ class Engine:
                 inputs.position_embeddings, index
             )
 
-    def _mask_length(self, call: CallState, cache, num_queries: int, num_keys: int) -> int:
-        """How many keys the attention of the layers after K will see: the slots in use, or the cache's whole
-        buffer for a static cache."""
+    def _upper_mask(self, call: CallState, layer: int, inputs):
+        """The attention mask of layer `layer` > K for this call, shared by the layers with the same rule and
+        cache window."""
+        rule = self.adapter.attention_rule(layer)
+        key_index, key_valid, all_valid, new_group = call.upper_keys
+        num_queries = key_index.shape[1] - _cached_slots(call)
+        offset, mask_length = self._key_window(call, inputs.cache, layer, num_queries, key_index.shape[1])
+        key = (rule, offset, mask_length)
+        if key not in call.upper_masks:
+            call.upper_masks[key] = upper_attention_mask(
+                key_index[:, offset:],
+                key_valid[:, offset:],
+                num_queries,
+                rule,
+                new_group,
+                self.adapter.attention_implementation(),
+                inputs.hidden_states.dtype,
+                all_valid and offset == 0,
+                mask_length,
+            )
+        return call.upper_masks[key]
+
+    def _key_window(self, call: CallState, cache, layer: int, num_queries: int, num_keys: int) -> tuple[int, int]:
+        """(first slot, mask length) of the keys layer `layer`'s attention sees: every slot, the last ones a
+        sliding-window cache keeps, or a static cache's whole buffer."""
         if cache is None:
-            return num_keys
-        layer = self.prune_layer + 1
+            return 0, num_keys
         layers = getattr(cache, "layers", None)
         if layers is not None and layer < len(layers):
             cache_layer = layers[layer]
-            if getattr(cache_layer, "is_sliding", False):
-                raise UnsupportedModeError("sliding-window KV cache layers after the prune layer")
             if isinstance(cache_layer, BaseQuantizedLayer):
                 raise UnsupportedModeError(
                     "a quantized KV cache: it calibrates its quantization on the tokens it holds, which token "
                     "removal changes, so the result would differ from the dense model's; use an unquantized cache"
                 )
+            if getattr(cache_layer, "is_sliding", False) and getattr(cache_layer, "is_compileable", False):
+                raise UnsupportedModeError("a static sliding-window KV cache after the prune layer")
             found = int(cache_layer.get_seq_length())
             if found != num_keys - num_queries:
                 raise UnsupportedModeError(
@@ -336,9 +356,10 @@ class Engine:
                     f"{num_keys - num_queries}: the cache was changed outside the session"
                 )
         length, offset = cache.get_mask_sizes(num_queries, layer)
-        if offset != 0 or length < num_keys:
-            raise UnsupportedModeError(f"a KV cache of type {type(cache).__name__} with an offset key window")
-        return int(length)
+        length, offset = int(length), int(offset)
+        if offset + length < num_keys:
+            raise UnsupportedModeError(f"a KV cache of type {type(cache).__name__} that drops keys the mask needs")
+        return offset, length
 
     # ------------------------------------------------------------------------------------------ FFNs
 
@@ -419,6 +440,19 @@ def _cache_length(cache, layer: int) -> int:
     if layers is not None and layer >= len(layers):
         return 0
     return int(cache.get_seq_length(layer))
+
+
+def _cached_slots(call: CallState) -> int:
+    """Slots the layers after K held before this call."""
+    state = call.state
+    if state is not None and state.removed_tokens:
+        return state.upper_index.shape[1]
+    return call.past
+
+
+def _gather_tokens(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values [B, T] at index [B, L] -> [B, L]."""
+    return values.gather(1, index)
 
 
 def _gather_hidden(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -55,3 +55,52 @@ def padding_mask_from_4d(mask: torch.Tensor, past: int, num_queries: int) -> tor
     if not bool(((allowed == standard) | ~real_queries).all()):
         return None
     return valid
+
+
+def upper_attention_mask(
+    key_index: torch.Tensor,
+    key_valid: torch.Tensor,
+    num_queries: int,
+    rule,
+    query_group: torch.Tensor | None,
+    implementation: str,
+    dtype: torch.dtype,
+    all_valid: bool,
+    mask_length: int | None = None,
+) -> torch.Tensor | None:
+    """Mask [B, 1, q, mask_length] of a layer after the prune layer: the queries are the last q of the keys
+    key_index [B, K] (full-sequence indices, increasing) with validity key_valid [B, K].
+
+    The rule (an AttentionRule) is applied on the original indices, as the dense model applies it: causal, within
+    the sliding window when there is one (i - j < window), and, for bidirectional images, every query of an
+    image (query_group [B, q]: image per query, -1 for text) also sees the keys of its own image among the new
+    tokens. A plain causal rule is the packed_attention_mask above.
+    """
+    window = rule.sliding_window
+    bidirectional = rule.bidirectional_images and query_group is not None
+    if window is None and not bidirectional:
+        return packed_attention_mask(key_valid, num_queries, implementation, dtype, all_valid, mask_length)
+    batch, num_keys = key_index.shape
+    mask_length = num_keys if mask_length is None else mask_length
+    device = key_index.device
+    query_index = key_index[:, num_keys - num_queries :]  # [B, q]
+    distance = query_index.unsqueeze(2) - key_index.unsqueeze(1)  # [B, q, K]
+    pattern = distance >= 0
+    if window is not None:
+        pattern &= distance < window
+    if bidirectional:
+        text = torch.full((batch, num_keys - num_queries), -1, dtype=query_group.dtype, device=device)
+        key_group = torch.cat([text, query_group], dim=1)  # [B, K]
+        pattern |= (query_group.unsqueeze(2) == key_group.unsqueeze(1)) & (query_group >= 0).unsqueeze(2)
+    allowed = pattern & key_valid.unsqueeze(1)
+    itself = torch.arange(num_keys, device=device).unsqueeze(0) == (
+        torch.arange(num_queries, device=device) + num_keys - num_queries
+    ).unsqueeze(1)
+    allowed |= itself.unsqueeze(0)
+    if mask_length > num_keys:
+        unused = torch.zeros(batch, num_queries, mask_length - num_keys, dtype=torch.bool, device=device)
+        allowed = torch.cat([allowed, unused], dim=2)
+    allowed = allowed.unsqueeze(1)
+    if implementation == "eager":
+        return torch.where(allowed, torch.zeros((), dtype=dtype, device=device), torch.finfo(dtype).min)
+    return allowed
