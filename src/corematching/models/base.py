@@ -254,6 +254,17 @@ class ModelAdapter:
         return tuple(gather_tokens(part, index, token_dim=self.position_token_dim) for part in position_embeddings)
 
 
+def gated_mlp_parts(decoder_layer: nn.Module, layer: int) -> FFNParts:
+    """The FFN parts of a decoder layer whose `mlp` has gate_proj, up_proj, down_proj and act_fn (the SwiGLU /
+    GeGLU MLP of Llama, Mistral, Qwen2/3, Gemma 3 and most current language models)."""
+    mlp = getattr(decoder_layer, "mlp", None)
+    missing = [name for name in ("gate_proj", "up_proj", "down_proj", "act_fn") if not hasattr(mlp, name)]
+    if missing:
+        found = type(mlp).__name__
+        raise UnsupportedModelError(f"decoder layer {layer}: the FFN ({found}) has no {', '.join(missing)}")
+    return FFNParts(module=mlp, up=mlp.up_proj, down=mlp.down_proj, act=mlp.act_fn, gate=mlp.gate_proj)
+
+
 def gather_tokens(values: torch.Tensor, index: torch.Tensor, token_dim: int) -> torch.Tensor:
     """values[b, index[b, l], ...] along token_dim, broadcasting a batch dim of 1: -> token_dim of size L."""
     batch = index.shape[0]
