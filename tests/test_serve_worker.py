@@ -37,6 +37,8 @@ class PromptProcessor:
     def __call__(self, images=None, text=(), padding=True, return_tensors="pt"):
         prompts, pixels = [], []
         for name in text:
+            if name == "bad":
+                raise ValueError("this prompt cannot be encoded")
             seed, length = (int(part) for part in name[1:].split(":"))
             prompts.append(build_prompt(3, length, seed))
             pixels.append(build_pixels(1, seed))
@@ -116,4 +118,17 @@ def test_a_prefix_cache_hit_decodes_exactly_like_a_fresh_prefill(tiny_llava, loo
     worker.run([again])
     again = outcome(loop, again)
     assert again.usage.prefix_cache_hit is False and again.text == expected.text
+    worker.close()
+
+
+def test_a_failing_request_fails_alone(tiny_llava, loop):
+    worker = ModelWorker(tiny_llava(), PromptProcessor())
+    good, bad = job("p1:5", loop, max_tokens=3), job("bad", loop, max_tokens=3)
+    worker.run([good, bad])
+
+    async def first_event(one):
+        return await one.events.get()
+
+    assert loop.run_until_complete(first_event(bad))[0] == "error"
+    assert outcome(loop, good).usage.completion_tokens == 3
     worker.close()

@@ -35,7 +35,7 @@ def make_parser() -> argparse.ArgumentParser:
                         help="temperature of requests that give none (0: greedy, as the model's own config)")
     parser.add_argument("--allowed-image-dir", type=Path, default=None,
                         help="requests may name image files inside this directory (off by default)")
-    parser.add_argument("--prefix-cache", action="store_true",
+    parser.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
                         help="reuse the pruned prefill of a repeated image + prompt (see README: Serving)")
     parser.add_argument("--prefix-cache-size", type=int, default=32, help="prefills kept by --prefix-cache")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -65,10 +65,12 @@ class Job:
         self.enqueued_at = time.perf_counter()
         self.cancelled = threading.Event()
         self.events: asyncio.Queue = asyncio.Queue()
+        self.emitted = False  # whether any event was sent (a failed batch is retried job by job only before)
         self._loop = loop
 
     def emit(self, kind: str, payload) -> None:
         """kind: 'text' (a str), 'done' (an Outcome) or 'error' (an APIError)."""
+        self.emitted = True
         try:
             self._loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
         except RuntimeError:

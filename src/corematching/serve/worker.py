@@ -20,6 +20,7 @@ from transformers import DynamicCache, LogitsProcessorList, StoppingCriteriaList
 import corematching as cm
 
 from .decoding import BatchFollower, RequestText
+from .errors import APIError, bad_request
 from .jobs import Job, Outcome, Usage
 from .prefix_cache import PrefillEntry, PrefixCache, continued_copy, prefix_key
 from .sampling import BatchChooser, RequestSampler
@@ -71,8 +72,6 @@ class ModelWorker:
         try:
             return int(self.encode([prompt], images)["input_ids"].shape[1])
         except ValueError as error:  # e.g. image placeholders and images that do not match
-            from .errors import bad_request
-
             raise bad_request(f"the prompt cannot be encoded: {error}", param="messages") from None
 
     # ------------------------------------------------------------------------------------------ sessions
@@ -115,8 +114,26 @@ class ModelWorker:
                 self._run_from_prefix(job, entry)
             else:
                 rest.append(job)
-        if rest:
+        if len(rest) == 1:
             self._run_batch(rest)
+        elif rest:
+            self._run_batch_or_each(rest)
+
+    def _run_batch_or_each(self, jobs: list[Job]) -> None:
+        """A batch that fails before any of its jobs was answered runs again one job at a time, so that one bad
+        request fails alone instead of taking its batch mates with it."""
+        try:
+            self._run_batch(jobs)
+            return
+        except Exception:
+            if any(job.emitted for job in jobs):
+                raise
+        for job in jobs:
+            try:
+                self._run_batch([job])
+            except Exception as error:
+                job.emit("error", APIError(500, f"the model failed on this request: {type(error).__name__}: {error}"))
+                self.on_finished(job)
 
     def _texts_and_samplers(self, jobs):
         texts = [RequestText(self.tokenizer, job.request.max_tokens, job.request.stop,
