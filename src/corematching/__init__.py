@@ -2,6 +2,7 @@
 
 from .errors import UnsupportedModeError, UnsupportedModelError
 from .methods import CoreInfer, CoreMatching, Dense, RandomTokens, UniformTokens
+from .models import supported_models
 from .runtime import Session, SparsityRecord, sparsify
 from .vqa import answer
 from .zoo import load_model
@@ -19,4 +20,5 @@ __all__ = [
     "answer",
     "load_model",
     "sparsify",
+    "supported_models",
 ]

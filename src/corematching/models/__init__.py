@@ -5,8 +5,10 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .base import AttentionRule, EntryCall, FFNParts, ImageLayout, LayerInputs, ModelAdapter
 from .llava import LlavaLlamaAdapter
+from .qwen_vl import QwenVLAdapter
 
 ADAPTERS: list[type[ModelAdapter]] = [LlavaLlamaAdapter]
+ADAPTERS.append(QwenVLAdapter)
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
@@ -14,11 +16,15 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     for adapter in ADAPTERS:
         if adapter.matches(model):
             return adapter(model)
-    supported = ", ".join(adapter.family for adapter in ADAPTERS)
+    supported = "; ".join(f"{adapter.family} ({adapter.classes})" for adapter in ADAPTERS)
     raise UnsupportedModelError(
-        f"{type(model).__name__} is not supported: no adapter for it (supported families: {supported}; "
-        "LLaVA means LlavaForConditionalGeneration with a Llama language model)"
+        f"{type(model).__name__} is not supported: no adapter for it (supported families: {supported})"
     )
+
+
+def supported_models() -> list[dict]:
+    """The supported model families: [{"family": name, "classes": the transformers classes}, ...]."""
+    return [{"family": adapter.family, "classes": adapter.classes} for adapter in ADAPTERS]
 
 
 __all__ = [
@@ -30,4 +36,5 @@ __all__ = [
     "LayerInputs",
     "ModelAdapter",
     "adapter_for",
+    "supported_models",
 ]

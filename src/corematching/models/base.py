@@ -131,6 +131,7 @@ class ModelAdapter:
     """Base adapter. Subclasses set the attributes in __init__ and may override the gather functions."""
 
     family: str = ""
+    classes: str = ""  # the transformers classes the adapter takes, for messages and supported_models()
     supported_attention = ("sdpa", "eager")
 
     # Set by subclasses.
@@ -165,6 +166,9 @@ class ModelAdapter:
 
     def ffn(self, layer: int) -> FFNParts:
         raise NotImplementedError
+
+    def check_prune_layer(self, prune_layer: int | None) -> None:
+        """Raise ValueError when tokens cannot be removed after `prune_layer` in this model."""
 
     # ------------------------------------------------------------------------------------------ entry calls
 

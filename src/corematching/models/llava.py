@@ -14,6 +14,7 @@ from .base import EntryCall, FFNParts, ModelAdapter, bind_arguments
 
 class LlavaLlamaAdapter(ModelAdapter):
     family = "llava-llama"
+    classes = "LlavaForConditionalGeneration with a Llama language model"
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -39,6 +39,7 @@ class Session:
         _check_not_compiled(model)
         adapter = adapter_for(model)
         method.check_layers(adapter.num_layers)
+        adapter.check_prune_layer(method.prune_layer_index())
         if adapter.entry_module in _ACTIVE:
             raise RuntimeError("this model is already inside a corematching session; remove that one first")
         self.model = model
