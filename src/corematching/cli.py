@@ -168,7 +168,10 @@ def answer_jobs(args: argparse.Namespace, method, model_name: str, jobs: list[tu
     config = model.config
     image_token_id = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
     vision = config.vision_config
-    grid = (vision.image_size // vision.patch_size,) * 2
+    # kept-patch pictures for models with one square grid per image (LLaVA-1.5 layout); other families skip them
+    image_size, patch_size = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    side = image_size // patch_size if isinstance(image_size, int) and isinstance(patch_size, int) else 0
+    grid = (side, side)
     print(f"method: {method}", flush=True)
     answer_batch(model, processor, [jobs[0][1]], [jobs[0][2]], None, 2)  # warm-up, not timed
     header = f"{'image':<12} {'question':<48} {'truth':<10} {'dense':<10} {'ms':>6} {'sparse':<10} {'kept':>7} {'ms':>6}"
@@ -190,9 +193,9 @@ def answer_jobs(args: argparse.Namespace, method, model_name: str, jobs: list[tu
             correct["sparse"] += sparse.texts[0] == truth
         print(f"{name:<12} {question[:48]:<48} {truth or '':<10} {dense.texts[0][:10]:<10} {1e3 * (t1 - t0):>6.0f} "
               f"{sparse.texts[0][:10]:<10} {len(kept):>3}/{n_visual:<3} {1e3 * (t2 - t1):>6.0f}")
-        if n_visual == grid[0] * grid[1]:
-            panel = viz.kept_patches_overlay(check_image(image).resize((vision.image_size,) * 2), kept, grid,
-                                             scale=max(1, 384 // vision.image_size),
+        if side and n_visual == grid[0] * grid[1]:
+            panel = viz.kept_patches_overlay(check_image(image).resize((image_size,) * 2), kept, grid,
+                                             scale=max(1, 384 // image_size),
                                              title=f"{question[:40]} -> {sparse.texts[0][:12]}")
             viz.save_side_by_side([panel], out_dir / f"{number:02d}-{name}.png")
     if jobs[0][3] is not None:
