@@ -3,7 +3,7 @@
 import pytest
 import torch
 from tiny_llava import IMAGE_TOKEN
-from transformers import LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration, MistralConfig
+from transformers import LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration, Phi3Config
 
 import corematching as cm
 
@@ -209,10 +209,10 @@ def test_a_text_only_model_is_unsupported():
 
 def test_llava_with_another_language_model_is_unsupported(tiny_llava):
     vision = tiny_llava().config.vision_config
-    text = MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1)
+    text = Phi3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, pad_token_id=0)
     model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=120))
-    with pytest.raises(cm.UnsupportedModelError, match="MistralModel"):
+    with pytest.raises(cm.UnsupportedModelError, match="Phi3Model"):
         cm.sparsify(model, cm.CoreMatching(prune_layer=0))
 
 

@@ -4,11 +4,15 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import AttentionRule, EntryCall, FFNParts, ImageLayout, LayerInputs, ModelAdapter
+from .causal_lm import CausalLMAdapter
+from .gemma3 import Gemma3Adapter
 from .llava import LlavaLlamaAdapter
 from .qwen_vl import QwenVLAdapter
 
 ADAPTERS: list[type[ModelAdapter]] = [LlavaLlamaAdapter]
 ADAPTERS.append(QwenVLAdapter)
+ADAPTERS.append(Gemma3Adapter)
+ADAPTERS.append(CausalLMAdapter)
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:

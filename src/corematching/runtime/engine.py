@@ -58,7 +58,8 @@ class CallState:
     keep: torch.Tensor | None = None  # [B, q] bool: new tokens that go past K
     scores: torch.Tensor | None = None
     layout: PackedLayout | None = None  # the new tokens gathered at layer K + 1 (None: all of them, in place)
-    upper_inputs: dict | None = None  # kwargs every layer > K receives (positions), without the mask
+    upper_inputs: dict | None = None  # kwargs every layer > K receives (position ids), without mask and embeddings
+    upper_embeddings: list = field(default_factory=list)  # [(position embeddings some layer got, them gathered)]
     upper_keys: tuple | None = None  # (key index [B, K], key valid [B, K], all valid) of the layers > K
     upper_masks: dict = field(default_factory=dict)  # (rule, key offset, mask length) -> mask
 
@@ -247,12 +248,12 @@ class Engine:
                 hidden = _gather_hidden(inputs.hidden_states, call.layout.source_index)
                 mask = self._upper_mask(call, layer, inputs)
                 return self.adapter.write_layer_inputs(
-                    args, kwargs, hidden_states=hidden, attention_mask=mask, **call.upper_inputs
+                    args, kwargs, hidden_states=hidden, attention_mask=mask, **self._upper_positions(call, inputs)
                 )
         if call.upper_keys is None:
             return None
         mask = self._upper_mask(call, layer, inputs)
-        return self.adapter.write_layer_inputs(args, kwargs, attention_mask=mask, **call.upper_inputs)
+        return self.adapter.write_layer_inputs(args, kwargs, attention_mask=mask, **self._upper_positions(call, inputs))
 
     def _choose_tokens(self, call: CallState) -> None:
         images = call.images
@@ -308,9 +309,19 @@ class Engine:
         if call.layout is not None:
             index = call.layout.source_index
             call.upper_inputs["position_ids"] = self.adapter.gather_position_ids(inputs.position_ids, index)
-            call.upper_inputs["position_embeddings"] = self.adapter.gather_position_embeddings(
-                inputs.position_embeddings, index
-            )
+
+    def _upper_positions(self, call: CallState, inputs) -> dict:
+        """The position inputs of a layer after K: the gathered position ids, and the position embeddings this
+        layer received gathered at the kept tokens. Layers may receive different embeddings (Gemma 3's local and
+        global layers have their own rotary bases); each distinct one is gathered once per call."""
+        if call.layout is None:
+            return call.upper_inputs
+        source = inputs.position_embeddings
+        gathered = next((done for seen, done in call.upper_embeddings if seen is source), None)
+        if gathered is None:
+            gathered = self.adapter.gather_position_embeddings(source, call.layout.source_index)
+            call.upper_embeddings.append((source, gathered))
+        return {**call.upper_inputs, "position_embeddings": gathered}
 
     def _upper_mask(self, call: CallState, layer: int, inputs):
         """The attention mask of layer `layer` > K for this call, shared by the layers with the same rule and

@@ -71,10 +71,12 @@ def upper_attention_mask(
     """Mask [B, 1, q, mask_length] of a layer after the prune layer: the queries are the last q of the keys
     key_index [B, K] (full-sequence indices, increasing) with validity key_valid [B, K].
 
-    The rule (an AttentionRule) is applied on the original indices, as the dense model applies it: causal, within
-    the sliding window when there is one (i - j < window), and, for bidirectional images, every query of an
-    image (query_group [B, q]: image per query, -1 for text) also sees the keys of its own image among the new
-    tokens. A plain causal rule is the packed_attention_mask above.
+    The rule (an AttentionRule) is applied on the original indices, as the dense model applies it: causal, and,
+    for bidirectional images, every query of an image (query_group [B, q]: image per query, -1 for text) also
+    sees the keys of its own image among the new tokens; then the sliding window, when there is one, limits both
+    to keys less than `window` behind the query (i - j < window; later keys of the query's own image stay
+    visible), as transformers composes them (sliding window AND (causal OR image block)). A plain causal rule is
+    the packed_attention_mask above.
     """
     window = rule.sliding_window
     bidirectional = rule.bidirectional_images and query_group is not None
@@ -86,12 +88,12 @@ def upper_attention_mask(
     query_index = key_index[:, num_keys - num_queries :]  # [B, q]
     distance = query_index.unsqueeze(2) - key_index.unsqueeze(1)  # [B, q, K]
     pattern = distance >= 0
-    if window is not None:
-        pattern &= distance < window
     if bidirectional:
         text = torch.full((batch, num_keys - num_queries), -1, dtype=query_group.dtype, device=device)
         key_group = torch.cat([text, query_group], dim=1)  # [B, K]
         pattern |= (query_group.unsqueeze(2) == key_group.unsqueeze(1)) & (query_group >= 0).unsqueeze(2)
+    if window is not None:
+        pattern &= distance < window
     allowed = pattern & key_valid.unsqueeze(1)
     itself = torch.arange(num_keys, device=device).unsqueeze(0) == (
         torch.arange(num_queries, device=device) + num_keys - num_queries

@@ -1,0 +1,138 @@
+"""Checks every model family's tests run on its tiny model: a session's generation against dense generation and
+against the oracle (tests/oracle.py), a batch against each sample alone, and the model restored bit for bit.
+Each check takes the family's model, its inputs and the placeholder tokens generation must not produce."""
+
+import re
+
+import pytest
+import torch
+from oracle import masked_reference, removed_mask
+
+import corematching as cm
+
+ATOL = 1e-5
+STEPS = 4
+
+
+def generate(model, inputs: dict, suppress: list[int], steps: int = STEPS):
+    """Greedy generation: (sequences [B, T + steps], logits [B, steps, V])."""
+    out = model.generate(
+        **inputs,
+        max_new_tokens=steps,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        suppress_tokens=suppress,
+    )
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+def check_keep_all_equals_dense(model, inputs: dict, suppress: list[int], method, steps: int = STEPS) -> None:
+    """A method that keeps every visual token and every neuron (beta 1): the dense model's tokens and logits."""
+    dense_tokens, dense_logits = generate(model, inputs, suppress, steps)
+    with cm.sparsify(model, method) as session:
+        tokens, logits = generate(model, inputs, suppress, steps)
+        record = session.last
+    assert torch.equal(record.keep_mask, record.keep_mask | record.visual_mask)  # nothing visual removed
+    assert torch.equal(tokens, dense_tokens)
+    torch.testing.assert_close(logits, dense_logits, atol=ATOL, rtol=0)
+
+
+def check_against_oracle(model, language_model, inputs: dict, suppress: list[int], method, attn: str = "sdpa",
+                         steps: int = STEPS):
+    """Generation under the session equals the oracle built from the session's record (removed tokens blocked
+    after the prune layer, FFN zeroed outside the core neurons while decoding); returns the record.
+    language_model: the decoder whose `.layers` the oracle hooks."""
+    with cm.sparsify(model, method) as session:
+        tokens, logits = generate(model, inputs, suppress, steps)
+        record = session.last
+    length = inputs["input_ids"].shape[1]
+    removed = removed_mask(record.keep_mask, record.visual_mask, length + steps)
+    ffns = {layer: language_model.layers[layer].mlp for layer in record.neurons}
+    reference = masked_reference(
+        language_model, ffns, removed, record.prune_layer, record.core_neurons_per_sample, length, attn
+    )
+    with reference:
+        expected_tokens, expected_logits = generate(model, inputs, suppress, steps)
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(logits, expected_logits, atol=ATOL, rtol=0)
+    return record
+
+
+def kept_per_image(record, layout, row: int = 0) -> list[int]:
+    """How many visual tokens of each image of sample `row` went past the prune layer."""
+    kept = record.keep_mask[row] & record.visual_mask[row]
+    image_index = layout.image_index[row]
+    return [int((kept & (image_index == image)).sum()) for image in range(int(image_index.max()) + 1)]
+
+
+def check_batch_equals_alone(model, batch: dict, alone: list[dict], suppress: list[int], method) -> None:
+    """A left-padded batch gives each sample the visual tokens, generated tokens and logits it gets alone."""
+    with cm.sparsify(model, method) as session:
+        tokens, logits = generate(model, batch, suppress)
+        batch_kept = session.last.kept_visual_positions
+        for row, inputs in enumerate(alone):
+            alone_tokens, alone_logits = generate(model, inputs, suppress)
+            pad = batch["input_ids"].shape[1] - inputs["input_ids"].shape[1]
+            assert torch.equal(session.last.kept_visual_positions[0] + pad, batch_kept[row])
+            assert torch.equal(tokens[row, -STEPS:], alone_tokens[0, -STEPS:])
+            torch.testing.assert_close(logits[row], alone_logits[0], atol=ATOL, rtol=0)
+
+
+def _snapshot(model) -> dict:
+    return {
+        "state": {name: tensor.clone() for name, tensor in model.state_dict().items()},
+        "parameters": {name: (id(p), p.data_ptr()) for name, p in model.named_parameters()},
+        "modules": [(name, id(module), type(module)) for name, module in model.named_modules()],
+        "attributes": {name: set(vars(module)) for name, module in model.named_modules()},
+        "hooks": {name: _hooks(module) for name, module in model.named_modules()},
+    }
+
+
+def _hooks(module) -> tuple:
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs")
+    return tuple(dict(getattr(module, kind)) for kind in kinds)
+
+
+def _assert_same(model, before: dict) -> None:
+    after = _snapshot(model)
+    for key in ("modules", "parameters", "attributes", "hooks"):
+        assert after[key] == before[key], key
+    for name, tensor in before["state"].items():
+        assert torch.equal(after["state"][name], tensor), name
+
+
+class _Raised(Exception):
+    pass
+
+
+def check_restored(model, inputs: dict, suppress: list[int], method) -> None:
+    """After the block, after an exception raised in the block, and after one raised inside a sparsified forward:
+    the same weights, modules, attributes and hooks, and the dense model's logits."""
+    generate(model, inputs, suppress, steps=1)  # transformers adds its own hooks lazily on a first call
+    before = _snapshot(model)
+    with torch.no_grad():
+        dense_logits = model(**inputs).logits
+    with cm.sparsify(model, method):
+        generate(model, inputs, suppress, steps=2)
+    _assert_same(model, before)
+
+    with pytest.raises(_Raised), cm.sparsify(model, method):
+        generate(model, inputs, suppress, steps=2)
+        raise _Raised
+
+    def fail(module, args):
+        raise _Raised
+
+    decoder_layer = re.compile(r"(^model|language_model|text_model)\.layers\.\d+$")
+    decoder_layers = [module for name, module in model.named_modules() if decoder_layer.search(name)]
+    last_layer = decoder_layers[-1]  # a layer after the prune layer, inside the sparsified forward
+    handle = last_layer.register_forward_pre_hook(fail)
+    try:
+        with pytest.raises(_Raised), cm.sparsify(model, method):
+            generate(model, inputs, suppress, steps=2)
+    finally:
+        handle.remove()
+    _assert_same(model, before)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, dense_logits)

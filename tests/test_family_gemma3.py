@@ -1,0 +1,157 @@
+"""Gemma 3 (GeGLU FFN, sliding-window and global layers with their own rotary bases, images attended to both ways
+in prefill) against the dense model and the oracle, with prompts longer than the sliding window."""
+
+import pytest
+import torch
+from family_checks import (
+    check_against_oracle,
+    check_batch_equals_alone,
+    check_keep_all_equals_dense,
+    check_restored,
+    kept_per_image,
+)
+
+import corematching as cm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PAD, BOS, EOS = 0, 2, 1
+BOI, EOI, IMAGE = 118, 119, 120
+SUPPRESS = [BOI, EOI, IMAGE]
+IMAGE_SIZE, PATCH = 32, 4  # 8 x 8 patches pooled to a 4 x 4 grid: 16 tokens per image
+TOKENS_PER_IMAGE = 16
+WINDOW = 6  # shorter than an image: a sliding layer sees only part of it
+LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+PRUNE_LAYER = 0  # layers 1 (sliding), 2 (global) and 3 (sliding) run on the kept tokens
+NEURON_LAYERS = [0, 2, 3]
+
+
+def build(attn: str = "sdpa", seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        image_size=IMAGE_SIZE, patch_size=PATCH,
+    )
+    text = transformers.Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW, layer_types=LAYER_TYPES,
+        max_position_embeddings=256, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, initializer_range=0.1,
+    )
+    config = transformers.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=TOKENS_PER_IMAGE,
+        boi_token_index=BOI, eoi_token_index=EOI, image_token_index=IMAGE,
+    )
+    model = transformers.Gemma3ForConditionalGeneration._from_config(config, attn_implementation=attn,
+                                                                      dtype=torch.float32)
+    with torch.no_grad():  # the projection starts at zero: random features make the images matter
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.5)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD
+    return model.eval()
+
+
+_MODELS = {}
+
+
+def model_of(attn: str = "sdpa"):
+    if attn not in _MODELS:
+        _MODELS[attn] = build(attn)
+    return _MODELS[attn]
+
+
+def sample(num_images: int, text_before: int, text_after: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([BOS, text, (BOI, IMAGE x 16, EOI, text) per image, text], pixel values [num_images, 3, 32, 32])."""
+    generator = torch.Generator().manual_seed(seed)
+    parts = [torch.tensor([BOS]), torch.randint(3, 100, (text_before,), generator=generator)]
+    for _ in range(num_images):
+        parts += [torch.tensor([BOI]), torch.full((TOKENS_PER_IMAGE,), IMAGE), torch.tensor([EOI])]
+        parts.append(torch.randint(3, 100, (2,), generator=generator))
+    parts.append(torch.randint(3, 100, (text_after,), generator=generator))
+    pixels = torch.randn(num_images, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    return torch.cat(parts), pixels
+
+
+def batch(samples: list, token_types: bool = True) -> dict:
+    """Left-padded inputs; token_type_ids mark the image tokens, as the processor does."""
+    width = max(len(ids) for ids, _ in samples)
+    input_ids = torch.full((len(samples), width), PAD)
+    attention_mask = torch.zeros(len(samples), width, dtype=torch.long)
+    for row, (ids, _) in enumerate(samples):
+        input_ids[row, width - len(ids) :] = ids
+        attention_mask[row, width - len(ids) :] = 1
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask,
+                  pixel_values=torch.cat([pixels for _, pixels in samples]))
+    if token_types:
+        inputs["token_type_ids"] = (input_ids == IMAGE).long()
+    return inputs
+
+
+def with_budget(budget, neurons: bool = False) -> cm.CoreMatching:
+    return cm.CoreMatching(
+        prune_layer=PRUNE_LAYER, token_budget=budget, beta=0.5, neuron_layers=NEURON_LAYERS if neurons else []
+    )
+
+
+TWO_IMAGES = sample(2, text_before=3, text_after=5, seed=1)  # 49 tokens: many sliding windows long
+
+
+def test_keep_all_equals_dense():
+    keep_all = cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=1.0, beta=1.0, neuron_layers=NEURON_LAYERS)
+    check_keep_all_equals_dense(model_of(), batch([TWO_IMAGES]), SUPPRESS, keep_all)
+
+
+@pytest.mark.parametrize("attn,budget,kept", [("sdpa", 0.25, [4, 4]), ("eager", 3, [3, 3])])
+def test_each_image_keeps_its_budget_and_decoding_equals_the_oracle(attn, budget, kept):
+    model = model_of(attn)
+    inputs = batch([TWO_IMAGES])
+    record = check_against_oracle(model, model.model.language_model, inputs, SUPPRESS, with_budget(budget), attn,
+                                  steps=8)
+    with cm.sparsify(model, with_budget(budget)) as session:
+        call = session.adapter.read_entry_call((), inputs)
+        layout = session.adapter.image_layout(call, session.adapter.visual_mask(call))
+    assert kept_per_image(record, layout) == kept
+    ids = inputs["input_ids"][0]
+    assert record.keep_mask[0][(ids == BOI) | (ids == EOI)].all()  # boi / eoi are text
+
+
+def test_without_token_types_images_are_causal_and_equal_the_oracle():
+    model = model_of()
+    inputs = batch([TWO_IMAGES], token_types=False)
+    check_against_oracle(model, model.model.language_model, inputs, SUPPRESS, with_budget(0.25))
+
+
+def test_the_oracle_sees_the_bidirectional_image_blocks():
+    """The model's masks differ with and without token_type_ids, so the two oracle tests above check different
+    masks."""
+    model = model_of()
+    with torch.no_grad():
+        bidirectional = model(**batch([TWO_IMAGES])).logits
+        causal = model(**batch([TWO_IMAGES], token_types=False)).logits
+    assert not torch.allclose(bidirectional, causal, atol=1e-3)
+
+
+def test_core_neuron_decoding_equals_the_oracle():
+    model = model_of()
+    record = check_against_oracle(model, model.model.language_model, batch([TWO_IMAGES]), SUPPRESS,
+                                  with_budget(0.25, True), steps=8)
+    assert sorted(record.core_neurons) == NEURON_LAYERS
+
+
+def test_a_batch_of_different_sizes_equals_each_sample_alone():
+    first = sample(1, text_before=2, text_after=3, seed=2)
+    second = sample(2, text_before=6, text_after=2, seed=3)
+    alone = [batch([first]), batch([second])]
+    check_batch_equals_alone(model_of(), batch([first, second]), alone, SUPPRESS, with_budget(0.25, True))
+
+
+def test_token_types_that_are_not_the_image_tokens_are_refused():
+    inputs = batch([TWO_IMAGES])
+    inputs["token_type_ids"] = torch.zeros_like(inputs["token_type_ids"])
+    with cm.sparsify(model_of(), with_budget(4)), pytest.raises(cm.UnsupportedModeError, match="token_type_ids"):
+        model_of()(**inputs)
+
+
+def test_the_model_is_restored_after_the_block_and_after_an_exception():
+    check_restored(model_of(), batch([TWO_IMAGES]), SUPPRESS, with_budget(0.25, True))
