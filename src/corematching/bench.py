@@ -7,9 +7,11 @@ For every method/setting (a spec of `method_spec`; `--budgets` repeats each meth
 at every budget):
   - analytic FLOPs (`flops.py`) of prefill (vision tower + projector + language model) and of one decode
     token, from the tokens and core neurons the session's record says the method kept on the timing prompts;
-  - prefill time, per-token decode time and end-to-end time for `--new-tokens` tokens (exactly that many:
-    end-of-sequence is suppressed), batch 1, medians over `--reps` rounds of the timing prompts; the methods
-    take turns within each round (the order rotating), after one warm-up run each;
+  - prefill time, per-token decode time (the median step of a run) and end-to-end time for `--new-tokens`
+    tokens (exactly that many: end-of-sequence is suppressed), batch 1, over `--reps` rounds of the timing
+    prompts; the methods take turns within each round (the order rotating), after one warm-up run each. The
+    records hold the median and the fastest run of each; the table shows the fastest (on a shared CPU other
+    processes only ever add time, so the minimum is the steadier estimate);
   - peak memory during one pass over the timing prompts: process RSS on CPU (sampled every millisecond, freed
     heap handed back first), `torch.cuda.max_memory_allocated` on CUDA;
   - accuracy and object recall on the first `--questions` questions of the eval set (`evaluate.run_eval`,
@@ -213,6 +215,8 @@ def measure(model, methods: dict[str, object], prompts: list[dict], reps: int, n
         results[spec] = {
             "flops": mean_counts(counts[spec]),
             "times": {key: statistics.median(t[key] for t in times[spec]) for key in times[spec][0]},
+            "times_min": {key: min(t[key] for t in times[spec]) for key in times[spec][0]},
+            "timed_runs": len(times[spec]),
             "memory": memory,
         }
     return results
@@ -248,7 +252,9 @@ def mean_counts(counts: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------- report
 
 
-def table(records: list[dict]) -> str:
+def table(records: list[dict], timing: str = "times_min") -> str:
+    """Markdown table of the records; times are the fastest runs ("times_min", steadier on a shared CPU) or the
+    medians ("times")."""
     dense = next((r for r in records if r["method"] == "Dense"), None)
     lines = [
         "| method | visual tokens kept | accuracy | object recall | prefill GFLOPs | decode MFLOPs/token "
@@ -256,10 +262,10 @@ def table(records: list[dict]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
-        f, t = r["flops"], r["times"]
+        f, t = r["flops"], r.get(timing, r["times"])
         recall = f"{r['object_recall']:.3f}" if r.get("object_recall") is not None else "-"
         accuracy = f"{100 * r['accuracy']:.2f}%" if r.get("accuracy") is not None else "-"
-        speedup = f"{dense['times']['prefill'] / t['prefill']:.2f}x" if dense else "-"
+        speedup = f"{dense.get(timing, dense['times'])['prefill'] / t['prefill']:.2f}x" if dense else "-"
         lines.append(
             f"| {r['label']} | {f['kept_visual_tokens']:.1f}/{f['visual_tokens']:.0f} | {accuracy} | {recall} "
             f"| {f['prefill'] / 1e9:.3f} | {f['decode_per_token'] / 1e6:.1f} | {1e3 * t['prefill']:.0f} "
@@ -339,6 +345,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated in the timed runs")
     parser.add_argument("--output", required=True, help="JSON-lines file of records (appended; resumes)")
     parser.add_argument("--plot", default=None, help="Pareto plot PNG (default: the output with .png)")
+    parser.add_argument("--answers", default=None,
+                        help="folder of the accuracy runs' answer files (default: <output stem>-answers); "
+                             "complete runs found there are reused, partial ones resumed")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -389,7 +398,7 @@ def main(argv: list[str]) -> int:
         print(f"measuring {len(pending)} settings ({len(done)} already in {output}); {config_note}", flush=True)
         started = time.perf_counter()
         measured = measure(model, pending, prompts, args.reps, args.new_tokens, progress)
-        answers_dir = output.with_name(output.stem + "-answers")
+        answers_dir = Path(args.answers) if args.answers else output.with_name(output.stem + "-answers")
         output.parent.mkdir(parents=True, exist_ok=True)
         for spec, method in pending.items():
             summary = None
