@@ -6,13 +6,19 @@ from ..errors import UnsupportedModelError
 from .base import AttentionRule, EntryCall, FFNParts, ImageLayout, LayerInputs, ModelAdapter
 from .causal_lm import CausalLMAdapter
 from .gemma3 import Gemma3Adapter
+from .idefics3 import Idefics3Adapter
+from .internvl import InternVLAdapter
 from .llava import LlavaLlamaAdapter
+from .mistral3 import Mistral3Adapter
 from .qwen_vl import QwenVLAdapter
 
 ADAPTERS: list[type[ModelAdapter]] = [LlavaLlamaAdapter]
 ADAPTERS.append(QwenVLAdapter)
 ADAPTERS.append(Gemma3Adapter)
 ADAPTERS.append(CausalLMAdapter)
+ADAPTERS.append(Idefics3Adapter)
+ADAPTERS.append(InternVLAdapter)
+ADAPTERS.append(Mistral3Adapter)
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:

@@ -1,0 +1,85 @@
+"""InternVL (transformers' `InternVLForConditionalGeneration`): an InternViT vision tower, pixel shuffle and an
+MLP projector in front of a decoder language model (Qwen2 / Qwen3 / Llama in the released checkpoints).
+
+- The processor splits an image into tiles plus a thumbnail (dynamic high resolution); each tile becomes
+  `(image_size / patch_size * downsample_ratio)^2` image tokens on a square grid (row-major), and all the tiles
+  of one image are a single run of `<IMG_CONTEXT>` tokens between `<img>` and `</img>`. A video is one such
+  run per frame.
+- Visual tokens are the `image_token_id` placeholders only; `<img>` / `</img>` are text and never removed.
+- A token budget counts an image: one run of image tokens, all its tiles together; each tile is a sub-image
+  with its own grid.
+"""
+
+import inspect
+
+import torch
+from torch import nn
+
+from .base import EntryCall, bind_arguments
+from .decoder_lm import DecoderLanguageModelAdapter
+
+
+def _internvl_classes() -> tuple[type, ...]:
+    import transformers
+
+    names = ["InternVLForConditionalGeneration", "InternVLModel"]
+    return tuple(getattr(transformers, name) for name in names if hasattr(transformers, name))
+
+
+def _side(value) -> int:
+    """The first entry of a (height, width) size, or the size itself."""
+    return int(value[0]) if isinstance(value, (list, tuple)) else int(value)
+
+
+class InternVLAdapter(DecoderLanguageModelAdapter):
+    family = "internvl"
+    classes = "InternVLForConditionalGeneration"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return isinstance(model, _internvl_classes())
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.entry_module = model.model if hasattr(model, "lm_head") else model
+        self.attach_language_model(getattr(self.entry_module, "language_model", None))
+        config = self.entry_module.config
+        self.image_token_id = int(config.image_token_id)
+        vision = config.vision_config
+        side = int(_side(vision.image_size) // _side(vision.patch_size) * float(config.downsample_ratio))
+        self.tile_grid = (side, side)
+        self.tile_tokens = side * side
+        self._entry_signature = inspect.signature(self.entry_module.forward)
+        self.check_attention()
+
+    def read_entry_call(self, args: tuple, kwargs: dict) -> EntryCall:
+        arguments = bind_arguments(self._entry_signature, args, kwargs)
+        encoded = (arguments.get("mm_encoder_outputs") or {}).get("image")
+        image_inputs = arguments.get("pixel_values")
+        return EntryCall(
+            input_ids=arguments.get("input_ids"),
+            inputs_embeds=arguments.get("inputs_embeds"),
+            attention_mask=arguments.get("attention_mask"),
+            image_inputs=image_inputs if image_inputs is not None else encoded,
+            cache=arguments.get("cache", arguments.get("past_key_values")),
+        )
+
+    def image_sizes(self, call: EntryCall) -> list[tuple[int, int, int]]:
+        """One entry per tile (all tiles share one grid)."""
+        rows, cols = self.tile_grid
+        return [(self.tile_tokens, rows, cols)] * sum(self.sub_images(call))
+
+    def sub_images(self, call: EntryCall) -> list[int]:
+        """Tiles per image: each run of image tokens is one image."""
+        visual = self.visual_mask(call)
+        run_starts = visual & ~torch.nn.functional.pad(visual[:, :-1], (1, 0), value=False)
+        run_ends = visual & ~torch.nn.functional.pad(visual[:, 1:], (0, 1), value=False)
+        positions = torch.arange(visual.shape[1], device=visual.device)
+        lengths = (positions[run_ends.nonzero()[:, 1]] - positions[run_starts.nonzero()[:, 1]] + 1).tolist()
+        for length in lengths:
+            if length % self.tile_tokens:
+                raise ValueError(
+                    f"a run of {length} image tokens is not a whole number of tiles of {self.tile_tokens} tokens "
+                    "(image_seq_length)"
+                )
+        return [length // self.tile_tokens for length in lengths]
