@@ -155,3 +155,14 @@ def test_token_types_that_are_not_the_image_tokens_are_refused():
 
 def test_the_model_is_restored_after_the_block_and_after_an_exception():
     check_restored(model_of(), batch([TWO_IMAGES]), SUPPRESS, with_budget(0.25, True))
+
+
+def test_a_later_turn_with_images_and_token_types_is_refused():
+    model = model_of()
+    inputs = batch([TWO_IMAGES])
+    with cm.sparsify(model, with_budget(4)):
+        cache = model(**inputs, use_cache=True).past_key_values
+        turn = batch([sample(1, text_before=1, text_after=2, seed=6)])
+        turn["attention_mask"] = torch.cat([inputs["attention_mask"], turn["attention_mask"]], dim=1)
+        with pytest.raises(cm.UnsupportedModeError, match="later turn"):
+            model(**turn, past_key_values=cache)

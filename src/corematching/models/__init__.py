@@ -9,6 +9,8 @@ from .gemma3 import Gemma3Adapter
 from .idefics3 import Idefics3Adapter
 from .internvl import InternVLAdapter
 from .llava import LlavaLlamaAdapter
+from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .mistral3 import Mistral3Adapter
 from .qwen_vl import QwenVLAdapter
 
@@ -16,6 +18,8 @@ ADAPTERS: list[type[ModelAdapter]] = [LlavaLlamaAdapter]
 ADAPTERS.append(QwenVLAdapter)
 ADAPTERS.append(Gemma3Adapter)
 ADAPTERS.append(CausalLMAdapter)
+ADAPTERS.append(LlavaNextAdapter)
+ADAPTERS.append(LlavaOnevisionAdapter)
 ADAPTERS.append(Idefics3Adapter)
 ADAPTERS.append(InternVLAdapter)
 ADAPTERS.append(Mistral3Adapter)

@@ -51,8 +51,15 @@ class Gemma3Adapter(DecoderLanguageModelAdapter):
         call = read_llava_call(self._entry_signature, args, kwargs)
         token_type_ids = bind_arguments(self._entry_signature, args, kwargs).get("token_type_ids")
         self.images_bidirectional = token_type_ids is not None
-        if token_type_ids is not None and call.image_inputs is not None and call.input_ids is not None:
-            self._check_image_blocks(call, token_type_ids)
+        if token_type_ids is not None and call.image_inputs is not None:
+            if call.cache is not None and int(call.cache.get_seq_length()) > 0:
+                raise UnsupportedModeError(
+                    "Gemma 3: images with token_type_ids after a filled KV cache (a later turn with images): the "
+                    "image blocks of a later turn are not rebuilt after the prune layer; prefill the whole "
+                    "conversation in one call, or pass the later turn without token_type_ids"
+                )
+            if call.input_ids is not None:
+                self._check_image_blocks(call, token_type_ids)
         return call
 
     def _check_image_blocks(self, call: EntryCall, token_type_ids: torch.Tensor) -> None:

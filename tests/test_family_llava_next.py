@@ -1,0 +1,230 @@
+"""LLaVA-NeXT and LLaVA-OneVision (anyres tiles with newline tokens, token counts that differ per image, OneVision
+videos) against the dense model and the oracle. Token counts and newline positions come from the model's own
+image features."""
+
+import math
+
+import pytest
+import torch
+from family_checks import (
+    check_against_oracle,
+    check_batch_equals_alone,
+    check_keep_all_equals_dense,
+    check_restored,
+    kept_per_image,
+)
+from oracle import masked_reference, removed_mask
+
+import corematching as cm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PAD, BOS = 0, 1
+IMAGE, VIDEO = 120, 121
+SUPPRESS = [IMAGE, VIDEO]
+TILE, PATCH = 12, 4  # a 3 x 3 grid per base view and per tile
+PINPOINTS = [[12, 24], [24, 12], [24, 24]]
+PRUNE_LAYER = 1
+NEURON_LAYERS = [0, 2, 3]
+
+
+def build(kind: str, attn: str = "sdpa", seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=BOS,
+                eos_token_id=2, initializer_range=0.1)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=TILE, patch_size=PATCH)
+    if kind == "onevision":
+        config = transformers.LlavaOnevisionConfig(
+            vision_config=transformers.SiglipVisionConfig(**vision), text_config=transformers.Qwen2Config(**text),
+            image_token_index=IMAGE, video_token_index=VIDEO, image_grid_pinpoints=PINPOINTS,
+        )
+        model_class = transformers.LlavaOnevisionForConditionalGeneration
+    else:
+        language = transformers.LlamaConfig(**text) if kind == "next" else transformers.MistralConfig(
+            sliding_window=10, **text)  # every layer slides, over fewer tokens than an image has
+        config = transformers.LlavaNextConfig(
+            vision_config=transformers.CLIPVisionConfig(**vision), text_config=language, image_token_index=IMAGE,
+            image_grid_pinpoints=PINPOINTS,
+        )
+        model_class = transformers.LlavaNextForConditionalGeneration
+    model = model_class._from_config(config, attn_implementation=attn, dtype=torch.float32)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD
+    return model.eval()
+
+
+_MODELS = {}
+
+
+def model_of(kind: str = "next", attn: str = "sdpa"):
+    if (kind, attn) not in _MODELS:
+        _MODELS[kind, attn] = build(kind, attn)
+    return _MODELS[kind, attn]
+
+
+def patches_of(size: tuple[int, int]) -> int:
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return image_size_to_num_patches(size, PINPOINTS, TILE)
+
+
+def sample(kind: str, sizes: list[tuple[int, int]], text_before: int, text_after: int, seed: int,
+           video_frames: int = 0) -> dict:
+    """One prompt: [BOS, text, (image tokens, text) per image, (video tokens, text), text]; each image's token
+    count is what the model's image features have (base view, tiles and newline tokens)."""
+    generator = torch.Generator().manual_seed(seed)
+    model = model_of(kind)
+    pixels = [torch.randn(patches_of(size), 3, TILE, TILE, generator=generator) for size in sizes]
+    image_sizes = torch.tensor(sizes).view(-1, 2)
+    counts = []
+    if sizes:
+        options = {"batch_num_images": [len(sizes)]} if kind == "onevision" else {}
+        with torch.no_grad():
+            features = model.model.get_image_features(padded(pixels), image_sizes, **options).pooler_output
+        counts = [len(image) for image in features]
+    parts = [torch.tensor([BOS]), torch.randint(3, 100, (text_before,), generator=generator)]
+    for count in counts:
+        parts += [torch.full((count,), IMAGE), torch.randint(3, 100, (2,), generator=generator)]
+    video = None
+    if video_frames:
+        video = torch.randn(1, video_frames, 3, TILE, TILE, generator=generator)
+        pooled = math.ceil(TILE // PATCH / 2)
+        parts += [torch.full((video_frames * pooled * pooled + 1,), VIDEO), torch.randint(3, 100, (2,), generator=generator)]
+    parts.append(torch.randint(3, 100, (text_after,), generator=generator))
+    return dict(ids=torch.cat(parts), pixels=pixels, sizes=image_sizes, video=video)
+
+
+def padded(pixels: list[torch.Tensor]) -> torch.Tensor:
+    """Images of different patch counts stacked [N, P, 3, TILE, TILE] (zero patches after an image's own)."""
+    most = max(len(image) for image in pixels)
+    return torch.stack([torch.cat([image, image.new_zeros(most - len(image), *image.shape[1:])]) for image in pixels])
+
+
+def batch(kind: str, samples: list[dict]) -> dict:
+    width = max(len(s["ids"]) for s in samples)
+    input_ids = torch.full((len(samples), width), PAD)
+    attention_mask = torch.zeros(len(samples), width, dtype=torch.long)
+    for row, s in enumerate(samples):
+        input_ids[row, width - len(s["ids"]) :] = s["ids"]
+        attention_mask[row, width - len(s["ids"]) :] = 1
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
+    pixels = [image for s in samples for image in s["pixels"]]
+    if pixels:
+        inputs.update(pixel_values=padded(pixels), image_sizes=torch.cat([s["sizes"] for s in samples]))
+        if kind == "onevision":
+            inputs["batch_num_images"] = torch.tensor([len(s["pixels"]) for s in samples])
+    videos = [s["video"] for s in samples if s["video"] is not None]
+    if videos:
+        inputs["pixel_values_videos"] = torch.cat(videos)
+    return inputs
+
+
+def newline_positions(model, inputs: dict) -> torch.Tensor:
+    """Bool [B, T]: placeholders that receive the image_newline vector, from the model's own features."""
+    with torch.no_grad():
+        options = {"batch_num_images": inputs["batch_num_images"]} if "batch_num_images" in inputs else {}
+        features = torch.cat(model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"],
+                                                            **options).pooler_output)
+    newline = (features == model.model.image_newline).all(-1)
+    positions = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    positions[inputs["input_ids"] == IMAGE] = newline
+    return positions
+
+
+def with_budget(budget, neurons: bool = False) -> cm.CoreMatching:
+    return cm.CoreMatching(
+        prune_layer=PRUNE_LAYER, token_budget=budget, beta=0.5, neuron_layers=NEURON_LAYERS if neurons else []
+    )
+
+
+def two_images(kind: str) -> dict:
+    """A wide image (base view and 2 tiles) and a tall one (4 tiles, unpadded), for one sample."""
+    return sample(kind, [(20, 40), (30, 20)], text_before=3, text_after=4, seed=1)
+
+
+@pytest.mark.parametrize("kind", ["next", "onevision"])
+def test_keep_all_equals_dense(kind):
+    keep_all = cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=1.0, beta=1.0, neuron_layers=NEURON_LAYERS)
+    check_keep_all_equals_dense(model_of(kind), batch(kind, [two_images(kind)]), SUPPRESS, keep_all)
+
+
+@pytest.mark.parametrize(
+    "kind,attn,budget", [("next", "sdpa", 0.25), ("next", "eager", 3), ("next-mistral", "sdpa", 0.25),
+                         ("onevision", "sdpa", 0.25)]
+)
+def test_each_image_keeps_its_budget_and_decoding_equals_the_oracle(kind, attn, budget):
+    model = model_of(kind, attn)
+    inputs = batch(kind, [two_images(kind)])
+    record = check_against_oracle(model, model.model.language_model, inputs, SUPPRESS, with_budget(budget), attn)
+    newline = newline_positions(model, inputs)[0]
+    image = inputs["input_ids"][0] == IMAGE
+    runs = image.long().diff(prepend=torch.zeros(1, dtype=torch.long)).eq(1).cumsum(0) - 1  # image of each token
+    visual_counts = [int((image & ~newline & (runs == k)).sum()) for k in range(2)]
+    expected = [math.ceil(budget * n) if isinstance(budget, float) else budget for n in visual_counts]
+    with cm.sparsify(model, with_budget(budget)) as session:
+        call = session.adapter.read_entry_call((), inputs)
+        layout = session.adapter.image_layout(call, session.adapter.visual_mask(call))
+    assert kept_per_image(record, layout) == expected
+    assert torch.equal(record.visual_mask[0], image & ~newline)  # newline tokens are not visual: not counted
+    assert record.keep_mask[0][newline].all()  # ... and never removed
+
+
+def test_the_layout_from_image_sizes_equals_the_one_from_features():
+    """A plain forward brings pixels and sizes (the layout comes from the sizes), generate() brings the
+    encoded features (the layout comes from their newline rows): both find the model's newline tokens."""
+    model = model_of("onevision")
+    samples = [two_images("onevision"), sample("onevision", [(16, 16)], 2, 3, seed=4)]
+    inputs = batch("onevision", samples)
+    with cm.sparsify(model, with_budget(2)) as session:
+        from_sizes = session.adapter.visual_mask(session.adapter.read_entry_call((), inputs))
+    expected = (inputs["input_ids"] == IMAGE) & ~newline_positions(model, inputs)
+    assert torch.equal(from_sizes, expected)
+
+
+@pytest.mark.parametrize("kind", ["next", "onevision"])
+def test_a_plain_forward_with_pixels_equals_the_oracle(kind):
+    model = model_of(kind)
+    inputs = batch(kind, [two_images(kind)])
+    with cm.sparsify(model, with_budget(0.25)) as session, torch.no_grad():
+        logits = model(**inputs).logits[:, -1]
+        record = session.last
+    length = inputs["input_ids"].shape[1]
+    removed = removed_mask(record.keep_mask, record.visual_mask, length)
+    with masked_reference(model.model.language_model, {}, removed, PRUNE_LAYER), torch.no_grad():
+        expected = model(**inputs).logits[:, -1]
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_a_video_and_an_image_each_keep_their_budget_and_equal_the_oracle():
+    model = model_of("onevision")
+    inputs = batch("onevision", [sample("onevision", [(20, 40)], 2, 3, seed=5, video_frames=3)])
+    record = check_against_oracle(model, model.model.language_model, inputs, SUPPRESS, with_budget(0.25, True))
+    video = inputs["input_ids"][0] == VIDEO
+    video_tokens = int(video.sum()) - 1  # 3 frames of 2 x 2 pooled tokens, then a newline token
+    assert video_tokens == 12
+    assert int((record.keep_mask[0] & record.visual_mask[0] & video).sum()) == math.ceil(0.25 * video_tokens)
+    assert record.keep_mask[0][video.nonzero().max()]  # the video's newline token is kept
+
+
+@pytest.mark.parametrize("kind", ["next", "onevision"])
+def test_core_neuron_decoding_equals_the_oracle(kind):
+    model = model_of(kind)
+    record = check_against_oracle(model, model.model.language_model, batch(kind, [two_images(kind)]), SUPPRESS,
+                                  with_budget(0.25, True))
+    assert sorted(record.core_neurons) == NEURON_LAYERS
+
+
+@pytest.mark.parametrize("kind", ["next", "onevision"])
+def test_a_batch_of_different_sizes_equals_each_sample_alone(kind):
+    first = sample(kind, [(16, 30)], text_before=2, text_after=3, seed=2)
+    second = sample(kind, [(40, 12), (12, 12)], text_before=6, text_after=2, seed=3)
+    alone = [batch(kind, [first]), batch(kind, [second])]
+    check_batch_equals_alone(model_of(kind), batch(kind, [first, second]), alone, SUPPRESS, with_budget(0.25, True))
+
+
+def test_the_model_is_restored_after_the_block_and_after_an_exception():
+    check_restored(model_of("next"), batch("next", [two_images("next")]), SUPPRESS, with_budget(0.25, True))
