@@ -8,7 +8,9 @@ from family_checks import (
     check_batch_equals_alone,
     check_keep_all_equals_dense,
     check_restored,
+    generate,
 )
+from oracle import masked_reference
 
 import corematching as cm
 
@@ -183,3 +185,32 @@ def test_a_batch_of_different_sizes_equals_each_sample_alone():
 
 def test_the_model_is_restored_after_the_block_and_after_an_exception():
     check_restored(model_of(), batch([TWO_IMAGES]), SUPPRESS, with_budget(0.25, True))
+
+
+def test_a_second_turn_with_a_new_image_is_exact():
+    """A new image in a later call (a continued conversation): its images are read among the new tokens."""
+    model = model_of()
+    first_ids, first_pixels = sample([None], text_before=2, text_after=3, seed=5)
+    second_ids, second_pixels = sample([(1, 2)], text_before=0, text_after=3, seed=6)
+    second_ids = second_ids[1:]  # no BOS in a later turn
+    length = len(first_ids) + len(second_ids)
+    logits = []
+    with cm.sparsify(model, with_budget(2)) as session, torch.no_grad():
+        out = model(**batch([(first_ids, first_pixels)]), use_cache=True)
+        first = session.last
+        mask = torch.ones(1, length, dtype=torch.long)
+        out = model(input_ids=second_ids[None], pixel_values=second_pixels[None], attention_mask=mask, cache=out.cache)
+        second = session.last
+        for _ in range(3):
+            logits.append(out.logits[0, -1])
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], dim=1)
+            token = out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=token, attention_mask=mask, cache=out.cache)
+    assert kept_per_image(second, second_ids[None], [27]) == [2]  # the three sub-images are one image
+    removed = torch.zeros(1, length + 3, dtype=torch.bool)
+    removed[:, : len(first_ids)] = first.visual_mask & ~first.keep_mask
+    removed[:, len(first_ids) : length] = second.visual_mask & ~second.keep_mask
+    full = batch([(torch.cat([first_ids, second_ids]), torch.cat([first_pixels, second_pixels]))])
+    with masked_reference(model.model.text_model, {}, removed, PRUNE_LAYER):
+        _, expected = generate(model, full, SUPPRESS, steps=3)
+    torch.testing.assert_close(torch.stack(logits), expected[0], atol=1e-5, rtol=0)
