@@ -243,3 +243,17 @@ def core_matching_scores(
     token_core = token_core_neurons(activations, rho)
     match_core = sentence_core_neurons(token_core, activations, match_mask, beta)
     return match_scores(token_core, neuron_mask(match_core, activations.shape[-1]))
+
+
+# ---------------------------------------------------------------------------------------------- hashing
+
+HASH_MODULUS = 2**31
+
+
+def hash_mix(values: torch.Tensor) -> torch.Tensor:
+    """A small integer hash of int64 values, elementwise, into [0, 2**31) (no overflow for values < 2**32)."""
+    values = values % HASH_MODULUS
+    for _ in range(3):
+        values = (values * 1103515245 + 12345) % HASH_MODULUS
+        values = values ^ (values >> 13)
+    return values

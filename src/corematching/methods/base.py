@@ -9,6 +9,19 @@ from numbers import Integral, Real
 
 import torch
 
+from ..selection import ceil_ratio
+
+# What a method may ask for (SparsityMethod.wants_inputs), filled into TokenBatch by the runtime.
+METHOD_INPUTS = frozenset(
+    {
+        "hidden_states",  # TokenBatch.hidden_states: what enters layer K + 1
+        "last_attention",  # TokenBatch.last_attention: the last prompt token's attention row at layer K
+        "input_embeddings",  # TokenBatch.input_embeddings: what enters the language model's first layer
+        "vision_attention",  # TokenBatch.vision_attention: attention each visual token got in the vision tower
+        "image_fingerprint",  # TokenBatch.image_fingerprint: a hash of each image's own input
+    }
+)
+
 
 @dataclass
 class TokenBatch:
@@ -22,6 +35,27 @@ class TokenBatch:
     activations: torch.Tensor | None  # [B, T, F] FFN activations at the prune layer, when the method asks
     grid_rows: torch.Tensor | None = None  # long: rows of the token's image grid (0 outside images / unknown)
     grid_cols: torch.Tensor | None = None  # long: columns of the token's image grid
+    # Filled only when the method asks for them (SparsityMethod.wants_inputs):
+    hidden_states: torch.Tensor | None = None  # [B, T, H] the hidden states entering layer K + 1
+    last_attention: torch.Tensor | None = None  # [B, T] float: attention of each sample's last token at layer K,
+    #   averaged over heads (softmax over the call's tokens; 0 at padding)
+    input_embeddings: torch.Tensor | None = None  # [B, T, H] what enters layer 0: the image features (after the
+    #   projector) at visual tokens, the token embeddings elsewhere
+    vision_attention: torch.Tensor | None = None  # [B, T] float at visual tokens: attention the token's patch
+    #   received in the vision tower's feature layer (from CLS where the tower has one, else the mean over queries)
+    image_fingerprint: torch.Tensor | None = None  # [B, T] long at visual tokens: a hash of the token's image
+    #   input (its pixels), the same for that image whatever its batch mates (0 for a family whose image inputs
+    #   cannot be split per image)
+
+
+def instruction_mask(batch: TokenBatch) -> torch.Tensor:
+    """Bool [B, T]: each sample's instruction, the text tokens after its last visual token (every text token when
+    nothing follows the image)."""
+    positions = torch.arange(batch.valid_mask.shape[1], device=batch.valid_mask.device)
+    last_visual = torch.where(batch.visual_mask, positions, -1).amax(dim=1, keepdim=True)  # [B, 1]
+    text = batch.valid_mask & ~batch.visual_mask
+    after = text & (positions > last_visual)
+    return torch.where(after.any(1, keepdim=True), after, text)
 
 
 @dataclass
@@ -30,14 +64,22 @@ class TokenDecision:
 
     keep_visual: torch.Tensor  # bool [B, T], True only at kept visual tokens
     scores: torch.Tensor | None = None  # [B, T] float, meaningful at visual tokens
+    merged_hidden: torch.Tensor | None = None  # [B, T, H]: replaces the hidden states entering layer K + 1 at the
+    #   kept tokens (values at removed tokens are ignored); None keeps them as they are
 
 
 class SparsityMethod:
     """Base of all methods. Subclasses are dataclasses and validate their fields in __post_init__."""
 
     def prune_layer_index(self) -> int | None:
-        """The layer after which tokens are removed, or None when the method keeps every token."""
+        """The layer after which tokens are removed (-1: before the language model's first layer), or None when
+        the method keeps every token."""
         return None
+
+    def wants_inputs(self) -> frozenset[str]:
+        """What select_tokens reads beside the masks: names from METHOD_INPUTS (each costs some work, so a method
+        asks only for what it uses)."""
+        return frozenset()
 
     def applies_to_text(self) -> bool:
         """Whether samples without images are sparsified too (neuron methods); token methods leave them dense."""
@@ -54,11 +96,16 @@ class SparsityMethod:
     def check_layers(self, num_layers: int) -> None:
         """Raise ValueError when a layer index does not exist in a model of num_layers layers."""
         prune_layer = self.prune_layer_index()
-        if prune_layer is not None and not 0 <= prune_layer <= num_layers - 2:
+        if prune_layer is not None and not -1 <= prune_layer <= num_layers - 2:
             raise ValueError(
                 f"prune_layer={prune_layer} is out of range: the language model has {num_layers} layers, "
-                f"and tokens can be removed after layers 0..{num_layers - 2}"
+                f"and tokens can be removed after layers 0..{num_layers - 2} (or before the first, -1)"
             )
+        unknown = set(self.wants_inputs()) - METHOD_INPUTS
+        if unknown:
+            raise ValueError(f"{type(self).__name__} asks for unknown inputs {sorted(unknown)}")
+        if prune_layer == -1 and {"hidden_states", "last_attention"} & set(self.wants_inputs()):
+            raise ValueError("hidden_states and last_attention need a prune layer >= 0 (there is no layer -1)")
 
     def select_tokens(self, batch: TokenBatch) -> TokenDecision:
         """Which visual tokens go past the prune layer."""
@@ -68,6 +115,19 @@ class SparsityMethod:
         """Core neurons [B, k] (sorted) of decoder layer `layer` from its prefill activations [B, T, F] over
         token_mask [B, T]."""
         raise NotImplementedError(f"{type(self).__name__} does not select neurons")
+
+    def decode_ffn_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Layers whose FFN the method computes itself while decoding (decode_ffn); their prefill runs dense and
+        is shown to observe_prefill_ffn."""
+        return ()
+
+    def observe_prefill_ffn(self, layer: int, ffn, hidden: torch.Tensor, token_mask: torch.Tensor) -> None:
+        """A fresh prefill's FFN input hidden [B, T, H] of a decode_ffn layer (token_mask [B, T]: real tokens).
+        ffn: the layer's FFN parts (up, down, gate linears and act)."""
+
+    def decode_ffn(self, layer: int, ffn, hidden: torch.Tensor) -> torch.Tensor:
+        """The FFN output [B, q, H] of decode_ffn layer `layer` for tokens after the prefill, hidden [B, q, H]."""
+        raise NotImplementedError(f"{type(self).__name__} does not compute FFNs")
 
     def select_tokens_and_neurons(
         self, batch: TokenBatch, token_mask: torch.Tensor, layer: int
@@ -129,3 +189,21 @@ def check_positive_int(name: str, value) -> int:
     if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return int(value)
+
+
+def images_of(batch: TokenBatch):
+    """Yield (row, positions) for every image of the batch: positions, a sorted LongTensor, are the image's visual
+    tokens in sample `row`. For methods that decide image by image (a host loop over the images)."""
+    counts = (batch.image_index.amax(dim=1) + 1).clamp(min=0).tolist()
+    for row, count in enumerate(counts):
+        for image in range(count):
+            positions = (batch.image_index[row] == image).nonzero().squeeze(1)
+            if positions.numel():
+                yield row, positions
+
+
+def budget_of(token_budget: int | float, size: int) -> int:
+    """Tokens an image of `size` tokens keeps: an int budget (at most size), or ceil(fraction * size)."""
+    if isinstance(token_budget, float):
+        return max(1, min(size, ceil_ratio(size, token_budget)))
+    return min(size, token_budget)

@@ -8,29 +8,23 @@ from .. import selection
 from . import defaults
 from .base import SparsityMethod, TokenBatch, TokenDecision, check_layer_index, check_token_budget, is_int
 
-_MODULUS = 2**31
 
-
-def _mix(values: torch.Tensor) -> torch.Tensor:
-    """A small integer hash on int64 values in [0, 2**31), staying in that range (no overflow)."""
-    for _ in range(3):
-        values = (values * 1103515245 + 12345) % _MODULUS
-        values = values ^ (values >> 13)
-    return values
-
-
-def token_noise(seed: int, image_index: torch.Tensor, image_ordinal: torch.Tensor) -> torch.Tensor:
-    """A pseudo-random score in [0, 1) per visual token, a function of (seed, image, position in the image)
-    only, so a sample draws the same tokens whatever its batch mates, padding or device."""
-    mixed = _mix(torch.full_like(image_index, seed % _MODULUS))
-    mixed = _mix((mixed + image_index.clamp(min=0)) % _MODULUS)
-    mixed = _mix((mixed + image_ordinal.clamp(min=0)) % _MODULUS)
-    return mixed.to(torch.float64).div(_MODULUS).to(torch.float32)
+def token_noise(seed: int, image_key: torch.Tensor, image_ordinal: torch.Tensor) -> torch.Tensor:
+    """A pseudo-random score in [0, 1) per visual token, a function of (seed, the image's key, position in the
+    image) only, so a sample draws the same tokens whatever its batch mates, padding or device."""
+    mixed = selection.hash_mix(torch.full_like(image_key, seed % selection.HASH_MODULUS))
+    mixed = selection.hash_mix(mixed + image_key.clamp(min=0))
+    mixed = selection.hash_mix(mixed + image_ordinal.clamp(min=0))
+    return mixed.to(torch.float64).div(selection.HASH_MODULUS).to(torch.float32)
 
 
 @dataclass
 class RandomTokens(SparsityMethod):
-    """Keeps token_budget visual tokens per image, drawn at random from seed; removes the rest after prune_layer."""
+    """Keeps token_budget visual tokens per image, drawn at random; removes the rest after prune_layer.
+
+    The draw of an image is seeded by `seed` and a hash of the image's own input (its pixels), so different
+    images keep different positions, the same image always keeps the same ones, and batch mates never matter.
+    """
 
     token_budget: int | float = defaults.TOKEN_BUDGET
     seed: int = defaults.RANDOM_SEED
@@ -45,7 +39,10 @@ class RandomTokens(SparsityMethod):
     def prune_layer_index(self) -> int:
         return self.prune_layer
 
+    def wants_inputs(self) -> frozenset[str]:
+        return frozenset({"image_fingerprint"})
+
     def select_tokens(self, batch: TokenBatch) -> TokenDecision:
-        scores = token_noise(self.seed, batch.image_index, batch.image_ordinal)
+        scores = token_noise(self.seed, batch.image_fingerprint, batch.image_ordinal)
         keep = selection.select_by_score(scores, batch.image_index, self.token_budget)
         return TokenDecision(keep_visual=keep & batch.visual_mask, scores=scores)

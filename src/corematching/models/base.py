@@ -12,6 +12,7 @@ models/__init__.py.
 """
 
 import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from .attention_scores import attention_received, last_token_attention
 
 
 @dataclass(frozen=True)
@@ -72,21 +74,12 @@ class AttentionRule:
 class ImageLayout:
     """Per token of a call [B, T] (long): the image it belongs to within its sample (-1 outside images), its
     position inside that image (row-major over the image's grid), and that image's grid rows and columns (0
-    where unknown).
-
-    An image may be made of several sub-images, each its own grid (Idefics3 and SmolVLM split an image into tiles
-    plus a downscaled global view; InternVL into tiles plus a thumbnail). Then `image_index` and `image_ordinal`
-    count the whole image (all its sub-images, in token order: the unit a token budget applies to), the grid is
-    the token's sub-image's, and `sub_image_index` / `sub_image_ordinal` say which sub-image of its image the
-    token is in (0, 1, ...) and where inside that sub-image's grid (row-major). For an image of one grid,
-    `sub_image_index` is 0 and `sub_image_ordinal` equals `image_ordinal`. Both are -1 outside images."""
+    where unknown)."""
 
     image_index: torch.Tensor
     image_ordinal: torch.Tensor
     grid_rows: torch.Tensor
     grid_cols: torch.Tensor
-    sub_image_index: torch.Tensor | None = None
-    sub_image_ordinal: torch.Tensor | None = None
 
 
 def fixed_size_images(visual: torch.Tensor, per_image: int | None, grid: tuple[int, int] | None) -> ImageLayout:
@@ -96,51 +89,32 @@ def fixed_size_images(visual: torch.Tensor, per_image: int | None, grid: tuple[i
     image_ordinal = ordinal % per_image if per_image else ordinal
     outside = torch.full_like(ordinal, -1)
     rows, cols = grid if grid is not None else (0, 0)
-    image_ordinal = torch.where(visual, image_ordinal, outside)
     return ImageLayout(
         image_index=torch.where(visual, image_index, outside),
-        image_ordinal=image_ordinal,
+        image_ordinal=torch.where(visual, image_ordinal, outside),
         grid_rows=torch.where(visual, rows, 0),
         grid_cols=torch.where(visual, cols, 0),
-        sub_image_index=torch.where(visual, 0, outside),
-        sub_image_ordinal=image_ordinal,
     )
 
 
-def images_of_sizes(
-    visual: torch.Tensor, sizes: list[tuple[int, int, int]], sub_images: list[int] | None = None
-) -> ImageLayout:
-    """Images of different sizes: the k-th (sub-)image of the batch (sample by sample, in order) covers the next
-    sizes[k][0] visual tokens, on a sizes[k][1] x sizes[k][2] grid. With `sub_images`, the entries of `sizes`
-    are sub-images and the j-th image is the next sub_images[j] of them (an image never spans two samples);
-    without it, every entry is an image of its own."""
+def images_of_sizes(visual: torch.Tensor, sizes: list[tuple[int, int, int]]) -> ImageLayout:
+    """Images of different sizes: the k-th image of the batch (sample by sample, in order) covers the next
+    sizes[k][0] visual tokens, on a sizes[k][1] x sizes[k][2] grid."""
     device = visual.device
-    if sub_images is None:
-        sub_images = [1] * len(sizes)
-    if sum(sub_images) != len(sizes) or any(count < 1 for count in sub_images):
-        raise ValueError(f"sub-images per image {sub_images} do not add up to the {len(sizes)} sub-images")
-    if not sizes:  # no image: every token is outside
-        sizes, sub_images = [(0, 0, 0)], [1]
-    counts = torch.tensor([size[0] for size in sizes], device=device)
-    starts = counts.cumsum(0) - counts  # [N] first batch-wide visual ordinal of each sub-image
+    counts = torch.tensor([size[0] for size in sizes] or [0], device=device)
+    starts = counts.cumsum(0) - counts  # [N] first batch-wide visual ordinal of each image
     flat_ordinal = visual.reshape(-1).long().cumsum(0).view_as(visual) - 1  # batch-wide, row-major
-    entry = torch.searchsorted(starts, flat_ordinal.clamp(min=0), right=True) - 1  # [B, T] batch-wide sub-image
-    entry = entry.clamp(min=0)
-    per_image = torch.tensor(sub_images, device=device)
-    first_entry = per_image.cumsum(0) - per_image  # [M] first sub-image of each image
-    image_of_entry = torch.repeat_interleave(torch.arange(len(sub_images), device=device), per_image)  # [N]
-    image = image_of_entry[entry]  # [B, T] batch-wide image id
+    image = torch.searchsorted(starts, flat_ordinal.clamp(min=0), right=True) - 1  # [B, T] batch-wide image id
+    image = image.clamp(min=0)
     first_image_of_sample = torch.where(visual, image, image.max() + 1).amin(1, keepdim=True)  # [B, 1]
-    rows = torch.tensor([size[1] for size in sizes], device=device)
-    cols = torch.tensor([size[2] for size in sizes], device=device)
+    rows = torch.tensor([size[1] for size in sizes] or [0], device=device)
+    cols = torch.tensor([size[2] for size in sizes] or [0], device=device)
     outside = torch.full_like(image, -1)
     return ImageLayout(
         image_index=torch.where(visual, image - first_image_of_sample, outside),
-        image_ordinal=torch.where(visual, flat_ordinal - starts[first_entry[image]], outside),
-        grid_rows=torch.where(visual, rows[entry], 0),
-        grid_cols=torch.where(visual, cols[entry], 0),
-        sub_image_index=torch.where(visual, entry - first_entry[image], outside),
-        sub_image_ordinal=torch.where(visual, flat_ordinal - starts[entry], outside),
+        image_ordinal=torch.where(visual, flat_ordinal - starts[image], outside),
+        grid_rows=torch.where(visual, rows[image], 0),
+        grid_cols=torch.where(visual, cols[image], 0),
     )
 
 
@@ -220,15 +194,8 @@ class ModelAdapter:
         return mask
 
     def image_sizes(self, call: EntryCall) -> list[tuple[int, int, int]] | None:
-        """(tokens, grid rows, grid cols) of every image of the call (of every sub-image, where images are split:
-        see `sub_images`), in order of appearance (sample by sample), or None when every image has the model's
-        fixed `tokens_per_image` and `image_grid`."""
-        return None
-
-    def sub_images(self, call: EntryCall) -> list[int] | None:
-        """For models that split an image into sub-images (tiles, a global view), each its own entry of
-        `image_sizes`: how many consecutive entries make up each image of the call, in the same order; None when
-        every entry is an image of its own."""
+        """(tokens, grid rows, grid cols) of every image of the call, in order of appearance (sample by sample),
+        or None when every image has the model's fixed `tokens_per_image` and `image_grid`."""
         return None
 
     def image_layout(self, call: EntryCall, visual: torch.Tensor) -> "ImageLayout":
@@ -236,7 +203,7 @@ class ModelAdapter:
         sizes = self.image_sizes(call)
         if sizes is None:
             return fixed_size_images(visual, self.tokens_per_image, self.image_grid)
-        return images_of_sizes(visual, sizes, self.sub_images(call))
+        return images_of_sizes(visual, sizes)
 
     def attention_rule(self, layer: int) -> "AttentionRule":
         """How decoder layer `layer` masks attention (from the language model's config by default)."""
@@ -255,6 +222,84 @@ class ModelAdapter:
     def top_module(self) -> nn.Module:
         """The module users call (it takes `labels`)."""
         return self.model
+
+    # ------------------------------------------------------------------------------------------ method inputs
+    # What a method may ask for beside the FFN activations (methods.base.METHOD_INPUTS). The defaults serve
+    # Llama-like attention (q_proj / k_proj, 1-D RoPE from the attention module's own modeling file) and
+    # LLaVA-style towers (`vision_tower`, `vision_feature_layer`); a family that differs overrides them, and one
+    # that cannot provide an input raises UnsupportedModelError naming it.
+
+    def attention_module(self, layer: int) -> nn.Module:
+        """The self-attention module of decoder layer `layer` (its forward pre-hook sees the normalized input)."""
+        return self.decoder_layers[layer].self_attn
+
+    def last_token_attention(
+        self, layer: int, hidden_states: torch.Tensor, position_embeddings, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """[B, T]: the attention row of each sample's last valid token at decoder layer `layer`, averaged over
+        heads, from the attention module's input hidden_states [B, T, H] and position_embeddings, as the model
+        computes it (its RoPE, its causal and sliding-window rule)."""
+        attention = self.attention_module(layer)
+        modeling = sys.modules[type(attention).__module__]
+        apply_rotary = getattr(modeling, "apply_rotary_pos_emb", None)
+        if self.position_token_dim != 1 or apply_rotary is None or not hasattr(attention, "q_proj"):
+            raise UnsupportedModelError(
+                f"{self.family}: the last token's attention row is computed for 1-D RoPE attention with q_proj / "
+                f"k_proj only, not for {type(attention).__name__}"
+            )
+
+        def rotate(states, cos, sin):
+            return apply_rotary(states, states, cos, sin)[0]
+
+        window = self.attention_rule(layer).sliding_window
+        return last_token_attention(attention, hidden_states, position_embeddings, valid, rotate, window)
+
+    def _vision_feature_layer(self) -> tuple[nn.Module, nn.Module]:
+        """(the tower's vision model, the attention module of the encoder layer whose output is the features)."""
+        config = self.entry_module.config
+        tower = getattr(self.entry_module, "vision_tower", None)
+        feature_layer = getattr(config, "vision_feature_layer", None)
+        vision_model = getattr(tower, "vision_model", tower)
+        layers = getattr(getattr(vision_model, "encoder", None), "layers", None)
+        if layers is None or not isinstance(feature_layer, int) or feature_layer == 0:
+            raise UnsupportedModelError(
+                f"{self.family}: the vision attention needs a tower with encoder layers and one feature layer "
+                f"(vision_feature_layer={feature_layer!r})"
+            )
+        # hidden_states[i] is the output of encoder layer i - 1 (hidden_states[0]: the embeddings)
+        return vision_model, layers[feature_layer if feature_layer < 0 else feature_layer - 1].self_attn
+
+    def vision_tower_module(self) -> nn.Module:
+        """The vision tower: called with the pixel values first, its output object is what `generate` passes back
+        in as pre-encoded image outputs."""
+        tower = getattr(self.entry_module, "vision_tower", None)
+        if tower is None:
+            raise UnsupportedModelError(f"{self.family}: no vision_tower found")
+        return tower
+
+    def vision_attention_module(self) -> nn.Module:
+        """The vision tower's attention module in the layer whose output becomes the image features."""
+        return self._vision_feature_layer()[1]
+
+    def vision_token_attention(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[N images, P]: the attention each image-feature token received in vision_attention_module (from the
+        CLS token where the tower has one, else averaged over queries), from that module's input hidden_states;
+        P is the number of visual tokens per image entering the language model."""
+        vision_model, attention = self._vision_feature_layer()
+        has_cls = getattr(getattr(vision_model, "embeddings", None), "class_embedding", None) is not None
+        received = attention_received(attention, hidden_states, from_first_token=has_cls)
+        if getattr(self.entry_module.config, "vision_feature_select_strategy", "full") == "default":
+            received = received[:, 1:]  # the features drop the first (CLS) token
+        return received
+
+    def images_of_call(self, call: EntryCall) -> list[torch.Tensor]:
+        """The call's image inputs, one tensor per image in order (sample by sample): rows of the pixel values."""
+        images = call.image_inputs
+        if isinstance(images, torch.Tensor):
+            return list(images.unbind(0))
+        if isinstance(images, (list, tuple)) and all(isinstance(image, torch.Tensor) for image in images):
+            return list(images)
+        raise UnsupportedModelError(f"{self.family}: image inputs of type {type(images).__name__} cannot be split")
 
     # ------------------------------------------------------------------------------------------ decoder layers
 

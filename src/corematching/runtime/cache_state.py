@@ -140,6 +140,17 @@ def _crop(self, tokens_to_remove: int) -> None:
     state.upper_index, state.upper_valid = state.upper_index[:, :keep], state.upper_valid[:, :keep]
 
 
+def _get_seq_length(self, layer_idx: int = 0) -> int:
+    """The full sequence length, as generation reads it to place new tokens. It is what layer 0 holds, except when
+    tokens were removed before layer 0 (prune layer -1): then every layer holds the kept tokens only, and the
+    length is the recorded full length plus the tokens added since."""
+    held = super(type(self), self).get_seq_length(layer_idx)
+    state = state_of(self)
+    if state is None or self._corematching_prune_layer != -1 or not state.removed_tokens or held == 0:
+        return held
+    return state.length + held - state.upper_index.shape[1]
+
+
 def _reorder_cache(self, beam_idx: torch.LongTensor):
     state = _check_owner(self)
     super(type(self), self).reorder_cache(beam_idx)
@@ -166,6 +177,7 @@ def _batch_repeat_interleave(self, repeats: int):
 _TRACKED_METHODS = {
     "update": _update,
     "crop": _crop,
+    "get_seq_length": _get_seq_length,
     "reorder_cache": _reorder_cache,
     "batch_select_indices": _batch_select_indices,
     "batch_repeat_interleave": _batch_repeat_interleave,

@@ -28,6 +28,7 @@ from ..models import EntryCall, FFNParts, ImageLayout, ModelAdapter
 from .cache_state import CacheState, NeuronDecision, SessionToken, attach_state, detach_state, state_of
 from .ffn import SlicedFFN, dense_ffn, masked_ffn
 from .masks import padding_mask_from_4d, upper_attention_mask
+from .method_inputs import MethodInputs
 from .packing import PackedLayout, pack_kept_tokens
 from .records import SparsityRecord
 
@@ -57,6 +58,8 @@ class CallState:
     neuron_rows: torch.Tensor | None = None  # fresh: [B] bool rows whose neurons are chosen
     keep: torch.Tensor | None = None  # [B, q] bool: new tokens that go past K
     scores: torch.Tensor | None = None
+    captured: dict = field(default_factory=dict)  # what the method asked for, caught on the way (method_inputs.py)
+    merged_hidden: torch.Tensor | None = None  # [B, q, H] new hidden states of kept tokens entering layer K + 1
     layout: PackedLayout | None = None  # the new tokens gathered at layer K + 1 (None: all of them, in place)
     upper_inputs: dict | None = None  # kwargs every layer > K receives (position ids), without mask and embeddings
     upper_embeddings: list = field(default_factory=list)  # [(position embeddings some layer got, them gathered)]
@@ -72,11 +75,13 @@ class Engine:
         num_layers = adapter.num_layers
         self.prune_layer = method.prune_layer_index()
         self.neuron_layers = frozenset(method.neuron_layer_indices(num_layers))
-        self.watched_layers = set(self.neuron_layers)
+        self.decode_ffn_layers = frozenset(method.decode_ffn_layers(num_layers))  # FFNs the method computes
+        self.watched_layers = set(self.neuron_layers) | self.decode_ffn_layers
         if self.prune_layer is not None and method.wants_prune_activations():
             self.watched_layers.add(self.prune_layer)
         self.upper_layers = range(self.prune_layer + 1, num_layers) if self.prune_layer is not None else range(0)
-        self.changes_model = self.prune_layer is not None or bool(self.neuron_layers)
+        self.changes_model = self.prune_layer is not None or bool(self.neuron_layers) or bool(self.decode_ffn_layers)
+        self.inputs = MethodInputs(adapter, method, self.prune_layer, lambda: self.call)
         self.call: CallState | None = None
         self.last: SparsityRecord | None = None
         # id(decision) -> (weak reference to it, {layer: SlicedFFN or None}); most recent last
@@ -167,7 +172,7 @@ class Engine:
         if past == 0:
             if applies and self.changes_model:
                 call.kind = CallKind.FRESH
-                call.chooses_tokens = prunes
+                call.chooses_tokens = prunes and has_images
             return call
         if state is None:
             if has_images and prunes:  # a dense cache gets a new image: its tokens are chosen from here on
@@ -242,10 +247,12 @@ class Engine:
         inputs = self.adapter.read_layer_inputs(args, kwargs)
         if layer == self.prune_layer + 1:
             if call.chooses_tokens:
-                self._choose_tokens(call)
+                self._choose_tokens(call, inputs.hidden_states)
             self._prepare_upper_inputs(call, inputs)
-            if call.layout is not None:  # gather the surviving tokens
-                hidden = _gather_hidden(inputs.hidden_states, call.layout.source_index)
+            if call.layout is not None:  # gather the surviving tokens (with the method's merged states, if any)
+                source = inputs.hidden_states if call.merged_hidden is None else call.merged_hidden
+                call.merged_hidden = None
+                hidden = _gather_hidden(source, call.layout.source_index)
                 mask = self._upper_mask(call, layer, inputs)
                 return self.adapter.write_layer_inputs(
                     args, kwargs, hidden_states=hidden, attention_mask=mask, **self._upper_positions(call, inputs)
@@ -255,7 +262,8 @@ class Engine:
         mask = self._upper_mask(call, layer, inputs)
         return self.adapter.write_layer_inputs(args, kwargs, attention_mask=mask, **self._upper_positions(call, inputs))
 
-    def _choose_tokens(self, call: CallState) -> None:
+    def _choose_tokens(self, call: CallState, hidden_states: torch.Tensor) -> None:
+        """hidden_states [B, q, H]: the input of layer K + 1."""
         images = call.images
         batch = TokenBatch(
             valid_mask=call.valid,
@@ -267,6 +275,7 @@ class Engine:
             grid_rows=images.grid_rows,
             grid_cols=images.grid_cols,
         )
+        self.inputs.fill(batch, call, hidden_states)
         with torch.no_grad():
             if call.kind == CallKind.FRESH and self.prune_layer in self.neuron_layers and batch.activations is not None:
                 decision, call.neurons[self.prune_layer] = self.method.select_tokens_and_neurons(
@@ -277,6 +286,13 @@ class Engine:
         call.prune_activations = None
         call.keep = call.valid & (~call.visual | (decision.keep_visual & call.visual))
         call.scores = decision.scores
+        if decision.merged_hidden is not None:
+            if decision.merged_hidden.shape != hidden_states.shape:
+                raise ValueError(
+                    f"{type(self.method).__name__}: merged_hidden has shape {tuple(decision.merged_hidden.shape)}, "
+                    f"the hidden states entering layer {self.prune_layer + 1} {tuple(hidden_states.shape)}"
+                )
+            call.merged_hidden = decision.merged_hidden.to(hidden_states.dtype)
         call.layout = pack_kept_tokens(call.keep)
 
     def _prepare_upper_inputs(self, call: CallState, inputs) -> None:
@@ -380,6 +396,11 @@ class Engine:
             return dense_ffn(parts, hidden)[0]
         if call.kind == CallKind.FRESH:
             out, activation = dense_ffn(parts, hidden)
+            if layer in self.decode_ffn_layers:
+                past_prune = self.prune_layer is not None and layer > self.prune_layer and call.layout is not None
+                token_mask = call.layout.slot_valid if past_prune else call.valid
+                with torch.no_grad():
+                    self.method.observe_prefill_ffn(layer, parts, hidden, token_mask)
             self._observe(call, layer, activation)
             return out
         decision = call.state.decision if call.state is not None else None
@@ -393,6 +414,8 @@ class Engine:
                 out, activation = dense_ffn(parts, hidden)
             call.prune_activations = activation.detach()
             return out
+        if layer in self.decode_ffn_layers and call.state is not None:
+            return self.method.decode_ffn(layer, parts, hidden)
         if not uses_core:
             return dense_ffn(parts, hidden)[0]
         sliced = self._sliced_ffn(decision, layer, parts)

@@ -89,6 +89,9 @@ class Session:
                 return engine.on_layer(layer, args, kwargs)
 
             self._handles.append(adapter.decoder_layers[layer].register_forward_pre_hook(on_layer, with_kwargs=True))
+        for module, hook, after in engine.inputs.hooks():  # what the method asked for, caught on the way
+            register = module.register_forward_hook if after else module.register_forward_pre_hook
+            self._handles.append(register(hook, with_kwargs=True))
         for layer in sorted(engine.watched_layers):
             parts = adapter.ffn(layer)
             module = parts.module

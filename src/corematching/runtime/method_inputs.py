@@ -1,0 +1,164 @@
+"""What a method asked for (SparsityMethod.wants_inputs), gathered during the call that chooses its tokens.
+
+Hooks catch what passes by — the prune layer's attention input (for the last token's attention row), the first
+decoder layer's input (the input embeddings), the vision tower's feature layer input (for the attention its tokens
+received) and the tower's pixel input (for the image fingerprints) — and `fill` puts everything into the TokenBatch
+when the tokens are chosen, at the entry of layer K + 1. Only the inputs asked for are computed; each is per
+sample, so batch mates never change it.
+
+The vision tower may run outside the call that uses it: `generate` encodes the images first and passes the tower's
+output object in (`mm_encoder_outputs`). So what the tower hooks compute is also attached to that output object,
+where `fill` finds it when the call brought pre-encoded images.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .. import selection
+from ..errors import UnsupportedModeError, UnsupportedModelError
+from ..methods import SparsityMethod, TokenBatch
+from ..models import ModelAdapter
+
+TOWER_ATTENTION = "_corematching_vision_attention"  # attribute of a tower output: [N images, P] attention received
+TOWER_HASHES = "_corematching_image_hashes"  # attribute of a tower output: [N images] hashes of its pixel inputs
+
+
+class MethodInputs:
+    def __init__(self, adapter: ModelAdapter, method: SparsityMethod, prune_layer: int | None, current_call: Callable):
+        self.adapter = adapter
+        self.wanted = frozenset(method.wants_inputs()) if prune_layer is not None else frozenset()
+        self.prune_layer = prune_layer
+        self.current_call = current_call  # () -> the engine's CallState of the running call, or None
+
+    def hooks(self) -> list[tuple[nn.Module, Callable, bool]]:
+        """(module, hook with kwargs, after) to install for the session: a forward hook when `after`, else a
+        forward pre-hook."""
+        hooks = []
+        if "last_attention" in self.wanted:
+            hooks.append((self.adapter.attention_module(self.prune_layer), self._on_prune_attention, False))
+        if "input_embeddings" in self.wanted and self.prune_layer >= 0:
+            hooks.append((self.adapter.decoder_layers[0], self._on_first_layer, False))
+        if "vision_attention" in self.wanted:
+            hooks.append((self.adapter.vision_attention_module(), self._on_vision_attention, False))
+        if "vision_attention" in self.wanted:
+            hooks.append((self.adapter.vision_tower_module(), self._on_tower_done, True))
+        elif "image_fingerprint" in self.wanted:
+            try:  # optional: without it, images encoded before the call (generate) get no fingerprint
+                hooks.append((self.adapter.vision_tower_module(), self._on_tower_done, True))
+            except UnsupportedModelError:
+                pass
+        self._tower_attention: list[torch.Tensor] = []  # per tower call, until the tower returns
+        return hooks
+
+    def _choosing_call(self):
+        call = self.current_call()
+        return call if call is not None and call.chooses_tokens else None
+
+    def _on_prune_attention(self, module, args, kwargs):
+        call = self._choosing_call()
+        if call is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            with torch.no_grad():
+                call.captured["last_attention"] = self.adapter.last_token_attention(
+                    self.prune_layer, hidden, kwargs.get("position_embeddings"), call.valid
+                )
+
+    def _on_first_layer(self, module, args, kwargs):
+        call = self._choosing_call()
+        if call is not None:
+            call.captured["input_embeddings"] = args[0] if args else kwargs["hidden_states"]
+
+    def _on_vision_attention(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        with torch.no_grad():
+            self._tower_attention.append(self.adapter.vision_token_attention(hidden))
+
+    def _on_tower_done(self, module, args, kwargs, output):
+        """Attach what the tower hooks computed to the tower's output (and to the running call, if any)."""
+        pixels = args[0] if args else kwargs.get("pixel_values")
+        found = {}
+        if self._tower_attention:
+            found[TOWER_ATTENTION] = torch.cat(self._tower_attention, dim=0)
+            self._tower_attention = []
+        if "image_fingerprint" in self.wanted and isinstance(pixels, torch.Tensor):
+            found[TOWER_HASHES] = torch.stack([content_hash(image) for image in pixels.unbind(0)])
+        for name, value in found.items():
+            object.__setattr__(output, name, value)
+        call = self._choosing_call()
+        if call is not None:
+            call.captured.update(found)
+
+    def fill(self, batch: TokenBatch, call, hidden_states: torch.Tensor) -> None:
+        """Put what the method asked for into batch; hidden_states [B, T, H]: the input of layer K + 1."""
+        captured = call.captured
+        if "hidden_states" in self.wanted:
+            batch.hidden_states = hidden_states
+        if "input_embeddings" in self.wanted:
+            batch.input_embeddings = hidden_states if self.prune_layer == -1 else captured["input_embeddings"]
+        if "last_attention" in self.wanted:
+            batch.last_attention = captured["last_attention"]
+        if "vision_attention" in self.wanted:
+            per_image = self._from_tower(call, TOWER_ATTENTION, "the vision tower's attention")  # [N images, P]
+            batch.vision_attention = _scatter_visual(per_image.reshape(-1), call.visual, "vision attention")
+        if "image_fingerprint" in self.wanted:
+            batch.image_fingerprint = self._fingerprints(call, batch)
+        captured.clear()
+
+    def _fingerprints(self, call, batch: TokenBatch) -> torch.Tensor:
+        """[B, T] the hash of each visual token's image input; 0 everywhere when the family's image inputs cannot
+        be told apart per image (then every image draws from its positions alone)."""
+        hashes = call.captured.get(TOWER_HASHES, getattr(call.entry.image_inputs, TOWER_HASHES, None))
+        if isinstance(call.entry.image_inputs, torch.Tensor):  # pixel values (or features) given directly
+            try:
+                hashes = torch.stack([content_hash(image) for image in self.adapter.images_of_call(call.entry)])
+            except UnsupportedModelError:
+                hashes = None
+        per_token = None if hashes is None else _per_visual_token(hashes.to(call.visual.device), batch)
+        return per_token if per_token is not None else torch.zeros_like(batch.image_index)
+
+    def _from_tower(self, call, name: str, what: str) -> torch.Tensor:
+        """What the tower hooks attached, for the images of this call: computed in the call, or attached to the
+        pre-encoded image outputs it brought."""
+        if name in call.captured:
+            return call.captured[name]
+        value = getattr(call.entry.image_inputs, name, None)
+        if value is None:
+            raise UnsupportedModeError(
+                f"this method needs {what}, but the call's images were encoded outside this session (or the encoded "
+                "outputs were copied, as beam search expands them); pass pixel values in the call"
+            )
+        return value
+
+
+def content_hash(values: torch.Tensor) -> torch.Tensor:
+    """A hash in [0, 2**31) of a tensor's exact bytes (long scalar): equal inputs give equal hashes."""
+    data = values.detach().contiguous().reshape(-1).view(torch.uint8).long()
+    weights = selection.hash_mix(torch.arange(1, data.numel() + 1, device=data.device))
+    total = (data * weights).sum() % selection.HASH_MODULUS  # wraps (deterministically) past 2**24 bytes
+    return selection.hash_mix(total + data.numel())
+
+
+def _scatter_visual(flat_values: torch.Tensor, visual: torch.Tensor, name: str) -> torch.Tensor:
+    """Values of the batch's visual tokens in order (sample by sample) -> [B, T], 0 elsewhere."""
+    count = int(visual.sum())
+    if flat_values.numel() != count:
+        raise UnsupportedModelError(
+            f"the {name} covers {flat_values.numel()} tokens but the call has {count} visual ones"
+        )
+    out = torch.zeros(visual.shape, dtype=flat_values.dtype, device=visual.device)
+    out[visual] = flat_values.to(visual.device)
+    return out
+
+
+def _per_visual_token(per_image: torch.Tensor, batch: TokenBatch) -> torch.Tensor | None:
+    """per_image [N]: one value per image of the batch in order -> [B, T] at each image's visual tokens, 0 elsewhere;
+    None when the batch does not have N images."""
+    image_index = batch.image_index
+    images_per_sample = (image_index.amax(dim=1) + 1).clamp(min=0)  # [B]
+    first_image = images_per_sample.cumsum(0) - images_per_sample  # [B] batch-wide number of each sample's first
+    if int(images_per_sample.sum()) != per_image.numel():
+        return None
+    number = (first_image.unsqueeze(1) + image_index).clamp(0, max(per_image.numel() - 1, 0))
+    return torch.where(image_index >= 0, per_image[number], 0)
