@@ -74,12 +74,21 @@ class AttentionRule:
 class ImageLayout:
     """Per token of a call [B, T] (long): the image it belongs to within its sample (-1 outside images), its
     position inside that image (row-major over the image's grid), and that image's grid rows and columns (0
-    where unknown)."""
+    where unknown).
+
+    An image may be made of several sub-images, each its own grid (Idefics3 and SmolVLM split an image into tiles
+    plus a downscaled global view; InternVL into tiles plus a thumbnail). Then `image_index` and `image_ordinal`
+    count the whole image (all its sub-images, in token order: the unit a token budget applies to), the grid is
+    the token's sub-image's, and `sub_image_index` / `sub_image_ordinal` say which sub-image of its image the
+    token is in (0, 1, ...) and where inside that sub-image's grid (row-major). For an image of one grid,
+    `sub_image_index` is 0 and `sub_image_ordinal` equals `image_ordinal`. Both are -1 outside images."""
 
     image_index: torch.Tensor
     image_ordinal: torch.Tensor
     grid_rows: torch.Tensor
     grid_cols: torch.Tensor
+    sub_image_index: torch.Tensor | None = None
+    sub_image_ordinal: torch.Tensor | None = None
 
 
 def fixed_size_images(visual: torch.Tensor, per_image: int | None, grid: tuple[int, int] | None) -> ImageLayout:
@@ -89,32 +98,51 @@ def fixed_size_images(visual: torch.Tensor, per_image: int | None, grid: tuple[i
     image_ordinal = ordinal % per_image if per_image else ordinal
     outside = torch.full_like(ordinal, -1)
     rows, cols = grid if grid is not None else (0, 0)
+    image_ordinal = torch.where(visual, image_ordinal, outside)
     return ImageLayout(
         image_index=torch.where(visual, image_index, outside),
-        image_ordinal=torch.where(visual, image_ordinal, outside),
+        image_ordinal=image_ordinal,
         grid_rows=torch.where(visual, rows, 0),
         grid_cols=torch.where(visual, cols, 0),
+        sub_image_index=torch.where(visual, 0, outside),
+        sub_image_ordinal=image_ordinal,
     )
 
 
-def images_of_sizes(visual: torch.Tensor, sizes: list[tuple[int, int, int]]) -> ImageLayout:
-    """Images of different sizes: the k-th image of the batch (sample by sample, in order) covers the next
-    sizes[k][0] visual tokens, on a sizes[k][1] x sizes[k][2] grid."""
+def images_of_sizes(
+    visual: torch.Tensor, sizes: list[tuple[int, int, int]], sub_images: list[int] | None = None
+) -> ImageLayout:
+    """Images of different sizes: the k-th (sub-)image of the batch (sample by sample, in order) covers the next
+    sizes[k][0] visual tokens, on a sizes[k][1] x sizes[k][2] grid. With `sub_images`, the entries of `sizes`
+    are sub-images and the j-th image is the next sub_images[j] of them (an image never spans two samples);
+    without it, every entry is an image of its own."""
     device = visual.device
-    counts = torch.tensor([size[0] for size in sizes] or [0], device=device)
-    starts = counts.cumsum(0) - counts  # [N] first batch-wide visual ordinal of each image
+    if sub_images is None:
+        sub_images = [1] * len(sizes)
+    if sum(sub_images) != len(sizes) or any(count < 1 for count in sub_images):
+        raise ValueError(f"sub-images per image {sub_images} do not add up to the {len(sizes)} sub-images")
+    if not sizes:  # no image: every token is outside
+        sizes, sub_images = [(0, 0, 0)], [1]
+    counts = torch.tensor([size[0] for size in sizes], device=device)
+    starts = counts.cumsum(0) - counts  # [N] first batch-wide visual ordinal of each sub-image
     flat_ordinal = visual.reshape(-1).long().cumsum(0).view_as(visual) - 1  # batch-wide, row-major
-    image = torch.searchsorted(starts, flat_ordinal.clamp(min=0), right=True) - 1  # [B, T] batch-wide image id
-    image = image.clamp(min=0)
+    entry = torch.searchsorted(starts, flat_ordinal.clamp(min=0), right=True) - 1  # [B, T] batch-wide sub-image
+    entry = entry.clamp(min=0)
+    per_image = torch.tensor(sub_images, device=device)
+    first_entry = per_image.cumsum(0) - per_image  # [M] first sub-image of each image
+    image_of_entry = torch.repeat_interleave(torch.arange(len(sub_images), device=device), per_image)  # [N]
+    image = image_of_entry[entry]  # [B, T] batch-wide image id
     first_image_of_sample = torch.where(visual, image, image.max() + 1).amin(1, keepdim=True)  # [B, 1]
-    rows = torch.tensor([size[1] for size in sizes] or [0], device=device)
-    cols = torch.tensor([size[2] for size in sizes] or [0], device=device)
+    rows = torch.tensor([size[1] for size in sizes], device=device)
+    cols = torch.tensor([size[2] for size in sizes], device=device)
     outside = torch.full_like(image, -1)
     return ImageLayout(
         image_index=torch.where(visual, image - first_image_of_sample, outside),
-        image_ordinal=torch.where(visual, flat_ordinal - starts[image], outside),
-        grid_rows=torch.where(visual, rows[image], 0),
-        grid_cols=torch.where(visual, cols[image], 0),
+        image_ordinal=torch.where(visual, flat_ordinal - starts[first_entry[image]], outside),
+        grid_rows=torch.where(visual, rows[entry], 0),
+        grid_cols=torch.where(visual, cols[entry], 0),
+        sub_image_index=torch.where(visual, entry - first_entry[image], outside),
+        sub_image_ordinal=torch.where(visual, flat_ordinal - starts[entry], outside),
     )
 
 
@@ -194,8 +222,15 @@ class ModelAdapter:
         return mask
 
     def image_sizes(self, call: EntryCall) -> list[tuple[int, int, int]] | None:
-        """(tokens, grid rows, grid cols) of every image of the call, in order of appearance (sample by sample),
-        or None when every image has the model's fixed `tokens_per_image` and `image_grid`."""
+        """(tokens, grid rows, grid cols) of every image of the call (of every sub-image, where images are split:
+        see `sub_images`), in order of appearance (sample by sample), or None when every image has the model's
+        fixed `tokens_per_image` and `image_grid`."""
+        return None
+
+    def sub_images(self, call: EntryCall) -> list[int] | None:
+        """For models that split an image into sub-images (tiles, a global view), each its own entry of
+        `image_sizes`: how many consecutive entries make up each image of the call, in the same order; None when
+        every entry is an image of its own."""
         return None
 
     def image_layout(self, call: EntryCall, visual: torch.Tensor) -> "ImageLayout":
@@ -203,7 +238,7 @@ class ModelAdapter:
         sizes = self.image_sizes(call)
         if sizes is None:
             return fixed_size_images(visual, self.tokens_per_image, self.image_grid)
-        return images_of_sizes(visual, sizes)
+        return images_of_sizes(visual, sizes, self.sub_images(call))
 
     def attention_rule(self, layer: int) -> "AttentionRule":
         """How decoder layer `layer` masks attention (from the language model's config by default)."""
