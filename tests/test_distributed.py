@@ -151,3 +151,23 @@ def test_torchrun_two_processes_resume_a_single_process_run(tmp_path, capsys, on
     accuracy = sum(row["correct"] for row in reference.values()) / 8
     assert f"| 8 | {accuracy:.4f} |" in result.stdout
     assert result.stdout.count("| RandomTokens |") == 1  # only rank 0 reports
+
+
+def test_a_method_with_tuple_fields_resumes(tmp_path, fake_answers):
+    from dataclasses import dataclass
+
+    from corematching.methods import SparsityMethod
+
+    @dataclass
+    class Staged(SparsityMethod):
+        schedule: tuple = ((2, 0.5),)
+
+    items = evaluate.eval_questions("test-2000")[:4]
+    output = tmp_path / "answers.jsonl"
+    evaluate.run_eval(FAKE_MODEL, None, Staged(), items[:], output, batch_size=2, progress=False)
+    lines = output.read_text().splitlines()
+    output.write_text("\n".join(lines[:3]) + "\n")  # interrupted after 2 answers
+    fake_answers.clear()
+    summary = evaluate.run_eval(FAKE_MODEL, None, Staged(), items, output, batch_size=2, progress=False)
+    assert len(fake_answers) == 2 and summary.answered == 4
+    assert summary.settings == {"method": "Staged", "schedule": [[2, 0.5]], "questions": 4}

@@ -68,7 +68,8 @@ def method_settings(method) -> dict:
     if method is None:
         return {"method": "Dense"}
     fields = asdict(method) if is_dataclass(method) else {}
-    return {"method": type(method).__name__, **fields}
+    # as the JSON-lines file will hold them (tuples become lists), so that a resumed run compares equal
+    return json.loads(json.dumps({"method": type(method).__name__, **fields}))
 
 
 @dataclass
