@@ -10,6 +10,7 @@ from family_checks import (
     check_restored,
     kept_per_image,
 )
+from oracle import masked_reference, removed_mask
 
 import corematching as cm
 
@@ -144,6 +145,23 @@ def test_a_batch_of_different_sizes_equals_each_sample_alone():
     second = sample(2, text_before=6, text_after=2, seed=3)
     alone = [batch([first]), batch([second])]
     check_batch_equals_alone(model_of(), batch([first, second]), alone, SUPPRESS, with_budget(0.25, True))
+
+
+def test_beam_search_with_sliding_window_caches_equals_the_oracle():
+    """Beam search reorders the caches, sliding-window layers included, and their kept-token state with them."""
+    model = model_of()
+    inputs = batch([sample(1, text_before=2, text_after=3, seed=2), sample(2, text_before=6, text_after=2, seed=3)])
+    options = dict(num_beams=3, num_return_sequences=2, max_new_tokens=8, do_sample=False, suppress_tokens=SUPPRESS)
+    with cm.sparsify(model, with_budget(0.25, True)) as session:
+        tokens = model.generate(**inputs, **options)
+        record = session.last
+    length = inputs["input_ids"].shape[1]
+    language_model = model.model.language_model
+    ffns = {layer: language_model.layers[layer].mlp for layer in record.neurons}
+    removed = removed_mask(record.keep_mask, record.visual_mask, length + 8)
+    with masked_reference(language_model, ffns, removed, PRUNE_LAYER, record.core_neurons_per_sample, length):
+        expected = model.generate(**inputs, **options)
+    assert torch.equal(tokens, expected)
 
 
 def test_token_types_that_are_not_the_image_tokens_are_refused():

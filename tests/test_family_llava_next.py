@@ -93,7 +93,8 @@ def sample(kind: str, sizes: list[tuple[int, int]], text_before: int, text_after
     if video_frames:
         video = torch.randn(1, video_frames, 3, TILE, TILE, generator=generator)
         pooled = math.ceil(TILE // PATCH / 2)
-        parts += [torch.full((video_frames * pooled * pooled + 1,), VIDEO), torch.randint(3, 100, (2,), generator=generator)]
+        video_tokens = torch.full((video_frames * pooled * pooled + 1,), VIDEO)  # frames, then a newline token
+        parts += [video_tokens, torch.randint(3, 100, (2,), generator=generator)]
     parts.append(torch.randint(3, 100, (text_after,), generator=generator))
     return dict(ids=torch.cat(parts), pixels=pixels, sizes=image_sizes, video=video)
 
