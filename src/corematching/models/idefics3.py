@@ -10,8 +10,9 @@ model (Llama in the released checkpoints).
   are never removed.
 - A token budget counts an image: all its sub-images together. The model's config does not know the tag ids,
   so the images are read from the prompt's structure: the sub-image that ends an image is preceded by the same
-  tag as the sample's last sub-image (the global-view tag). A hand-written prompt without tags gets one image
-  per sub-image.
+  tag as the sample's last sub-image (the global-view tag). In a prompt written without the processor's tags the
+  same rule applies to whatever token precedes each sub-image; the grouping only decides how a budget is
+  shared, never what the model computes.
 """
 
 import inspect
