@@ -98,6 +98,24 @@ def test_token_methods_equal_the_oracle_and_are_batch_invariant(tiny_llava, meth
     check_batch_equals_alone(batch, alone, PROMPTS)
 
 
+@pytest.mark.parametrize(
+    "method", [cm.VisionZip(dominant=6, contextual=3), cm.RandomTokens(token_budget=8, seed=3)], ids=["vz", "random"]
+)
+def test_images_encoded_by_generate_for_beams_keep_each_samples_tokens(tiny_llava, method):
+    """Beam search: generate encodes the images first and repeats them per beam; every beam keeps its sample's."""
+    model = tiny_llava()
+    input_ids, attention_mask = left_pad(PROMPTS)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=build_pixels(2, seed=6))
+    with cm.sparsify(model, method) as session:
+        model(**inputs)
+        plain = session.last
+        model.generate(**inputs, num_beams=2, max_new_tokens=2, do_sample=False, suppress_tokens=[IMAGE_TOKEN])
+        beams = session.last
+    assert beams.batch_size == 4
+    for row in range(4):
+        assert torch.equal(beams.keep_mask[row], plain.keep_mask[row // 2])
+
+
 # ---------------------------------------------------------------------------------------------- FastV, PDrop
 
 

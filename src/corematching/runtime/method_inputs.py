@@ -31,6 +31,8 @@ class MethodInputs:
         self.wanted = frozenset(method.wants_inputs()) if prune_layer is not None else frozenset()
         self.prune_layer = prune_layer
         self.current_call = current_call  # () -> the engine's CallState of the running call, or None
+        self._tower_attention: list[torch.Tensor] = []  # per tower call, until the tower returns
+        self._tower_hooked = False  # whether the tower's output gets what the hooks computed
 
     def hooks(self) -> list[tuple[nn.Module, Callable, bool]]:
         """(module, hook with kwargs, after) to install for the session: a forward hook when `after`, else a
@@ -42,14 +44,13 @@ class MethodInputs:
             hooks.append((self.adapter.decoder_layers[0], self._on_first_layer, False))
         if "vision_attention" in self.wanted:
             hooks.append((self.adapter.vision_attention_module(), self._on_vision_attention, False))
-        if "vision_attention" in self.wanted:
             hooks.append((self.adapter.vision_tower_module(), self._on_tower_done, True))
         elif "image_fingerprint" in self.wanted:
             try:  # optional: without it, images encoded before the call (generate) get no fingerprint
                 hooks.append((self.adapter.vision_tower_module(), self._on_tower_done, True))
             except UnsupportedModelError:
                 pass
-        self._tower_attention: list[torch.Tensor] = []  # per tower call, until the tower returns
+        self._tower_hooked = any(hook == self._on_tower_done for _, hook, _ in hooks)
         return hooks
 
     def _choosing_call(self):
@@ -101,6 +102,9 @@ class MethodInputs:
             batch.last_attention = captured["last_attention"]
         if "vision_attention" in self.wanted:
             per_image = self._from_tower(call, TOWER_ATTENTION, "the vision tower's attention")  # [N images, P]
+            per_image = _rows_of_batch(per_image, batch)
+            if per_image is None:
+                raise UnsupportedModelError("the vision tower's attention does not cover the call's images")
             batch.vision_attention = _scatter_visual(per_image.reshape(-1), call.visual, "vision attention")
         if "image_fingerprint" in self.wanted:
             batch.image_fingerprint = self._fingerprints(call, batch)
@@ -109,12 +113,15 @@ class MethodInputs:
     def _fingerprints(self, call, batch: TokenBatch) -> torch.Tensor:
         """[B, T] the hash of each visual token's image input; 0 everywhere when the family's image inputs cannot
         be told apart per image (then every image draws from its positions alone)."""
-        hashes = call.captured.get(TOWER_HASHES, getattr(call.entry.image_inputs, TOWER_HASHES, None))
         if isinstance(call.entry.image_inputs, torch.Tensor):  # pixel values (or features) given directly
             try:
                 hashes = torch.stack([content_hash(image) for image in self.adapter.images_of_call(call.entry)])
             except UnsupportedModelError:
                 hashes = None
+        elif self._tower_hooked:
+            hashes = self._from_tower(call, TOWER_HASHES, "the images' pixel values")
+        else:
+            hashes = None
         per_token = None if hashes is None else _per_visual_token(hashes.to(call.visual.device), batch)
         return per_token if per_token is not None else torch.zeros_like(batch.image_index)
 
@@ -152,13 +159,38 @@ def _scatter_visual(flat_values: torch.Tensor, visual: torch.Tensor, name: str) 
     return out
 
 
+def _rows_of_batch(per_image: torch.Tensor, batch: TokenBatch) -> torch.Tensor | None:
+    """per_image [N, ...] over the images as the tower saw them -> one entry per image of the batch's rows.
+
+    They are the same unless generation expanded the batch (beam search, several return sequences): then each
+    sample's group of images is repeated for its e consecutive rows, as `generate` expands the encoded images.
+    None when the counts do not fit either way."""
+    images_per_row = (batch.image_index.amax(dim=1) + 1).clamp(min=0).tolist()
+    total, count = sum(images_per_row), per_image.shape[0]
+    if total == count:
+        return per_image
+    rows = len(images_per_row)
+    if count == 0 or total % count or rows % (total // count):
+        return None
+    expand = total // count
+    groups, start = [], 0
+    for first in range(0, rows, expand):
+        size = images_per_row[first]
+        if any(images_per_row[row] != size for row in range(first, first + expand)):
+            return None
+        groups += [per_image[start : start + size]] * expand
+        start += size
+    return torch.cat(groups) if start == count else None
+
+
 def _per_visual_token(per_image: torch.Tensor, batch: TokenBatch) -> torch.Tensor | None:
     """per_image [N]: one value per image of the batch in order -> [B, T] at each image's visual tokens, 0 elsewhere;
     None when the batch does not have N images."""
     image_index = batch.image_index
     images_per_sample = (image_index.amax(dim=1) + 1).clamp(min=0)  # [B]
     first_image = images_per_sample.cumsum(0) - images_per_sample  # [B] batch-wide number of each sample's first
-    if int(images_per_sample.sum()) != per_image.numel():
+    per_image = _rows_of_batch(per_image, batch)
+    if per_image is None:
         return None
     number = (first_image.unsqueeze(1) + image_index).clamp(0, max(per_image.numel() - 1, 0))
     return torch.where(image_index >= 0, per_image[number], 0)
