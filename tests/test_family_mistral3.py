@@ -103,11 +103,13 @@ def batch(samples: list) -> dict:
     width = max(len(ids) for ids, _, _ in samples)
     input_ids = torch.full((len(samples), width), PAD)
     attention_mask = torch.zeros(len(samples), width, dtype=torch.long)
-    images = [(pixels, size) for _, all_pixels, sizes in samples for pixels, size in zip(all_pixels, sizes)]
-    pixel_values = torch.zeros(len(images), 3, max(s[0] for _, s in images), max(s[1] for _, s in images))
     for row, (ids, _, _) in enumerate(samples):
         input_ids[row, width - len(ids) :] = ids
         attention_mask[row, width - len(ids) :] = 1
+    images = [(pixels, size) for _, all_pixels, sizes in samples for pixels, size in zip(all_pixels, sizes)]
+    if not images:
+        return dict(input_ids=input_ids, attention_mask=attention_mask)
+    pixel_values = torch.zeros(len(images), 3, max(s[0] for _, s in images), max(s[1] for _, s in images))
     for index, (pixels, (height, width)) in enumerate(images):
         pixel_values[index, :, :height, :width] = pixels
     image_sizes = torch.tensor([size for _, size in images])
@@ -177,6 +179,13 @@ def test_a_batch_of_different_sizes_equals_each_sample_alone(decoder):
     second = sample([(8, 40), (24, 24)], text_before=6, text_after=2, seed=3)  # 1 x 5 and 3 x 3, a longer prompt
     alone = [batch([first]), batch([second])]
     check_batch_equals_alone(model_of(decoder), batch([first, second]), alone, SUPPRESS, with_budget(0.25, True))
+
+
+
+def test_a_batch_with_a_sample_without_images_equals_each_sample_alone():
+    text_only = sample([], text_before=7, text_after=2, seed=9)
+    alone = [batch([TWO_IMAGES]), batch([text_only])]
+    check_batch_equals_alone(model_of(), batch([TWO_IMAGES, text_only]), alone, SUPPRESS, with_budget(0.25, True))
 
 
 def test_a_prompt_without_images_runs_dense():
