@@ -157,6 +157,14 @@ def test_budgets_expand_only_methods_with_a_token_budget():
     assert method_spec.describe(method_spec.build(specs[2])) == "CoreMatching 12.5%"
 
 
+def test_specs_of_methods_without_a_token_budget():
+    assert method_spec.build("pdrop:schedule=((2, 0.25),)") == cm.PDrop(schedule=((2, 0.25),))
+    assert method_spec.expand("visionzip:dominant=13,contextual=3;teal", [0.5]) == [
+        "visionzip:dominant=13,contextual=3", "teal"]  # no token_budget field: not repeated
+    assert method_spec.describe(cm.VisionZip(dominant=13, contextual=3), kept_share=16 / 64) == "VisionZip 25%"
+    assert method_spec.describe(cm.TEAL(sparsity=0.5), kept_share=1.0) == "TEAL sparsity=0.5"
+
+
 def test_cli_method_accepts_a_spec(tmp_path):
     args = cli.make_parser("eval").parse_args(["--output", "x", "--method", "uniformtokens:token_budget=4"])
     assert cli.build_method(args) == cm.UniformTokens(token_budget=4)

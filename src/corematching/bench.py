@@ -408,7 +408,8 @@ def main(argv: list[str]) -> int:
                                    progress=progress)
             record = {
                 "spec": spec,
-                "label": method_spec.describe(method),
+                "label": method_spec.describe(method, measured[spec]["flops"]["kept_visual_tokens"]
+                                              / max(1, measured[spec]["flops"]["visual_tokens"])),
                 "method": type(method).__name__,
                 "settings": dataclasses.asdict(method) if dataclasses.is_dataclass(method) else {},
                 "config": config,

@@ -162,12 +162,17 @@ def expand(specs: str, budgets: list | None = None) -> list[str]:
     return out
 
 
-def describe(method) -> str:
-    """A short label: the class name and its token budget, e.g. 'CoreMatching 25%' or 'RandomTokens 8'."""
+def describe(method, kept_share: float | None = None) -> str:
+    """A short label: the class name and its token budget ('CoreMatching 25%', 'RandomTokens 8'); for a method
+    without a token_budget field, the share of visual tokens it was measured to keep ('VisionZip 25%'), or its
+    first field when it keeps them all ('TEAL sparsity=0.5')."""
     name = type(method).__name__
     budget = getattr(method, "token_budget", "absent")
     if budget == "absent":
-        return name
+        if kept_share is not None and kept_share < 1:
+            return f"{name} {100 * kept_share:.3g}%"
+        fields = dataclasses.fields(method) if dataclasses.is_dataclass(method) else ()
+        return f"{name} {fields[0].name}={getattr(method, fields[0].name)}" if fields else name
     if budget is None:
         return f"{name} adaptive"
     if isinstance(budget, float):
