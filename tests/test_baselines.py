@@ -437,6 +437,23 @@ def test_compose_prunes_tokens_and_decodes_with_core_neurons(tiny_llava, single_
     assert session.last.prune_layer is None and sorted(session.last.core_neurons) == [1, 2, 3]
 
 
+@pytest.mark.parametrize(
+    "method",
+    [
+        cm.TEAL(sparsity=0.5),
+        cm.compose(cm.DivPrune(token_budget=6), cm.TEAL(sparsity=0.5)),
+        cm.compose(cm.FastV(prune_layer=1, token_budget=6), cm.CoreInfer(beta=0.5, neuron_layers=[1, 2, 3])),
+    ],
+    ids=["teal", "divprune+teal", "fastv+coreinfer"],
+)
+def test_neuron_methods_and_compositions_are_batch_invariant(tiny_llava, method):
+    model = tiny_llava()
+    with cm.sparsify(model, method):  # TEAL calibrates on its first prefill (once per model), before the batches
+        model(**inputs_of(build_prompt(4, 6, seed=9), build_pixels(1, seed=9)))
+    batch, alone = batch_and_alone(model, method, PROMPTS, build_pixels(2, seed=6))
+    check_batch_equals_alone(batch, alone, PROMPTS)
+
+
 # ---------------------------------------------------------------------------------------------- settings, public names
 
 
