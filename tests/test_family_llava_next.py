@@ -229,3 +229,10 @@ def test_a_batch_of_different_sizes_equals_each_sample_alone(kind):
 
 def test_the_model_is_restored_after_the_block_and_after_an_exception():
     check_restored(model_of("next"), batch("next", [two_images("next")]), SUPPRESS, with_budget(0.25, True))
+
+
+def test_pixels_without_image_sizes_are_named():
+    inputs = batch("next", [two_images("next")])
+    del inputs["image_sizes"]
+    with cm.sparsify(model_of("next"), with_budget(2)), pytest.raises(ValueError, match="image_sizes"):
+        model_of("next")(**inputs)

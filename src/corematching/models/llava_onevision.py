@@ -9,9 +9,8 @@ Newline tokens are kept and not counted.
 import torch
 from torch import nn
 
-from .anyres import UnitTokens, images_from_sizes, pooled_side
+from .anyres import AnyresAdapter, UnitTokens, images_from_sizes, pooled_side
 from .base import EntryCall
-from .llava_next import AnyresAdapter
 
 
 class LlavaOnevisionAdapter(AnyresAdapter):
