@@ -2,13 +2,14 @@
 to the instruction.
 
 Zhang et al., "Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning in MLLMs" (2025).
-Per image, with v_i the visual tokens' features and t_j the instruction's token embeddings (the text after the
-image): S_ij = cos(v_i, v_j); relevance r_i = mean_j cos(v_i, t_j), min-max scaled to [0, 1] over the image; the
-kernel L = diag(r) S diag(r); the kept set is the greedy MAP of the DPP with kernel L (each step adds the token
-with the largest gain in log det L_S, via the incremental Cholesky update of Chen et al., NeurIPS 2018). When the
-gains vanish before the budget is reached, the rest is filled by relevance (ties: lower position).
+Per image, with v_i the visual tokens' features, e_i their input embeddings and t_j the instruction's token
+embeddings (the text after the image): S_ij = cos(v_i, v_j); relevance r_i = mean_j cos(e_i, t_j), min-max scaled
+to [0, 1] over the image (all 1 when it is flat or there is no instruction); the kernel L = diag(r) S diag(r);
+the kept set is the greedy MAP of the DPP with kernel L (each step adds the token with the largest gain in
+log det L_S, via the incremental Cholesky update of Chen et al., NeurIPS 2018). When the gains vanish before the
+budget is reached, the rest is filled by relevance (ties: lower position).
 Features: the embeddings entering the language model when prune_layer is -1 (the paper's setting), else the
-hidden states entering layer prune_layer + 1; the instruction is always taken from the input embeddings.
+hidden states entering layer prune_layer + 1; relevance is always measured between input embeddings.
 Simplified: the paper measures relevance with the vision-language model's own text encoder (CLIP's text tower
 for LLaVA, where it also flips the sign); here relevance is the plain cosine in the language model's input space.
 """
