@@ -231,6 +231,7 @@ def count_sample(shapes, record, inputs: dict, new_tokens: int) -> dict:
         "prefill": counted.prefill_total,
         "prefill_language_model": counted.prefill,
         "vision": counted.vision,
+        "vision_counted": shapes.vision is not None,  # False: a tower flops.py cannot read; prefill is the LM only
         "decode_per_token": counted.decode_per_token,
         "prompt_tokens": input_ids.shape[1],
         "visual_tokens": visual,
@@ -243,9 +244,9 @@ def count_sample(shapes, record, inputs: dict, new_tokens: int) -> dict:
 
 
 def mean_counts(counts: list[dict]) -> dict:
-    keys = [k for k in counts[0] if k != "prune_layer"]
-    out = {key: statistics.mean(c[key] for c in counts) for key in keys}
-    out["prune_layer"] = counts[0]["prune_layer"]
+    fixed = ("prune_layer", "vision_counted")
+    out = {key: statistics.mean(c[key] for c in counts) for key in counts[0] if key not in fixed}
+    out.update({key: counts[0][key] for key in fixed})
     return out
 
 
@@ -268,7 +269,8 @@ def table(records: list[dict], timing: str = "times_min") -> str:
         speedup = f"{dense.get(timing, dense['times'])['prefill'] / t['prefill']:.2f}x" if dense else "-"
         lines.append(
             f"| {r['label']} | {f['kept_visual_tokens']:.1f}/{f['visual_tokens']:.0f} | {accuracy} | {recall} "
-            f"| {f['prefill'] / 1e9:.3f} | {f['decode_per_token'] / 1e6:.1f} | {1e3 * t['prefill']:.0f} "
+            f"| {f['prefill'] / 1e9:.3f}{'' if f.get('vision_counted', True) else ' (LM only)'} "
+            f"| {f['decode_per_token'] / 1e6:.1f} | {1e3 * t['prefill']:.0f} "
             f"| {1e3 * t['decode_per_token']:.1f} | {1e3 * t['end_to_end']:.0f} "
             f"| {r['memory']['peak_bytes'] / 2**20:.0f} | {speedup} |"
         )

@@ -92,19 +92,23 @@ def language_shapes(model) -> tuple[tuple[LayerShape, ...], int]:
 
 
 def vision_shape(model) -> VisionShape | None:
-    """The vision tower and projector of a LLaVA-style model (CLIP- or SigLIP-like tower), or None."""
+    """The vision tower and projector of a LLaVA-style model (CLIP- or SigLIP-like tower, one square image of
+    image_size), or None for other layouts."""
     inner = getattr(model, "model", model)
     tower = getattr(inner, "vision_tower", None)
     projector = getattr(inner, "multi_modal_projector", None)
     if tower is None or projector is None:
         return None
     vision_model = getattr(tower, "vision_model", tower)
-    embeddings = vision_model.embeddings
-    conv = embeddings.patch_embedding
-    config = tower.config
+    embeddings = getattr(vision_model, "embeddings", None)
+    conv = getattr(embeddings, "patch_embedding", None)
+    encoder = getattr(vision_model, "encoder", None)
+    config = getattr(tower, "config", None)
+    if not isinstance(conv, nn.Conv2d) or not hasattr(encoder, "layers") or not hasattr(config, "image_size"):
+        return None  # not a CLIP/SigLIP-like tower: left uncounted (bench marks it)
     patches = (config.image_size // config.patch_size) ** 2
     has_cls = hasattr(embeddings, "class_embedding")
-    encoder_layers = list(vision_model.encoder.layers)
+    encoder_layers = list(encoder.layers)
     strategy = getattr(model.config, "vision_feature_select_strategy", "default")
     return VisionShape(
         tokens=patches + int(has_cls),
