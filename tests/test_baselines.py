@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from oracle import masked_reference, removed_mask
 from reference import image_embeddings
 from test_engine import PROMPTS, batch_and_alone, check_batch_equals_alone
+from test_session import assert_restored, warm_snapshot
 from tiny_llava import IMAGE_TOKEN, VISUAL_TOKENS, build_pixels, build_prompt, left_pad
 
 import corematching as cm
@@ -114,6 +115,25 @@ def test_images_encoded_by_generate_for_beams_keep_each_samples_tokens(tiny_llav
     assert beams.batch_size == 4
     for row in range(4):
         assert torch.equal(beams.keep_mask[row], plain.keep_mask[row // 2])
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        cm.FastV(prune_layer=1, token_budget=8),
+        cm.VisionZip(dominant=6, contextual=3),
+        cm.RandomTokens(token_budget=8),
+        cm.compose(cm.CDPruner(token_budget=8), cm.TEAL(sparsity=0.5)),
+    ],
+    ids=["fastv", "visionzip", "random", "cdpruner+teal"],
+)
+def test_the_model_is_restored_after_methods_that_hook_more(tiny_llava, single_inputs, method):
+    """Methods with inputs hook the prune layer's attention, the first layer and the vision tower too."""
+    model, inputs = tiny_llava(), single_inputs()
+    before = warm_snapshot(model, inputs)
+    with cm.sparsify(model, method):
+        model.generate(**inputs, max_new_tokens=3, do_sample=False, suppress_tokens=[IMAGE_TOKEN])
+    assert_restored(model, before)
 
 
 # ---------------------------------------------------------------------------------------------- FastV, PDrop
