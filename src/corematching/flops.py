@@ -94,6 +94,8 @@ def language_shapes(model) -> tuple[tuple[LayerShape, ...], int]:
 def vision_shape(model) -> VisionShape | None:
     """The vision tower and projector of a LLaVA-style model (CLIP- or SigLIP-like tower, one square image of
     image_size), or None for other layouts."""
+    if type(model).__name__ not in ("LlavaForConditionalGeneration", "LlavaModel"):
+        return None  # other layouts (anyres crops, video frames, ...) take more than one tower pass per image
     inner = getattr(model, "model", model)
     tower = getattr(inner, "vision_tower", None)
     projector = getattr(inner, "multi_modal_projector", None)
