@@ -282,6 +282,50 @@ def warm_up_tower_on_patches(model, processor, spec: build.Spec, steps: int, see
     return {name: round(sum(v) / len(v), 4) for name, v in hits.items() if v}
 
 
+def word_embedding_targets(model, processor) -> dict[str, torch.Tensor]:
+    """The language model's input embedding of each colour, shape and "none" word (mean over its tokens)."""
+    table = model.get_input_embeddings().weight.detach()
+    targets = {}
+    for word in (*scenes.COLORS, *scenes.SHAPES, "none"):
+        ids = processor.tokenizer(word, add_special_tokens=False)["input_ids"]
+        targets[word] = table[ids].mean(0)
+    return targets
+
+
+def align_projector_to_words(model, processor, spec: build.Spec, steps: int, seed: int, log) -> float:
+    """Start the projector where the language model can already read it: each patch token is mapped to the sum
+    of the input embeddings of the words of its colour and its shape ("none" twice for background patches),
+    from the (frozen) warmed-up tower. Returns the final relative squared error."""
+    tower, projector = model.model.vision_tower, model.model.multi_modal_projector
+    words = word_embedding_targets(model, processor)
+    colour_table = torch.stack([words[c] for c in scenes.COLORS] + [words["none"]])  # [colours + 1, hidden]
+    shape_table = torch.stack([words[s] for s in scenes.SHAPES] + [words["none"]])  # [shapes + 1, hidden]
+    for p in projector.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=2e-3, weight_decay=0.0)
+    batch_size, relative_error = 32, float("nan")
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = 2e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        batch = [scenes.scene(seed + 2000, step * batch_size + j) for j in range(batch_size)]
+        pixels = processor.image_processor([sc.image for sc in batch], return_tensors="pt")["pixel_values"]
+        labels = [patch_labels(sc, spec.grid) for sc in batch]
+        colour = torch.cat([lab["colour"] for lab in labels])
+        shape = torch.cat([lab["shape"] for lab in labels])
+        target = colour_table[colour] + shape_table[shape]  # [batch * patches, hidden]
+        with torch.no_grad():
+            features = tower(pixels).last_hidden_state[:, 1:]
+        projected = projector(features).reshape(target.shape)
+        loss = (projected - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        relative_error = loss.item()
+        if step % 50 == 0:
+            log(f"projector to word embeddings step {step}/{steps} relative error {relative_error:.3f}")
+    return round(relative_error, 4)
+
+
 def scene_step_items(step: int, images_per_step: int) -> list[list[scenes.Item]]:
     """The training questions of one alignment step: fresh scenes, about eight questions each."""
     batch = []
@@ -354,7 +398,7 @@ def quick_accuracy(model, prefix, image_blocks, pixels, image_ids, pad_id) -> fl
 
 DEFAULTS = {  # per bundled model: alignment steps, tower warm-up steps
     "evqa-smollm2": {"steps": 800, "tower_steps": 400},
-    "scenes-smollm2": {"steps": 700, "tower_steps": 300},
+    "scenes-smollm2": {"steps": 250, "tower_steps": 300},
 }
 
 
@@ -379,6 +423,8 @@ def main(argv=None) -> None:
                         help="end after this many steps (the schedule still spans --steps); 0: at --steps")
     parser.add_argument("--images-per-step", type=int, default=4)
     parser.add_argument("--tower-steps", type=int, default=0, help="tower warm-up steps; 0: the model's default")
+    parser.add_argument("--projector-steps", type=int, default=300,
+                        help="scenes-smollm2: projector steps towards the colour/shape word embeddings (0: none)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of projector and LoRA")
     parser.add_argument("--tower-lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
@@ -450,6 +496,10 @@ def main(argv=None) -> None:
                 model, processor, spec, args.tower_steps, args.seed, log
             )
             record["tower_warmup_seconds"] = round(time.time() - t0)
+            if args.projector_steps:
+                record["projector_word_error"] = align_projector_to_words(
+                    model, processor, spec, args.projector_steps, args.seed, log
+                )
         else:
             record["tower_warmup_accuracy"] = warm_up_tower(
                 model, train_pixels, train_items, args.tower_steps, args.seed, log
@@ -497,7 +547,7 @@ def main(argv=None) -> None:
     t_last = time.time()
     last_step = min(args.steps, args.stop_after) if args.stop_after else args.steps
     record["stopped_after"] = last_step
-    check_every = 100
+    check_every = 50 if is_scenes else 100
     for step in range(start_step, last_step):
         for group, peak in zip(optimizer.param_groups, peaks):
             group["lr"] = peak * schedule(step)
