@@ -43,6 +43,9 @@ class RandomTokens(SparsityMethod):
         return frozenset({"image_fingerprint"})
 
     def select_tokens(self, batch: TokenBatch) -> TokenDecision:
-        scores = token_noise(self.seed, batch.image_fingerprint, batch.image_ordinal)
+        fingerprint = batch.image_fingerprint
+        if fingerprint is None:  # a batch built by hand: the draw depends on the positions only
+            fingerprint = torch.zeros_like(batch.image_index)
+        scores = token_noise(self.seed, fingerprint, batch.image_ordinal)
         keep = selection.select_by_score(scores, batch.image_index, self.token_budget)
         return TokenDecision(keep_visual=keep & batch.visual_mask, scores=scores)
