@@ -14,8 +14,8 @@ ATOL = 1e-5
 STEPS = 4
 
 
-def generate(model, inputs: dict, suppress: list[int], steps: int = STEPS):
-    """Greedy generation: (sequences [B, T + steps], logits [B, steps, V])."""
+def generate(model, inputs: dict, suppress: list[int], steps: int = STEPS, **options):
+    """Greedy generation (options: more generate() arguments): (sequences [B, T + steps], logits [B, steps, V])."""
     out = model.generate(
         **inputs,
         max_new_tokens=steps,
@@ -23,6 +23,7 @@ def generate(model, inputs: dict, suppress: list[int], steps: int = STEPS):
         output_logits=True,
         return_dict_in_generate=True,
         suppress_tokens=suppress,
+        **options,
     )
     return out.sequences, torch.stack(out.logits, dim=1)
 
@@ -39,12 +40,12 @@ def check_keep_all_equals_dense(model, inputs: dict, suppress: list[int], method
 
 
 def check_against_oracle(model, language_model, inputs: dict, suppress: list[int], method, attn: str = "sdpa",
-                         steps: int = STEPS):
+                         steps: int = STEPS, **options):
     """Generation under the session equals the oracle built from the session's record (removed tokens blocked
     after the prune layer, FFN zeroed outside the core neurons while decoding); returns the record.
     language_model: the decoder whose `.layers` the oracle hooks."""
     with cm.sparsify(model, method) as session:
-        tokens, logits = generate(model, inputs, suppress, steps)
+        tokens, logits = generate(model, inputs, suppress, steps, **options)
         record = session.last
     length = inputs["input_ids"].shape[1]
     removed = removed_mask(record.keep_mask, record.visual_mask, length + steps)
@@ -53,7 +54,7 @@ def check_against_oracle(model, language_model, inputs: dict, suppress: list[int
         language_model, ffns, removed, record.prune_layer, record.core_neurons_per_sample, length, attn
     )
     with reference:
-        expected_tokens, expected_logits = generate(model, inputs, suppress, steps)
+        expected_tokens, expected_logits = generate(model, inputs, suppress, steps, **options)
     assert torch.equal(tokens, expected_tokens)
     torch.testing.assert_close(logits, expected_logits, atol=ATOL, rtol=0)
     return record

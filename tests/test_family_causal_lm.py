@@ -91,6 +91,15 @@ def test_core_neuron_decoding_equals_the_oracle(kind):
     assert all(len(neurons) == 48 for neurons in record.core_neurons.values())  # beta 0.5 of 96
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "gemma3"])
+def test_a_static_cache_with_one_mask_per_layer_type_equals_the_oracle(kind):
+    """generate() builds one mask per layer type for a static cache: the session reads the padding from it."""
+    model = model_of(kind)
+    inputs = batch([prompt(9, seed=2), prompt(17, seed=3)])
+    record = check_against_oracle(model, model.model, inputs, [], core_infer(), cache_implementation="static")
+    assert sorted(record.core_neurons) == NEURON_LAYERS
+
+
 def test_a_batch_of_different_lengths_equals_each_prompt_alone():
     first, second = prompt(9, seed=2), prompt(17, seed=3)
     alone = [batch([first]), batch([second])]

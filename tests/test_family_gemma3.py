@@ -184,3 +184,11 @@ def test_a_later_turn_with_images_and_token_types_is_refused():
         turn["attention_mask"] = torch.cat([inputs["attention_mask"], turn["attention_mask"]], dim=1)
         with pytest.raises(cm.UnsupportedModeError, match="later turn"):
             model(**turn, past_key_values=cache)
+
+
+@pytest.mark.parametrize("token_types", [True, False])
+def test_a_static_cache_is_refused(token_types):
+    """Static caches give the sliding layers static sliding-window caches, which token removal cannot keep."""
+    model = model_of()
+    with cm.sparsify(model, with_budget(4)), pytest.raises(cm.UnsupportedModeError):
+        model.generate(**batch([TWO_IMAGES], token_types), max_new_tokens=2, cache_implementation="static")

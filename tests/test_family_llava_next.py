@@ -212,6 +212,14 @@ def test_a_video_and_an_image_each_keep_their_budget_and_equal_the_oracle():
 
 
 @pytest.mark.parametrize("kind", ["next", "onevision"])
+def test_a_static_cache_equals_the_oracle(kind):
+    model = model_of(kind)
+    inputs = batch(kind, [two_images(kind)])
+    check_against_oracle(model, model.model.language_model, inputs, SUPPRESS, with_budget(0.25, True),
+                         cache_implementation="static")
+
+
+@pytest.mark.parametrize("kind", ["next", "onevision"])
 def test_core_neuron_decoding_equals_the_oracle(kind):
     model = model_of(kind)
     record = check_against_oracle(model, model.model.language_model, batch(kind, [two_images(kind)]), SUPPRESS,

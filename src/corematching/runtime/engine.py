@@ -120,10 +120,15 @@ class Engine:
             )
         self.adapter.check_attention()
         mask = entry.attention_mask
+        if isinstance(mask, dict) and "full_attention" in mask:
+            # one mask per layer type, as generate() builds them for static caches; the global layers' mask holds
+            # the padding (None: causal without padding)
+            mask = entry.attention_mask = mask["full_attention"]
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             padding = padding_mask_from_4d(mask, past, entry.length) if isinstance(mask, torch.Tensor) else None
             if padding is None:
-                if state is not None or (entry.image_inputs is not None and self.changes_model):
+                applies = entry.image_inputs is not None or self.method.applies_to_text()
+                if state is not None or (applies and self.changes_model):
                     raise UnsupportedModeError(
                         "a custom 4-D attention mask: the session builds the masks of the layers after the prune "
                         "layer itself; pass a 2-D padding mask"
