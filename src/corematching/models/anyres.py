@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from .base import EntryCall, ImageLayout, bind_arguments
 from .decoder_lm import DecoderLanguageModelAdapter
 from .llava import LLAVA_LANGUAGE_MODELS, image_token_id_of, read_llava_call
@@ -184,3 +185,10 @@ class AnyresAdapter(DecoderLanguageModelAdapter):
         if isinstance(call, AnyresCall) and call.unit is not None:
             return layout_of_units(call, visual)
         return super().image_layout(call, visual)
+
+    def vision_token_attention(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        raise UnsupportedModelError(
+            f"{type(self.model).__name__}: the vision tower runs on each tile of an image, and the image's tokens "
+            "are its base view, its unpadded tiles and newline tokens; methods that rank image tokens by the "
+            "tower's attention are not supported"
+        )

@@ -16,7 +16,7 @@ import inspect
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModeError
+from ..errors import UnsupportedModeError, UnsupportedModelError
 from .base import AttentionRule, EntryCall, bind_arguments
 from .decoder_lm import DecoderLanguageModelAdapter
 from .llava import image_token_id_of, read_llava_call
@@ -79,3 +79,9 @@ class Gemma3Adapter(DecoderLanguageModelAdapter):
     def attention_rule(self, layer: int) -> AttentionRule:
         rule = super().attention_rule(layer)
         return AttentionRule(sliding_window=rule.sliding_window, bidirectional_images=self.images_bidirectional)
+
+    def vision_token_attention(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        raise UnsupportedModelError(
+            "Gemma 3: the vision tower attends over its patches, which the projector average-pools into fewer "
+            "image tokens; methods that rank image tokens by the tower's attention are not supported"
+        )
