@@ -166,6 +166,20 @@ def test_fastv_scores_are_the_eager_attention_of_the_last_token(tiny_llava):
             assert kept_visual(record, row) == top_visual(expected[row], visual, 5)
 
 
+def test_fastv_scores_on_gemma3_with_sliding_windows_and_head_norms():
+    """Gemma 3: local layers see a window shorter than the prompt, queries and keys are normalized per head."""
+    import test_family_gemma3 as gemma3
+
+    inputs = gemma3.batch([gemma3.sample(1, 2, 3, 1), gemma3.sample(1, 5, 4, 2)])
+    for layer in (1, 2):  # a sliding and a global layer
+        with torch.no_grad():
+            attentions = gemma3.model_of("eager")(**inputs, output_attentions=True).attentions
+        model = gemma3.model_of("sdpa")
+        with cm.sparsify(model, cm.FastV(prune_layer=layer, token_budget=3)) as session:
+            model(**inputs)
+        torch.testing.assert_close(session.last.token_scores, attentions[layer][:, :, -1].mean(1), atol=ATOL, rtol=0)
+
+
 def test_pdrop_one_stage_keeps_its_ratio_by_attention(tiny_llava, single_inputs):
     inputs = single_inputs()
     expected = eager_last_token_attention(tiny_llava("eager"), inputs, 2)[0]
