@@ -155,7 +155,7 @@ def test_keep_all_equals_dense(kind):
 
 @pytest.mark.parametrize(
     "kind,attn,budget", [("next", "sdpa", 0.25), ("next", "eager", 3), ("next-mistral", "sdpa", 0.25),
-                         ("onevision", "sdpa", 0.25)]
+                         ("onevision", "sdpa", 0.25), ("onevision", "eager", 3)]
 )
 def test_each_image_keeps_its_budget_and_decoding_equals_the_oracle(kind, attn, budget):
     model = model_of(kind, attn)
