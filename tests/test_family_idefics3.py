@@ -183,6 +183,26 @@ def test_a_batch_of_different_sizes_equals_each_sample_alone():
     check_batch_equals_alone(model_of(), batch([first, second]), alone, SUPPRESS, with_budget(0.25, True))
 
 
+
+def test_random_tokens_draw_from_each_image_s_own_pixels():
+    """On a forward with pixel values, RandomTokens seeds each image's draw with a hash of that image's pixels (all
+    its sub-images): images of one layout but different pixels draw differently, and a batch mate that pads the
+    pixel values changes nothing."""
+    model = model_of()
+    method = cm.RandomTokens(token_budget=0.25, prune_layer=PRUNE_LAYER)
+    alike = sample([(1, 1), (1, 1)], text_before=2, text_after=2, seed=7)  # two images, 18 tokens each
+    bigger = sample([(2, 2)], text_before=1, text_after=1, seed=8)  # a batch mate with more sub-images
+    with cm.sparsify(model, method) as session, torch.no_grad():
+        model(**batch([alike]))
+        alone = session.last
+        model(**batch([bigger, alike]))
+        in_batch = session.last.kept_visual_positions[1]
+    pad = in_batch.max() - alone.kept_visual_positions[0].max()
+    assert torch.equal(in_batch, alone.kept_visual_positions[0] + pad)
+    kept = alone.keep_mask[0][alone.visual_mask[0]]
+    assert not torch.equal(kept[:18], kept[18:])  # different pixels, different draws
+
+
 def test_the_model_is_restored_after_the_block_and_after_an_exception():
     check_restored(model_of(), batch([TWO_IMAGES]), SUPPRESS, with_budget(0.25, True))
 

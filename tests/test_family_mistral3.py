@@ -144,6 +144,14 @@ def test_each_image_has_its_own_grid_and_break_tokens_are_text():
     assert layout.image_ordinal[0][image].tolist() == list(range(6)) + list(range(12))
     assert layout.grid_rows[0][image].tolist() == [2] * 6 + [3] * 12
     assert layout.grid_cols[0][image].tolist() == [3] * 6 + [4] * 12
+    # as generate calls it: the images encoded first, image_sizes kept back; the grids come from the rows
+    with torch.no_grad():
+        encoded = model_of().model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], return_dict=True)
+    pre_encoded = {"input_ids": inputs["input_ids"], "mm_encoder_outputs": {"image": encoded}}
+    call = adapter.read_entry_call((), pre_encoded)
+    again = adapter.image_layout(call, adapter.visual_mask(call))
+    for name in ("image_index", "image_ordinal", "grid_rows", "grid_cols"):
+        assert torch.equal(getattr(again, name), getattr(layout, name)), name
 
 
 @pytest.mark.parametrize(
@@ -186,6 +194,23 @@ def test_a_batch_with_a_sample_without_images_equals_each_sample_alone():
     text_only = sample([], text_before=7, text_after=2, seed=9)
     alone = [batch([TWO_IMAGES]), batch([text_only])]
     check_batch_equals_alone(model_of(), batch([TWO_IMAGES, text_only]), alone, SUPPRESS, with_budget(0.25, True))
+
+
+
+@pytest.mark.parametrize("decoder", ["mistral", "mistral-sliding"])
+def test_random_tokens_draw_from_each_image_cropped_to_its_size(decoder):
+    """RandomTokens seeds each image's draw with a hash of its pixels: at the image's own size, so the padding the
+    batch's largest image imposes never changes a sample's tokens."""
+    method = cm.RandomTokens(token_budget=0.25, prune_layer=PRUNE_LAYER)
+    first = sample([(32, 16)], text_before=2, text_after=3, seed=2)
+    second = sample([(8, 40), (24, 24)], text_before=6, text_after=2, seed=3)
+    alone = [batch([first]), batch([second])]
+    check_batch_equals_alone(model_of(decoder), batch([first, second]), alone, SUPPRESS, method)
+    same_size = batch([sample([(24, 24), (24, 24)], text_before=2, text_after=2, seed=7)])
+    with cm.sparsify(model_of(decoder), method) as session:
+        model_of(decoder).generate(**same_size, max_new_tokens=1, do_sample=False, suppress_tokens=SUPPRESS)
+        kept = session.last.keep_mask[0][same_size["input_ids"][0] == IMAGE]
+    assert not torch.equal(kept[:9], kept[9:])  # different pixels, different draws
 
 
 def test_a_prompt_without_images_runs_dense():

@@ -336,6 +336,12 @@ class ModelAdapter:
             return list(images)
         raise UnsupportedModelError(f"{self.family}: image inputs of type {type(images).__name__} cannot be split")
 
+    def tower_images(self, pixels: torch.Tensor, tower_kwargs: dict) -> list[torch.Tensor]:
+        """The images a call of vision_tower_module received, one tensor per image: rows of its pixel input by
+        default. A tower that takes images padded to the batch's largest crops them here, so that an image's
+        fingerprint never depends on its batch mates."""
+        return list(pixels.unbind(0))
+
     # ------------------------------------------------------------------------------------------ decoder layers
 
     def read_layer_inputs(self, args: tuple, kwargs: dict) -> LayerInputs:

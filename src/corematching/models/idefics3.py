@@ -20,6 +20,7 @@ import inspect
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from .base import EntryCall, bind_arguments
 from .decoder_lm import DecoderLanguageModelAdapter
 
@@ -81,6 +82,27 @@ class Idefics3Adapter(DecoderLanguageModelAdapter):
                     counts.append(count)
                     count = 0
         return counts
+
+    def images_of_call(self, call: EntryCall) -> list[torch.Tensor]:
+        """Each image's pixels: its sub-images (the rows of pixel_values [B, N, C, H, W] that are not the all-zero
+        padding the model skips), flattened and joined, so padding for batch mates never enters them."""
+        pixels = call.image_inputs
+        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 5:
+            return super().images_of_call(call)
+        images = []
+        for sample, ends in zip(pixels.unbind(0), self._sub_image_ends(call)):
+            real = [sub_image for sub_image in sample.unbind(0) if bool(sub_image.ne(0).any())]
+            if len(real) != len(ends):
+                raise UnsupportedModelError(
+                    f"{len(real)} sub-images in pixel_values for {len(ends)} sub-images of image tokens"
+                )
+            group = []
+            for sub_image, ends_image in zip(real, ends):
+                group.append(sub_image.reshape(-1))
+                if ends_image:
+                    images.append(torch.cat(group))
+                    group = []
+        return images
 
     def _sub_image_ends(self, call: EntryCall) -> list[list[bool]]:
         """Per sample, per sub-image: whether it is the last sub-image of its image."""

@@ -15,6 +15,7 @@ import inspect
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from .base import EntryCall, bind_arguments
 from .decoder_lm import DecoderLanguageModelAdapter
 
@@ -83,3 +84,16 @@ class InternVLAdapter(DecoderLanguageModelAdapter):
                     "(image_seq_length)"
                 )
         return [length // self.tile_tokens for length in lengths]
+
+    def images_of_call(self, call: EntryCall) -> list[torch.Tensor]:
+        """Each image's pixels: its tiles (consecutive rows of pixel_values [tiles, C, H, W]), flattened and
+        joined."""
+        pixels = call.image_inputs
+        if not isinstance(pixels, torch.Tensor):
+            return super().images_of_call(call)
+        tiles_per_image = self.sub_images(call)
+        if sum(tiles_per_image) != pixels.shape[0]:
+            raise UnsupportedModelError(
+                f"{pixels.shape[0]} tiles in pixel_values for {sum(tiles_per_image)} tiles of image tokens"
+            )
+        return [tiles.reshape(-1) for tiles in pixels.split(tiles_per_image)]

@@ -4,16 +4,21 @@ Ministral 3) decoder.
 
 - An image of H x W pixels becomes a grid of (H // (patch_size * spatial_merge_size)) rows by
   (W // (patch_size * spatial_merge_size)) columns of `[IMG]` tokens (row-major), read from the call's
-  `image_sizes`. The processor ends every row with `[IMG_BREAK]` and the last one with `[IMG_END]`.
+  `image_sizes`. The processor ends every row with `[IMG_BREAK]` and the last one with `[IMG_END]`; when
+  `generate` has encoded the images before the call (it keeps `image_sizes` to itself), each image's token count
+  comes from its features and its grid from those rows.
 - Visual tokens are the `[IMG]` placeholders (`image_token_id`) only. `[IMG_BREAK]` and `[IMG_END]` receive
   no image features (the model gives them their text embeddings), so they are text: never removed, and not
   counted by a token budget. They keep their positions, so the rows of a pruned image stay delimited.
 - Images of different sizes in one batch work as the model takes them (pixel values padded to the largest,
-  `image_sizes` giving each image's own size).
+  `image_sizes` giving each image's own size). Methods that fingerprint an image's pixels see each image
+  cropped to its own size, so padding for batch mates never changes them.
 """
 
 import inspect
+from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .base import EntryCall, bind_arguments
@@ -50,31 +55,77 @@ class Mistral3Adapter(DecoderLanguageModelAdapter):
         self._entry_signature = inspect.signature(self.entry_module.forward)
         self.check_attention()
 
-    def read_entry_call(self, args: tuple, kwargs: dict) -> EntryCall:
+    def read_entry_call(self, args: tuple, kwargs: dict) -> "Mistral3Call":
         arguments = bind_arguments(self._entry_signature, args, kwargs)
-        encoded = (arguments.get("mm_encoder_outputs") or {}).get("image")
-        has_images = arguments.get("pixel_values") is not None or encoded is not None
-        image_inputs = {"image_sizes": arguments.get("image_sizes"), "encoded": encoded}
-        return EntryCall(
+        image_inputs = arguments.get("pixel_values")
+        if image_inputs is None:
+            image_inputs = (arguments.get("mm_encoder_outputs") or {}).get("image")
+        return Mistral3Call(
             input_ids=arguments.get("input_ids"),
             inputs_embeds=arguments.get("inputs_embeds"),
             attention_mask=arguments.get("attention_mask"),
-            image_inputs=image_inputs if has_images else None,
+            image_inputs=image_inputs,
             cache=arguments.get("cache", arguments.get("past_key_values")),
+            image_sizes=arguments.get("image_sizes"),
         )
 
-    def image_sizes(self, call: EntryCall) -> list[tuple[int, int, int]]:
-        """(tokens, rows, cols) of each image, from its size in pixels; pre-encoded features without
-        `image_sizes` give each image's token count on an unknown grid."""
-        sizes = call.image_inputs["image_sizes"]
-        if sizes is None:
-            encoded = call.image_inputs["encoded"]
-            features = getattr(encoded, "pooler_output", None) if encoded is not None else None
-            if features is None:
-                raise ValueError("Mistral 3 images without image_sizes: pass image_sizes (as the processor does)")
-            return [(len(image), 0, 0) for image in features]
-        result = []
-        for height, width in sizes.tolist() if hasattr(sizes, "tolist") else sizes:
-            rows, cols = int(height) // self.pixels_per_token, int(width) // self.pixels_per_token
-            result.append((rows * cols, rows, cols))
-        return result
+    def image_sizes(self, call: "Mistral3Call") -> list[tuple[int, int, int]]:
+        """(tokens, rows, cols) of each image: from its size in pixels when the call has `image_sizes`; for images
+        encoded before the call (generate encodes them first and keeps image_sizes to itself), each image's token
+        count from its features and its grid from the prompt (one run of [IMG] tokens per row; unknown, 0 x 0,
+        where the runs do not form one)."""
+        if call.image_sizes is not None:
+            result = []
+            for height, width in _pairs(call.image_sizes):
+                rows, cols = height // self.pixels_per_token, width // self.pixels_per_token
+                result.append((rows * cols, rows, cols))
+            return result
+        features = getattr(call.image_inputs, "pooler_output", None)
+        if features is None:
+            raise ValueError("Mistral 3 pixel values without image_sizes: pass image_sizes (as the processor does)")
+        return _grids_from_rows([len(image) for image in features], self.visual_mask(call))
+
+    def images_of_call(self, call: "Mistral3Call") -> list[torch.Tensor]:
+        """Each image's pixels at its own size (the call's pixel values are padded to the largest image)."""
+        if not isinstance(call.image_inputs, torch.Tensor) or call.image_sizes is None:
+            return super().images_of_call(call)
+        return _crop(call.image_inputs, call.image_sizes)
+
+    def tower_images(self, pixels: torch.Tensor, tower_kwargs: dict) -> list[torch.Tensor]:
+        sizes = tower_kwargs.get("image_sizes")
+        return super().tower_images(pixels, tower_kwargs) if sizes is None else _crop(pixels, sizes)
+
+
+@dataclass
+class Mistral3Call(EntryCall):
+    """An entry call with the pixel size of each of its images (the model's `image_sizes` argument)."""
+
+    image_sizes: object = None  # [N images, 2] (height, width) in pixels, or None
+
+
+def _pairs(sizes) -> list[tuple[int, int]]:
+    rows = sizes.tolist() if hasattr(sizes, "tolist") else sizes
+    return [(int(height), int(width)) for height, width in rows]
+
+
+def _crop(pixels: torch.Tensor, sizes) -> list[torch.Tensor]:
+    """pixels [N, C, H, W] padded to the largest image -> each image at its (height, width)."""
+    return [image[:, :height, :width] for image, (height, width) in zip(pixels.unbind(0), _pairs(sizes))]
+
+
+def _grids_from_rows(counts: list[int], visual: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(tokens, rows, cols) per image given its token count: the k-th image of the batch covers the next counts[k]
+    visual tokens (sample by sample); its rows are its runs of consecutive visual tokens when they all have the
+    same length (the processor ends each row with [IMG_BREAK] or [IMG_END]), else its grid is unknown (0 x 0)."""
+    positions = [(row, column) for row, column in visual.nonzero().tolist()]
+    result, start = [], 0
+    for count in counts:
+        image = positions[start : start + count]
+        start += count
+        run_starts = [k for k in range(len(image)) if k == 0 or image[k] != (image[k - 1][0], image[k - 1][1] + 1)]
+        lengths = [end - begin for begin, end in zip(run_starts, [*run_starts[1:], len(image)])]
+        if lengths and len(set(lengths)) == 1:
+            result.append((count, len(lengths), lengths[0]))
+        else:
+            result.append((count, 0, 0))
+    return result

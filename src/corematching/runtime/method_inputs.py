@@ -84,7 +84,8 @@ class MethodInputs:
             found[TOWER_ATTENTION] = torch.cat(self._tower_attention, dim=0)
             self._tower_attention = []
         if "image_fingerprint" in self.wanted and isinstance(pixels, torch.Tensor):
-            found[TOWER_HASHES] = torch.stack([content_hash(image) for image in pixels.unbind(0)])
+            images = self.adapter.tower_images(pixels, kwargs)
+            found[TOWER_HASHES] = torch.stack([content_hash(image) for image in images])
         for name, value in found.items():
             object.__setattr__(output, name, value)
         call = self._choosing_call()
