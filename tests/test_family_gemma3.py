@@ -179,11 +179,11 @@ def test_a_later_turn_with_images_and_token_types_is_refused():
     model = model_of()
     inputs = batch([TWO_IMAGES])
     with cm.sparsify(model, with_budget(4)):
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = model(**inputs, use_cache=True).cache
         turn = batch([sample(1, text_before=1, text_after=2, seed=6)])
         turn["attention_mask"] = torch.cat([inputs["attention_mask"], turn["attention_mask"]], dim=1)
         with pytest.raises(cm.UnsupportedModeError, match="later turn"):
-            model(**turn, past_key_values=cache)
+            model(**turn, cache=cache)
 
 
 @pytest.mark.parametrize("token_types", [True, False])

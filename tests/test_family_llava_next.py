@@ -244,3 +244,24 @@ def test_pixels_without_image_sizes_are_named():
     del inputs["image_sizes"]
     with cm.sparsify(model_of("next"), with_budget(2)), pytest.raises(ValueError, match="image_sizes"):
         model_of("next")(**inputs)
+
+
+def test_a_second_turn_with_a_new_image_equals_the_oracle():
+    """A new turn over the first turn's cache brings an image: its tokens are chosen among the new tokens."""
+    model = model_of("next")
+    one = sample("next", [(20, 40)], 2, 3, seed=14)
+    two = sample("next", [(30, 20)], 0, 4, seed=15)
+    two["ids"] = two["ids"][1:]  # no BOS
+    mask = torch.ones(1, len(one["ids"]) + len(two["ids"]), dtype=torch.long)
+    with cm.sparsify(model, with_budget(0.25)) as session, torch.no_grad():
+        cache = model(**batch("next", [one]), use_cache=True).cache
+        first = session.last
+        logits = model(**{**batch("next", [two]), "attention_mask": mask}, cache=cache).logits[:, -1]
+        second = session.last
+    assert len(second.kept_visual_positions[0]) == math.ceil(0.25 * int(second.visual_mask.sum()))
+    both = dict(ids=torch.cat([one["ids"], two["ids"]]), pixels=one["pixels"] + two["pixels"],
+                sizes=torch.cat([one["sizes"], two["sizes"]]), video=None)
+    removed = torch.cat([first.visual_mask & ~first.keep_mask, second.visual_mask & ~second.keep_mask], dim=1)
+    with masked_reference(model.model.language_model, {}, removed, PRUNE_LAYER), torch.no_grad():
+        expected = model(**batch("next", [both])).logits[:, -1]
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
