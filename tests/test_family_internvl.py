@@ -168,5 +168,11 @@ def test_random_tokens_draw_from_each_image_s_own_pixels():
     assert not torch.equal(kept[:18], kept[18:])  # different pixels, different draws
 
 
+
+def test_methods_ranking_by_the_vision_tower_attention_are_refused():
+    with pytest.raises(cm.UnsupportedModelError, match="the vision tower's attention are not supported"):
+        cm.sparsify(model_of(), cm.VisionZip(dominant=2, contextual=1))
+
+
 def test_the_model_is_restored_after_the_block_and_after_an_exception():
     check_restored(model_of(), batch([TWO_IMAGES]), SUPPRESS, with_budget(0.25, True))

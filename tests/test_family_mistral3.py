@@ -219,5 +219,11 @@ def test_a_prompt_without_images_runs_dense():
     check_keep_all_equals_dense(model_of(), inputs, SUPPRESS, with_budget(0.25))
 
 
+
+def test_methods_ranking_by_the_vision_tower_attention_are_refused():
+    with pytest.raises(cm.UnsupportedModelError, match="the vision tower's attention are not supported"):
+        cm.sparsify(model_of(), cm.VisionZip(dominant=2, contextual=1))
+
+
 def test_the_model_is_restored_after_the_block_and_after_an_exception():
     check_restored(model_of("mistral-sliding"), batch([TWO_IMAGES]), SUPPRESS, with_budget(0.25, True))

@@ -67,6 +67,12 @@ class Idefics3Adapter(DecoderLanguageModelAdapter):
             cache=arguments.get("cache", arguments.get("past_key_values")),
         )
 
+    def vision_attention_module(self) -> nn.Module:
+        raise UnsupportedModelError(
+            "Idefics3 / SmolVLM: the connector pixel-shuffles scale_factor x scale_factor patches into each image "
+            "token; methods that rank image tokens by the vision tower's attention are not supported"
+        )
+
     def image_sizes(self, call: EntryCall) -> list[tuple[int, int, int]]:
         """One entry per sub-image (every one image_seq_len tokens on the same grid)."""
         rows, cols = self.sub_image_grid

@@ -65,6 +65,12 @@ class InternVLAdapter(DecoderLanguageModelAdapter):
             cache=arguments.get("cache", arguments.get("past_key_values")),
         )
 
+    def vision_attention_module(self) -> nn.Module:
+        raise UnsupportedModelError(
+            "InternVL: pixel shuffle merges several patches of a tile into each image token; methods that rank "
+            "image tokens by the vision tower's attention are not supported"
+        )
+
     def image_sizes(self, call: EntryCall) -> list[tuple[int, int, int]]:
         """One entry per tile (all tiles share one grid)."""
         rows, cols = self.tile_grid

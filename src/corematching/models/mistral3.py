@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from .base import EntryCall, bind_arguments
 from .decoder_lm import LANGUAGE_MODELS, DecoderLanguageModelAdapter
 
@@ -67,6 +68,12 @@ class Mistral3Adapter(DecoderLanguageModelAdapter):
             image_inputs=image_inputs,
             cache=arguments.get("cache", arguments.get("past_key_values")),
             image_sizes=arguments.get("image_sizes"),
+        )
+
+    def vision_attention_module(self) -> nn.Module:
+        raise UnsupportedModelError(
+            "Mistral 3: the patch merger joins spatial_merge_size x spatial_merge_size patches into each image "
+            "token; methods that rank image tokens by the vision tower's attention are not supported"
         )
 
     def image_sizes(self, call: "Mistral3Call") -> list[tuple[int, int, int]]:
