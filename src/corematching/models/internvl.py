@@ -81,8 +81,8 @@ class InternVLAdapter(DecoderLanguageModelAdapter):
         visual = self.visual_mask(call)
         run_starts = visual & ~torch.nn.functional.pad(visual[:, :-1], (1, 0), value=False)
         run_ends = visual & ~torch.nn.functional.pad(visual[:, 1:], (0, 1), value=False)
-        positions = torch.arange(visual.shape[1], device=visual.device)
-        lengths = (positions[run_ends.nonzero()[:, 1]] - positions[run_starts.nonzero()[:, 1]] + 1).tolist()
+        # nonzero() lists both sample by sample, left to right: the k-th start and the k-th end bound one run
+        lengths = (run_ends.nonzero()[:, 1] - run_starts.nonzero()[:, 1] + 1).tolist()
         for length in lengths:
             if length % self.tile_tokens:
                 raise ValueError(
