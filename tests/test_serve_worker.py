@@ -72,7 +72,7 @@ def loop():
     loop.close()
 
 
-def test_batched_requests_get_the_tokens_they_get_alone(tiny_llava, loop):
+def test_batched_requests_get_the_tokens_they_get_alone(tiny_llava, loop, one_thread):
     model = tiny_llava()
     worker = ModelWorker(model, PromptProcessor())
     specs = [dict(prompt="p1:5"), dict(prompt="p2:9"), dict(prompt="p3:2", temperature=1.0, seed=11)]
@@ -91,7 +91,7 @@ def test_batched_requests_get_the_tokens_they_get_alone(tiny_llava, loop):
 
 
 @pytest.mark.parametrize("temperature, seed", [(0.0, None), (1.0, 5)])
-def test_a_prefix_cache_hit_decodes_exactly_like_a_fresh_prefill(tiny_llava, loop, temperature, seed):
+def test_a_prefix_cache_hit_decodes_exactly_like_a_fresh_prefill(tiny_llava, loop, one_thread, temperature, seed):
     model = tiny_llava()
     fresh_worker = ModelWorker(model, PromptProcessor())
     fresh = job("p4:6", loop, temperature=temperature, seed=seed)
@@ -121,7 +121,7 @@ def test_a_prefix_cache_hit_decodes_exactly_like_a_fresh_prefill(tiny_llava, loo
     worker.close()
 
 
-def test_a_failing_request_fails_alone(tiny_llava, loop):
+def test_a_failing_request_fails_alone(tiny_llava, loop, one_thread):
     worker = ModelWorker(tiny_llava(), PromptProcessor())
     good, bad = job("p1:5", loop, max_tokens=3), job("bad", loop, max_tokens=3)
     worker.run([good, bad])

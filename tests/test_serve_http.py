@@ -1,8 +1,10 @@
-"""`corematching serve` driven by the official `openai` client: one server (the bundled model) for the module,
-started on a free loopback port."""
+"""`corematching serve` end to end: one server (the bundled model) for the module, started on a free loopback
+port, driven by the official `openai` client and, for the web page, by a real headless Chromium (Debian's
+chromium + chromium-driver through Selenium)."""
 
 import base64
 import json
+import shutil
 import signal
 import threading
 import time
@@ -18,6 +20,8 @@ pytest.importorskip("fastapi")
 from corematching.serve.process import ServerProcess  # noqa: E402
 from corematching.zoo import data  # noqa: E402
 
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
 MODEL = "evqa-smollm2"
 MAX_QUEUE = 6
 MAX_BATCH = 4
@@ -29,9 +33,10 @@ def server(tmp_path_factory):
     paths = data.image_paths("test")
     (allowed / "shape.png").write_bytes(open(paths[0], "rb").read())
     (allowed / "broken.png").write_bytes(b"not an image at all")
+    (allowed / "escape.png").symlink_to(paths[1])  # a link inside the allowed directory to a file outside it
     arguments = ["--max-batch-size", str(MAX_BATCH), "--max-wait-ms", "300", "--max-queue", str(MAX_QUEUE),
                  "--allowed-image-dir", str(allowed), "--prefix-cache", "--default-max-tokens", "8",
-                 "--threads", "2"]
+                 "--threads", "1"]
     process = ServerProcess(arguments).start()
     process.allowed = allowed
     yield process
@@ -159,6 +164,7 @@ def test_bad_requests_get_openai_errors(server, client):
         (dict(messages=messages("https://example.com/cat.png", "what?")), "unsupported_image_url"),
         (dict(messages=messages("/etc/passwd", "what?")), "image_path_not_allowed"),
         (dict(messages=messages("../../../../etc/hostname", "what?")), "image_path_not_allowed"),
+        (dict(messages=messages("escape.png", "what?")), "image_path_not_allowed"),
         (dict(messages=messages("missing.png", "what?")), "image_not_found"),
         (dict(messages=messages("broken.png", "what?")), "invalid_image"),
     ]
@@ -241,6 +247,63 @@ def test_full_queue_answers_429_and_disconnect_frees_the_slot(server, client):
     with ThreadPoolExecutor(MAX_QUEUE + 4) as pool:
         list(pool.map(long_request, range(MAX_QUEUE + 4)))
     assert statuses.count(429) >= 1 and statuses.count(200) >= MAX_QUEUE - MAX_BATCH
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
+    from selenium.webdriver.chrome.service import Service
+
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("needs Debian's chromium and chromium-driver (`make test` installs them with apt-get when run "
+                    "as root)")
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1200,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_page_answers_an_uploaded_image_and_shows_kept_patches(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    question = data.by_image(data.questions("test"))[0][0]
+    wait = WebDriverWait(browser, 90)
+    browser.get(server.base_url + "/")
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#examples img")) > 0  # images to pick from
+    browser.find_element(By.ID, "file").send_keys(str(data.image_paths("test")[0]))
+    wait.until(lambda d: d.find_element(By.ID, "ask").is_enabled())
+    browser.find_element(By.ID, "question").send_keys(question.question)
+    browser.find_element(By.ID, "ask").click()
+    sparse_answer = "#corematching .answer"
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, sparse_answer).get_attribute("data-state") in ("done", "error"))
+    assert browser.find_element(By.ID, "status").text == ""
+    assert browser.find_element(By.CSS_SELECTOR, "#dense .answer").text == question.answer
+    assert browser.find_element(By.CSS_SELECTOR, sparse_answer).text == question.answer
+    dense_stats = browser.find_element(By.CSS_SELECTOR, "#dense .stats").text
+    sparse_stats = browser.find_element(By.CSS_SELECTOR, "#corematching .stats").text
+    assert "visual tokens 64/64" in dense_stats and "visual tokens 16/64" in sparse_stats
+    assert "prefill" in dense_stats and "prefill" in sparse_stats
+    overlay = browser.find_element(By.ID, "overlay")
+    assert overlay.get_attribute("data-kept") == "16" and overlay.get_attribute("data-total") == "64"
+    # the overlay really covers the removed patches: compare the canvas with the bare image drawn the same way
+    changed = browser.execute_script("""
+        const c = document.getElementById('overlay'), bare = document.createElement('canvas');
+        bare.width = c.width; bare.height = c.height;
+        const b = bare.getContext('2d'); b.imageSmoothingEnabled = false;
+        b.drawImage(document.getElementById('preview'), 0, 0, c.width, c.height);
+        const x = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        const y = b.getImageData(0, 0, c.width, c.height).data;
+        let changed = 0;
+        for (let i = 0; i < x.length; i += 4) { if (Math.abs(x[i] - y[i]) > 30) changed++; }
+        return changed / (c.width * c.height);""")
+    assert 0.6 < changed < 0.9  # 48 of 64 patches darkened (75%), plus the kept patches' outlines
 
 
 def test_shutdown_lets_an_accepted_request_finish(server, client):
