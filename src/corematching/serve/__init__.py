@@ -6,7 +6,12 @@
     images.py        data: URLs and files of an allowed directory -> PIL images
     scheduler.py     bounded queue and dynamic batching
     worker.py        the model worker: one batch through generate, per-request sampling / stop / streaming
-    sampling.py, decoding.py, prefix_cache.py, jobs.py, examples.py, cli.py, static/
+    sampling.py      per-request token choice (greedy, or sampling from its own seeded generator)
+    decoding.py      per-request text, stop sequences, token limits, disconnects while decoding
+    prefix_cache.py  pruned prefills of repeated image + prompt, continued from copies
+    jobs.py          an accepted request and the bridge from the worker thread to the event loop
+    process.py       the server in a child process on a free loopback port (tests, benchmarks)
+    cli.py           `corematching serve`;  examples.py, static/  the web page
 """
 
 from .cli import main
