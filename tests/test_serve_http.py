@@ -3,6 +3,7 @@ port, driven by the official `openai` client and, for the web page, by a real he
 chromium + chromium-driver through Selenium)."""
 
 import base64
+import http.client
 import json
 import shutil
 import signal
@@ -178,6 +179,14 @@ def test_bad_requests_get_openai_errors(server, client):
     assert status == 400 and body["error"]["param"] == "bogus"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.putrequest("POST", "/v1/chat/completions")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(10**9))  # announced; refused before the body is read
+    connection.endheaders(b"{}")
+    response = connection.getresponse()
+    assert response.status == 413 and json.loads(response.read())["error"]["code"] == "request_too_large"
+    connection.close()
     status, body = post_raw(server, b"{}", path="/v1/nothing")
     assert status == 404 and "error" in body
     # an allowed file works, and a failing request never took the server down

@@ -23,6 +23,7 @@ from .worker import ModelWorker
 
 STATIC_DIR = Path(__file__).parent / "static"
 DISCONNECT_POLL_S = 0.5
+MAX_BODY_BYTES = 64 * 1024 * 1024  # a few images as data: URLs
 
 
 def create_app(worker: ModelWorker, limits: Limits, *, max_batch_size: int, max_wait_s: float, max_pending: int,
@@ -68,6 +69,9 @@ def create_app(worker: ModelWorker, limits: Limits, *, max_batch_size: int, max_
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
