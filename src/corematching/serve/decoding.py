@@ -46,6 +46,10 @@ class RequestText:
                     break
         return self._take(ready)
 
+    def end_at_limit(self) -> str:
+        """Generation stopped without this request finishing on its own: it ends at its length limit."""
+        return self._finish("length", self.text) if self.finish_reason is None else ""
+
     def cancel(self) -> None:
         if self.finish_reason is None:
             self.finish_reason = "cancelled"

@@ -208,10 +208,9 @@ class ModelWorker:
     # ------------------------------------------------------------------------------------------ reporting
 
     def _complete(self, job: Job, text: RequestText, usage: Usage, prefill_done: float, patches) -> None:
-        if text.finish_reason is None:  # generate stopped at its own limit
-            piece = text._finish("length", text.text)
-            if piece:
-                job.emit("text", piece)
+        piece = text.end_at_limit()  # when generate stopped before the request finished on its own
+        if piece:
+            job.emit("text", piece)
         usage.completion_tokens = len(text.tokens)
         usage.decode_time_s = max(0.0, (text.finished_at or time.perf_counter()) - prefill_done)
         self._finish(job, Outcome(text.text, text.finish_reason, usage, patches, self.grid))
