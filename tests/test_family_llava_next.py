@@ -265,3 +265,13 @@ def test_a_second_turn_with_a_new_image_equals_the_oracle():
     with masked_reference(model.model.language_model, {}, removed, PRUNE_LAYER), torch.no_grad():
         expected = model(**batch("next", [both])).logits[:, -1]
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_an_empty_pixel_batch_runs_like_the_dense_model():
+    model = model_of("next")
+    inputs = batch("next", [sample("next", [], 3, 4, seed=1)])
+    inputs.update(pixel_values=torch.zeros(0, 5, 3, TILE, TILE), image_sizes=torch.zeros(0, 2, dtype=torch.long))
+    with torch.no_grad():
+        dense = model(**inputs).logits
+        with cm.sparsify(model, with_budget(2)):
+            assert torch.equal(model(**inputs).logits, dense)

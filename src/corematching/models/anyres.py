@@ -57,6 +57,8 @@ def grid_of(newline: torch.Tensor, side: int) -> tuple[int, int]:
 def images_from_sizes(entry_module, image_sizes, patches: list[int], side: int, **pack_options) -> list[torch.Tensor]:
     """Newline flags of each image from its size, by the model's own `pack_image_features` run on one-channel
     stand-in features (0 for image content, 1 for the newline vector)."""
+    if not patches:
+        return []
     stand_in = [torch.zeros(count, side * side, 1) for count in patches]
     packed, _ = entry_module.pack_image_features(
         stand_in, image_sizes, image_newline=torch.ones(1), **pack_options
