@@ -270,15 +270,19 @@ def cosine_matrix(features: torch.Tensor) -> list[list[float]]:
     return (normalized @ normalized.T).tolist()
 
 
-def naive_dart(features: torch.Tensor, pivots: int, budget: int) -> list[int]:
-    norms = features.abs().sum(-1).tolist()
-    pivot_list = sorted(range(len(norms)), key=lambda i: (-norms[i], i))[: min(pivots, budget)]
-    cos = cosine_matrix(features)
+def naive_dart(features: torch.Tensor, text: torch.Tensor, pivots: int, text_pivots: int, budget: int) -> list[int]:
+    def top_l1(rows, count):
+        norms = rows.abs().sum(-1).tolist()
+        return sorted(range(len(norms)), key=lambda i: (-norms[i], i))[:count]
+
+    pivot_list = top_l1(features, min(pivots, budget))
+    references = [features[p] for p in pivot_list] + [text[p] for p in top_l1(text, text_pivots)]
     chosen = list(pivot_list)
     rest = budget - len(pivot_list)
-    for index, pivot in enumerate(pivot_list):
-        share = rest // len(pivot_list) + (1 if index < rest % len(pivot_list) else 0)
-        pool = sorted((i for i in range(len(norms)) if i not in chosen), key=lambda i: (cos[pivot][i], i))
+    for index, reference in enumerate(references):
+        share = rest // len(references) + (1 if index < rest % len(references) else 0)
+        similarity = [F.cosine_similarity(row.double(), reference.double(), dim=0).item() for row in features]
+        pool = sorted((i for i in range(len(features)) if i not in chosen), key=lambda i: (similarity[i], i))
         chosen += pool[:share]
     return sorted(chosen)
 
@@ -311,13 +315,18 @@ def naive_cdpruner(visual: torch.Tensor, instruction: torch.Tensor, budget: int)
     return sorted(picked)
 
 
-def test_dart_keeps_pivots_and_their_least_similar_tokens(tiny_llava, single_inputs):
-    model, inputs = tiny_llava(), single_inputs()
-    visual = visual_positions(inputs["input_ids"][0])
-    features = hidden_entering(model, inputs, 2)[visual]
-    with cm.sparsify(model, cm.DART(pivots=3, token_budget=11, prune_layer=1)) as session:
+@pytest.mark.parametrize("text_pivots", [0, 2])
+def test_dart_keeps_pivots_and_their_least_similar_tokens(tiny_llava, single_inputs, text_pivots):
+    model, inputs = tiny_llava(), single_inputs(text_before=3, text_after=6)
+    ids = inputs["input_ids"][0]
+    visual = visual_positions(ids)
+    hidden = hidden_entering(model, inputs, 2)
+    instruction = list(range(visual[-1] + 1, len(ids)))
+    method = cm.DART(pivots=3, token_budget=11, prune_layer=1, text_pivots=text_pivots)
+    with cm.sparsify(model, method) as session:
         model(**inputs)
-    assert kept_visual(session.last) == [visual[i] for i in naive_dart(features, 3, 11)]
+    expected = naive_dart(hidden[visual], hidden[instruction], 3, text_pivots, 11)
+    assert kept_visual(session.last) == [visual[i] for i in expected]
 
 
 @pytest.mark.parametrize("prune_layer", [-1, 2])
@@ -502,6 +511,7 @@ def test_neuron_methods_and_compositions_are_batch_invariant(tiny_llava, method)
         (lambda: cm.VisionZip(contextual=-1), "contextual"),
         (lambda: cm.DART(pivots=0), "pivots"),
         (lambda: cm.DART(token_budget=None), "token_budget"),
+        (lambda: cm.DART(text_pivots=-1), "text_pivots"),
         (lambda: cm.DivPrune(prune_layer=-2), "prune_layer"),
         (lambda: cm.CDPruner(token_budget=2.0), "token_budget"),
         (lambda: cm.TEAL(sparsity=1.0), "sparsity"),
