@@ -192,3 +192,8 @@ def test_a_static_cache_is_refused(token_types):
     model = model_of()
     with cm.sparsify(model, with_budget(4)), pytest.raises(cm.UnsupportedModeError):
         model.generate(**batch([TWO_IMAGES], token_types), max_new_tokens=2, cache_implementation="static")
+
+
+def test_methods_ranking_by_the_vision_tower_attention_are_refused():
+    with pytest.raises(cm.UnsupportedModelError, match="the vision tower's attention are not supported"):
+        cm.sparsify(model_of(), cm.VisionZip(dominant=2, contextual=1))

@@ -275,3 +275,9 @@ def test_an_empty_pixel_batch_runs_like_the_dense_model():
         dense = model(**inputs).logits
         with cm.sparsify(model, with_budget(2)):
             assert torch.equal(model(**inputs).logits, dense)
+
+
+@pytest.mark.parametrize("kind", ["next", "onevision"])
+def test_methods_ranking_by_the_vision_tower_attention_are_refused(kind):
+    with pytest.raises(cm.UnsupportedModelError, match="the vision tower's attention are not supported"):
+        cm.sparsify(model_of(kind), cm.VisionZip(dominant=2, contextual=1))

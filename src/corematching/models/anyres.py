@@ -188,9 +188,9 @@ class AnyresAdapter(DecoderLanguageModelAdapter):
             return layout_of_units(call, visual)
         return super().image_layout(call, visual)
 
-    def vision_token_attention(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def vision_attention_module(self) -> nn.Module:
         raise UnsupportedModelError(
             f"{type(self.model).__name__}: the vision tower runs on each tile of an image, and the image's tokens "
             "are its base view, its unpadded tiles and newline tokens; methods that rank image tokens by the "
-            "tower's attention are not supported"
+            "vision tower's attention are not supported"
         )

@@ -80,8 +80,8 @@ class Gemma3Adapter(DecoderLanguageModelAdapter):
         rule = super().attention_rule(layer)
         return AttentionRule(sliding_window=rule.sliding_window, bidirectional_images=self.images_bidirectional)
 
-    def vision_token_attention(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def vision_attention_module(self) -> nn.Module:
         raise UnsupportedModelError(
             "Gemma 3: the vision tower attends over its patches, which the projector average-pools into fewer "
-            "image tokens; methods that rank image tokens by the tower's attention are not supported"
+            "image tokens; methods that rank image tokens by the vision tower's attention are not supported"
         )
