@@ -205,7 +205,19 @@ def tower_cls_attention(model, pixels) -> torch.Tensor:
     return out.attentions[layer][:, :, 0, 1:].mean(dim=1)
 
 
-def naive_visionzip(attention: list[float], embeddings: torch.Tensor, dominant: int, contextual: int):
+def tower_keys(model, pixels) -> torch.Tensor:
+    """[N, patches, d]: the keys of the tower's feature layer averaged over heads, from its input hidden states."""
+    tower = model.model.vision_tower
+    layer_index = len(tower.encoder.layers) + model.config.vision_feature_layer  # a negative feature layer
+    with torch.no_grad():
+        layer_input = tower(pixels, output_hidden_states=True).hidden_states[layer_index]
+        layer = tower.encoder.layers[layer_index]
+        keys = layer.self_attn.k_proj(layer.layer_norm1(layer_input))
+    heads = layer.self_attn.num_heads
+    return keys.view(*keys.shape[:2], heads, -1).mean(dim=2)[:, 1:]
+
+
+def naive_visionzip(attention: list[float], embeddings, keys, dominant: int, contextual: int):
     """(kept ordinals, {target ordinal: merged embedding}) by the documented rule, in plain Python."""
     size = len(attention)
     dominant_set = sorted(range(size), key=lambda i: (-attention[i], i))[:dominant]
@@ -215,7 +227,7 @@ def naive_visionzip(attention: list[float], embeddings: torch.Tensor, dominant: 
     others = [i for i in remaining if i not in targets]
     assigned = {t: [] for t in targets}
     for i in others:
-        similarities = [F.cosine_similarity(embeddings[i], embeddings[t], dim=0).item() for t in targets]
+        similarities = [F.cosine_similarity(keys[i], keys[t], dim=0).item() for t in targets]
         assigned[targets[similarities.index(max(similarities))]].append(i)
     merged = {}
     for t, members in assigned.items():
@@ -246,7 +258,8 @@ def test_visionzip_merges_as_documented_and_equals_the_oracle(tiny_llava, single
     embeds = image_embeddings(model, inputs["input_ids"], inputs["pixel_values"])[0].detach()
     visual = visual_positions(inputs["input_ids"][0])
     attention = tower_cls_attention(tiny_llava("eager"), inputs["pixel_values"])[0].tolist()
-    kept, merged = naive_visionzip(attention, embeds[visual], dominant, contextual)
+    keys = tower_keys(model, inputs["pixel_values"])[0]
+    kept, merged = naive_visionzip(attention, embeds[visual], keys, dominant, contextual)
     assert kept_visual(record) == [visual[i] for i in kept]
     expected_embeds = embeds.clone()
     for ordinal, embedding in merged.items():

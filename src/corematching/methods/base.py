@@ -18,6 +18,7 @@ METHOD_INPUTS = frozenset(
         "last_attention",  # TokenBatch.last_attention: the last prompt token's attention row at layer K
         "input_embeddings",  # TokenBatch.input_embeddings: what enters the language model's first layer
         "vision_attention",  # TokenBatch.vision_attention: attention each visual token got in the vision tower
+        "vision_keys",  # TokenBatch.vision_keys: each visual token's key in the vision tower's feature layer
         "image_fingerprint",  # TokenBatch.image_fingerprint: a hash of each image's own input
     }
 )
@@ -43,6 +44,8 @@ class TokenBatch:
     #   projector) at visual tokens, the token embeddings elsewhere
     vision_attention: torch.Tensor | None = None  # [B, T] float at visual tokens: attention the token's patch
     #   received in the vision tower's feature layer (from CLS where the tower has one, else the mean over queries)
+    vision_keys: torch.Tensor | None = None  # [B, T, d] at visual tokens: the token's patch key in the tower's
+    #   feature layer, averaged over heads
     image_fingerprint: torch.Tensor | None = None  # [B, T] long at visual tokens: a hash of the token's image
     #   input (its pixels), the same for that image whatever its batch mates (0 for a family whose image inputs
     #   cannot be split per image)

@@ -3,18 +3,19 @@ the language model.
 
 Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models" (CVPR 2025).
 Per image, with a_i the attention visual token i received in the tower's feature layer (from the CLS token where
-the tower has one, else averaged over queries) and e_i its embedding entering the language model:
+the tower has one, else averaged over queries), k_i its key there (averaged over heads) and e_i its embedding
+entering the language model:
   - dominant: the `dominant` tokens with the largest a_i (ties: lower position), kept unchanged;
   - contextual: of the remaining R tokens (in position order), every max(1, R // contextual)-th is a target, up to
-    `contextual` of them; every other remaining token is assigned to the target whose embedding is most
-    cosine-similar to its own (ties: the earlier target), and the target's embedding becomes
+    `contextual` of them; every other remaining token is assigned to the target whose key is most cosine-similar
+    to its own (ties: the earlier target), and the target's embedding becomes
         e_target + mean(e_j for j assigned to it)      (e_target alone when none is assigned);
     the other remaining tokens are removed.
 Kept and merged tokens keep their original positions; the removal happens before layer 0 (prune layer -1), so
 the language model runs every layer on the kept tokens only, and layer 0 sees the merged embeddings.
-Simplified: the similarity and the merge use the embeddings after the projector, where VisionZip uses the tower's
-keys for the similarity and merges the tower's hidden states before the projector; and tokens keep their original
-positions instead of being packed into a shorter image (dominant first, then contextual).
+Simplified: the merge averages the embeddings after the projector, where VisionZip averages the tower's hidden
+states before it (the projector is not linear, so the two differ); and tokens keep their original positions
+instead of being packed into a shorter image (dominant first, then contextual).
 """
 
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ class VisionZip(SparsityMethod):
         return -1
 
     def wants_inputs(self) -> frozenset[str]:
-        return frozenset({"vision_attention", "input_embeddings"})
+        return frozenset({"vision_attention", "vision_keys", "input_embeddings"})
 
     def select_tokens(self, batch: TokenBatch) -> TokenDecision:
         keep = torch.zeros_like(batch.visual_mask)
@@ -76,9 +77,9 @@ class VisionZip(SparsityMethod):
             keep[row, targets] = True
             if others.numel() == 0:
                 continue
-            embeddings = batch.input_embeddings[row]
-            other_directions = F.normalize(embeddings[others].float(), dim=-1)
-            similarity = other_directions @ F.normalize(embeddings[targets].float(), dim=-1).T  # [others, targets]
+            embeddings, keys = batch.input_embeddings[row], batch.vision_keys[row]
+            other_directions = F.normalize(keys[others].float(), dim=-1)
+            similarity = other_directions @ F.normalize(keys[targets].float(), dim=-1).T  # [others, targets]
             assigned = F.one_hot(similarity.argmax(dim=1), targets.numel()).to(embeddings.dtype)
             counts = assigned.sum(0).clamp(min=1).unsqueeze(1)
             merged[row, targets] = embeddings[targets] + (assigned.T @ embeddings[others]) / counts

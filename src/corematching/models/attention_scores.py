@@ -54,6 +54,12 @@ def last_token_attention(
     return weights.mean(dim=1)
 
 
+def keys_over_heads(attention: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The keys of an encoder's attention module (k_proj, head_dim) for its input hidden_states [N, S, D],
+    averaged over heads: [N, S, d]."""
+    return _heads(attention.k_proj(hidden_states), attention.head_dim).mean(dim=1)
+
+
 def attention_received(attention: nn.Module, hidden_states: torch.Tensor, from_first_token: bool) -> torch.Tensor:
     """For a bidirectional encoder's attention module (q_proj, k_proj, head_dim, scale; no mask) and its input
     hidden_states [N, S, D]: the attention each token receives, averaged over heads, [N, S] — from the first

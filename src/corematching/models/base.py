@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .attention_scores import attention_received, last_token_attention
+from .attention_scores import attention_received, keys_over_heads, last_token_attention
 
 
 @dataclass(frozen=True)
@@ -326,6 +326,14 @@ class ModelAdapter:
         if getattr(self.entry_module.config, "vision_feature_select_strategy", "full") == "default":
             received = received[:, 1:]  # the features drop the first (CLS) token
         return received
+
+    def vision_token_keys(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[N images, P, d]: each image-feature token's key in vision_attention_module, averaged over heads, from
+        that module's input hidden_states."""
+        keys = keys_over_heads(self._vision_feature_layer()[1], hidden_states)
+        if getattr(self.entry_module.config, "vision_feature_select_strategy", "full") == "default":
+            keys = keys[:, 1:]
+        return keys
 
     def images_of_call(self, call: EntryCall) -> list[torch.Tensor]:
         """The call's image inputs, one tensor per image in order (sample by sample): rows of the pixel values."""

@@ -22,6 +22,7 @@ from ..methods import SparsityMethod, TokenBatch
 from ..models import ModelAdapter
 
 TOWER_ATTENTION = "_corematching_vision_attention"  # attribute of a tower output: [N images, P] attention received
+TOWER_KEYS = "_corematching_vision_keys"  # attribute of a tower output: [N images, P, d] keys over heads
 TOWER_HASHES = "_corematching_image_hashes"  # attribute of a tower output: [N images] hashes of its pixel inputs
 
 
@@ -32,6 +33,7 @@ class MethodInputs:
         self.prune_layer = prune_layer
         self.current_call = current_call  # () -> the engine's CallState of the running call, or None
         self._tower_attention: list[torch.Tensor] = []  # per tower call, until the tower returns
+        self._tower_keys: list[torch.Tensor] = []
         self._tower_hooked = False  # whether the tower's output gets what the hooks computed
 
     def hooks(self) -> list[tuple[nn.Module, Callable, bool]]:
@@ -42,7 +44,7 @@ class MethodInputs:
             hooks.append((self.adapter.attention_module(self.prune_layer), self._on_prune_attention, False))
         if "input_embeddings" in self.wanted and self.prune_layer >= 0:
             hooks.append((self.adapter.decoder_layers[0], self._on_first_layer, False))
-        if "vision_attention" in self.wanted:
+        if {"vision_attention", "vision_keys"} & self.wanted:
             hooks.append((self.adapter.vision_attention_module(), self._on_vision_attention, False))
             hooks.append((self.adapter.vision_tower_module(), self._on_tower_done, True))
         elif "image_fingerprint" in self.wanted:
@@ -74,7 +76,10 @@ class MethodInputs:
     def _on_vision_attention(self, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         with torch.no_grad():
-            self._tower_attention.append(self.adapter.vision_token_attention(hidden))
+            if "vision_attention" in self.wanted:
+                self._tower_attention.append(self.adapter.vision_token_attention(hidden))
+            if "vision_keys" in self.wanted:
+                self._tower_keys.append(self.adapter.vision_token_keys(hidden))
 
     def _on_tower_done(self, module, args, kwargs, output):
         """Attach what the tower hooks computed to the tower's output (and to the running call, if any)."""
@@ -83,6 +88,9 @@ class MethodInputs:
         if self._tower_attention:
             found[TOWER_ATTENTION] = torch.cat(self._tower_attention, dim=0)
             self._tower_attention = []
+        if self._tower_keys:
+            found[TOWER_KEYS] = torch.cat(self._tower_keys, dim=0)
+            self._tower_keys = []
         if "image_fingerprint" in self.wanted and isinstance(pixels, torch.Tensor):
             images = self.adapter.tower_images(pixels, kwargs)
             found[TOWER_HASHES] = torch.stack([content_hash(image) for image in images])
@@ -107,6 +115,11 @@ class MethodInputs:
             if per_image is None:
                 raise UnsupportedModelError("the vision tower's attention does not cover the call's images")
             batch.vision_attention = _scatter_visual(per_image.reshape(-1), call.visual, "vision attention")
+        if "vision_keys" in self.wanted:
+            per_image = _rows_of_batch(self._from_tower(call, TOWER_KEYS, "the vision tower's keys"), batch)
+            if per_image is None:
+                raise UnsupportedModelError("the vision tower's keys do not cover the call's images")
+            batch.vision_keys = _scatter_visual(per_image.reshape(-1, per_image.shape[-1]), call.visual, "vision keys")
         if "image_fingerprint" in self.wanted:
             batch.image_fingerprint = self._fingerprints(call, batch)
         captured.clear()
@@ -149,13 +162,13 @@ def content_hash(values: torch.Tensor) -> torch.Tensor:
 
 
 def _scatter_visual(flat_values: torch.Tensor, visual: torch.Tensor, name: str) -> torch.Tensor:
-    """Values of the batch's visual tokens in order (sample by sample) -> [B, T], 0 elsewhere."""
+    """Values [V, ...] of the batch's V visual tokens in order (sample by sample) -> [B, T, ...], 0 elsewhere."""
     count = int(visual.sum())
-    if flat_values.numel() != count:
+    if flat_values.shape[0] != count:
         raise UnsupportedModelError(
-            f"the {name} covers {flat_values.numel()} tokens but the call has {count} visual ones"
+            f"the {name} covers {flat_values.shape[0]} tokens but the call has {count} visual ones"
         )
-    out = torch.zeros(visual.shape, dtype=flat_values.dtype, device=visual.device)
+    out = torch.zeros(*visual.shape, *flat_values.shape[1:], dtype=flat_values.dtype, device=visual.device)
     out[visual] = flat_values.to(visual.device)
     return out
 
