@@ -227,12 +227,18 @@ def test_core_neuron_decoding_equals_the_oracle(kind):
     assert sorted(record.core_neurons) == NEURON_LAYERS
 
 
-@pytest.mark.parametrize("kind", ["next", "onevision"])
-def test_a_batch_of_different_sizes_equals_each_sample_alone(kind):
+@pytest.mark.parametrize(
+    "kind,method",
+    [("next", with_budget(0.25, True)), ("onevision", with_budget(0.25, True)),
+     ("onevision", cm.RandomTokens(token_budget=3, prune_layer=PRUNE_LAYER))],
+    ids=["next", "onevision", "onevision-random"],
+)
+def test_a_batch_of_different_sizes_equals_each_sample_alone(kind, method):
+    """A tiled image beside two untiled ones (OneVision tiles a sample's only image): the same tokens alone."""
     first = sample(kind, [(16, 30)], text_before=2, text_after=3, seed=2)
     second = sample(kind, [(40, 12), (12, 12)], text_before=6, text_after=2, seed=3)
     alone = [batch(kind, [first]), batch(kind, [second])]
-    check_batch_equals_alone(model_of(kind), batch(kind, [first, second]), alone, SUPPRESS, with_budget(0.25, True))
+    check_batch_equals_alone(model_of(kind), batch(kind, [first, second]), alone, SUPPRESS, method)
 
 
 def test_the_model_is_restored_after_the_block_and_after_an_exception():

@@ -194,3 +194,16 @@ class AnyresAdapter(DecoderLanguageModelAdapter):
             "are its base view, its unpadded tiles and newline tokens; methods that rank image tokens by the "
             "vision tower's attention are not supported"
         )
+
+    def vision_tower_module(self) -> nn.Module:
+        raise UnsupportedModelError(
+            f"{type(self.model).__name__}: the vision tower runs on the tiles of every image of a call at once, so "
+            "its input cannot be split into images (image fingerprints are not taken: random draws depend on the "
+            "token positions only)"
+        )
+
+    def images_of_call(self, call: EntryCall) -> list[torch.Tensor]:
+        raise UnsupportedModelError(
+            f"{type(self.model).__name__}: pixel values are padded to the batch's most tiles, so a row is not one "
+            "image on its own (image fingerprints are not taken: random draws depend on the token positions only)"
+        )
