@@ -26,6 +26,12 @@ TOWER_KEYS = "_corematching_vision_keys"  # attribute of a tower output: [N imag
 TOWER_HASHES = "_corematching_image_hashes"  # attribute of a tower output: [N images] hashes of its pixel inputs
 
 
+ONE_PER_PATCH = (
+    "methods that read the vision tower need one visual token per patch of its feature layer (a projector that "
+    "pools or merges patches, as in Gemma 3, Qwen-VL or Idefics3, breaks that)"
+)
+
+
 class MethodInputs:
     def __init__(self, adapter: ModelAdapter, method: SparsityMethod, prune_layer: int | None, current_call: Callable):
         self.adapter = adapter
@@ -113,12 +119,12 @@ class MethodInputs:
             per_image = self._from_tower(call, TOWER_ATTENTION, "the vision tower's attention")  # [N images, P]
             per_image = _rows_of_batch(per_image, batch)
             if per_image is None:
-                raise UnsupportedModelError("the vision tower's attention does not cover the call's images")
+                raise UnsupportedModelError("the vision tower ran on other images than the call's: " + ONE_PER_PATCH)
             batch.vision_attention = _scatter_visual(per_image.reshape(-1), call.visual, "vision attention")
         if "vision_keys" in self.wanted:
             per_image = _rows_of_batch(self._from_tower(call, TOWER_KEYS, "the vision tower's keys"), batch)
             if per_image is None:
-                raise UnsupportedModelError("the vision tower's keys do not cover the call's images")
+                raise UnsupportedModelError("the vision tower ran on other images than the call's: " + ONE_PER_PATCH)
             batch.vision_keys = _scatter_visual(per_image.reshape(-1, per_image.shape[-1]), call.visual, "vision keys")
         if "image_fingerprint" in self.wanted:
             batch.image_fingerprint = self._fingerprints(call, batch)
@@ -166,7 +172,8 @@ def _scatter_visual(flat_values: torch.Tensor, visual: torch.Tensor, name: str) 
     count = int(visual.sum())
     if flat_values.shape[0] != count:
         raise UnsupportedModelError(
-            f"the {name} covers {flat_values.shape[0]} tokens but the call has {count} visual ones"
+            f"the {name} covers {flat_values.shape[0]} patches but the call has {count} visual tokens: "
+            + ONE_PER_PATCH
         )
     out = torch.zeros(*visual.shape, *flat_values.shape[1:], dtype=flat_values.dtype, device=visual.device)
     out[visual] = flat_values.to(visual.device)
