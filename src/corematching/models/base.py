@@ -146,6 +146,17 @@ def images_of_sizes(
     )
 
 
+def entry_call_from(arguments: dict, image_inputs: object) -> EntryCall:
+    """An EntryCall from an entry module's bound arguments and the images the adapter found in them."""
+    return EntryCall(
+        input_ids=arguments.get("input_ids"),
+        inputs_embeds=arguments.get("inputs_embeds"),
+        attention_mask=arguments.get("attention_mask"),
+        image_inputs=image_inputs,
+        cache=arguments.get("cache", arguments.get("past_key_values")),
+    )
+
+
 @dataclass
 class LayerInputs:
     """The inputs of one decoder layer call that token removal rewrites."""

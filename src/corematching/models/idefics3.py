@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import EntryCall, bind_arguments
+from .base import EntryCall
 from .decoder_lm import DecoderLanguageModelAdapter
+from .llava import read_llava_call
 
 
 def _idefics3_classes() -> tuple[type, ...]:
@@ -54,18 +55,7 @@ class Idefics3Adapter(DecoderLanguageModelAdapter):
         self.check_attention()
 
     def read_entry_call(self, args: tuple, kwargs: dict) -> EntryCall:
-        arguments = bind_arguments(self._entry_signature, args, kwargs)
-        encoded = arguments.get("mm_encoder_outputs")
-        if isinstance(encoded, dict):
-            encoded = encoded.get("image")
-        image_inputs = arguments.get("pixel_values")
-        return EntryCall(
-            input_ids=arguments.get("input_ids"),
-            inputs_embeds=arguments.get("inputs_embeds"),
-            attention_mask=arguments.get("attention_mask"),
-            image_inputs=image_inputs if image_inputs is not None else encoded,
-            cache=arguments.get("cache", arguments.get("past_key_values")),
-        )
+        return read_llava_call(self._entry_signature, args, kwargs)
 
     def vision_attention_module(self) -> nn.Module:
         raise UnsupportedModelError(

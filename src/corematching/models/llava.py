@@ -9,7 +9,7 @@ import inspect
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import EntryCall, bind_arguments
+from .base import EntryCall, bind_arguments, entry_call_from
 from .decoder_lm import DecoderLanguageModelAdapter
 
 # The language models of the LLaVA families (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision checkpoints use these).
@@ -31,17 +31,11 @@ def image_token_id_of(model: nn.Module, config) -> int:
 def read_llava_call(signature: inspect.Signature, args: tuple, kwargs: dict, images: str = "image") -> EntryCall:
     """An entry call of the LLaVA layout: pixel_values, or pre-encoded features in mm_encoder_outputs[images]."""
     arguments = bind_arguments(signature, args, kwargs)
-    mm_outputs = arguments.get("mm_encoder_outputs") or {}
     image_inputs = arguments.get("pixel_values")
     if image_inputs is None:
-        image_inputs = mm_outputs.get(images)
-    return EntryCall(
-        input_ids=arguments.get("input_ids"),
-        inputs_embeds=arguments.get("inputs_embeds"),
-        attention_mask=arguments.get("attention_mask"),
-        image_inputs=image_inputs,
-        cache=arguments.get("cache", arguments.get("past_key_values")),
-    )
+        encoded = arguments.get("mm_encoder_outputs")
+        image_inputs = encoded.get(images) if isinstance(encoded, dict) else encoded
+    return entry_call_from(arguments, image_inputs)
 
 
 class LlavaLlamaAdapter(DecoderLanguageModelAdapter):

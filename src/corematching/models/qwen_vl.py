@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import EntryCall, FFNParts, ModelAdapter, bind_arguments, gated_mlp_parts
+from .base import EntryCall, FFNParts, ModelAdapter, bind_arguments, entry_call_from, gated_mlp_parts
 
 
 def _qwen_vl_classes() -> tuple[type, ...]:
@@ -92,13 +92,7 @@ class QwenVLAdapter(ModelAdapter):
         if has_images:
             sizes = {kind: _sizes_of(features, grid, self.spatial_merge) for kind, (_, features, grid) in kinds.items()}
             image_inputs = {"sizes": sizes, "position_ids": arguments.get("position_ids")}
-        return EntryCall(
-            input_ids=arguments.get("input_ids"),
-            inputs_embeds=arguments.get("inputs_embeds"),
-            attention_mask=arguments.get("attention_mask"),
-            image_inputs=image_inputs,
-            cache=arguments.get("cache", arguments.get("past_key_values")),
-        )
+        return entry_call_from(arguments, image_inputs)
 
     def image_sizes(self, call: EntryCall) -> list[tuple[int, int, int]]:
         """(tokens, rows, cols) of each image and video, in order of appearance: runs of visual tokens are
