@@ -124,12 +124,22 @@ def test_user_method_by_module_path(tmp_path, monkeypatch):
         "    token_budget: int = 4\n"
         "class NotAMethod:\n"
         "    pass\n"
+        "class Plain(SparsityMethod):\n"
+        "    def __init__(self, token_budget=64, seed=0):\n"
+        "        self.token_budget, self.seed = token_budget, seed\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     method = method_spec.build("my_methods:KeepAll:token_budget=7")
     assert type(method).__name__ == "KeepAll" and method.token_budget == 7
     assert method_spec.expand("my_methods:KeepAll;dense", [2, 0.5]) == [
         "my_methods:KeepAll:token_budget=2", "my_methods:KeepAll:token_budget=0.5", "dense"]
+    plain = method_spec.build("my_methods:Plain:token_budget=8")  # a plain class: fields from its __init__
+    assert (plain.token_budget, plain.seed) == (8, 0)
+    assert method_spec.expand("my_methods:Plain", [0.5]) == ["my_methods:Plain:token_budget=0.5"]
+    with pytest.raises(ValueError, match=r"Plain does not take beta \(it takes seed, token_budget\)"):
+        method_spec.build("my_methods:Plain:beta=0.5")
+    from corematching.evaluate import method_settings
+    assert method_settings(plain) == {"method": "Plain", "token_budget": 8, "seed": 0}
     with pytest.raises(ValueError, match="not a corematching method"):
         method_spec.build("my_methods:NotAMethod")
     with pytest.raises(ValueError, match="has no 'Missing'"):

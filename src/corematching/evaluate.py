@@ -67,9 +67,12 @@ def kept_patch_indices(input_ids: torch.Tensor, kept_positions: torch.Tensor, im
 def method_settings(method) -> dict:
     if method is None:
         return {"method": "Dense"}
-    fields = asdict(method) if is_dataclass(method) else {}
+    if is_dataclass(method):
+        fields = asdict(method)
+    else:  # a plain class: its public attributes
+        fields = {name: value for name, value in vars(method).items() if not name.startswith("_")}
     # as the JSON-lines file will hold them (tuples become lists), so that a resumed run compares equal
-    return json.loads(json.dumps({"method": type(method).__name__, **fields}))
+    return json.loads(json.dumps({"method": type(method).__name__, **fields}, default=repr))
 
 
 @dataclass

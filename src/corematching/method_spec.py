@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib
+import inspect
 
 
 def method_classes() -> dict[str, type]:
@@ -129,10 +130,20 @@ def build(spec: str, **overrides):
     return cls(**fields)
 
 
+def init_fields(cls: type) -> set[str] | None:
+    """The names a method class takes at construction (None: any, its __init__ takes **kwargs)."""
+    if dataclasses.is_dataclass(cls):
+        return {field.name for field in dataclasses.fields(cls) if field.init}
+    parameters = list(inspect.signature(cls).parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
 def check_fields(cls: type, fields: dict) -> None:
-    if not dataclasses.is_dataclass(cls):
+    known = init_fields(cls)
+    if known is None:
         return
-    known = {field.name for field in dataclasses.fields(cls) if field.init}
     unknown = sorted(set(fields) - known)
     if unknown:
         accepted = ", ".join(sorted(known)) or "no fields"
@@ -140,7 +151,7 @@ def check_fields(cls: type, fields: dict) -> None:
 
 
 def has_field(cls: type, name: str) -> bool:
-    return dataclasses.is_dataclass(cls) and any(f.name == name and f.init for f in dataclasses.fields(cls))
+    return name in (init_fields(cls) or ())
 
 
 def expand(specs: str, budgets: list | None = None) -> list[str]:
@@ -171,8 +182,9 @@ def describe(method, kept_share: float | None = None) -> str:
     if budget == "absent":
         if kept_share is not None and kept_share < 1:
             return f"{name} {100 * kept_share:.3g}%"
-        fields = dataclasses.fields(method) if dataclasses.is_dataclass(method) else ()
-        return f"{name} {fields[0].name}={getattr(method, fields[0].name)}" if fields else name
+        names = sorted(init_fields(type(method)) or ()) if not dataclasses.is_dataclass(method) else [
+            field.name for field in dataclasses.fields(method)]
+        return f"{name} {names[0]}={getattr(method, names[0], '?')}" if names else name
     if budget is None:
         return f"{name} adaptive"
     if isinstance(budget, float):
