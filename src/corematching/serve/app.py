@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ from .protocol import Limits, parse_chat_request
 from .scheduler import Scheduler
 from .worker import ModelWorker
 
+log = logging.getLogger("corematching.serve")
 STATIC_DIR = Path(__file__).parent / "static"
 DISCONNECT_POLL_S = 0.5
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a few images as data: URLs
@@ -51,8 +53,8 @@ def create_app(worker: ModelWorker, limits: Limits, *, max_batch_size: int, max_
 
     @app.exception_handler(Exception)
     async def unexpected_error(request, error: Exception):
-        failure = APIError(500, f"internal error: {type(error).__name__}: {error}")
-        return JSONResponse(failure.body(), status_code=500)
+        log.exception("unexpected error on %s", request.url.path)  # details stay in the server's log
+        return JSONResponse(APIError(500, f"internal error ({type(error).__name__})").body(), status_code=500)
 
     @app.get("/health")
     async def health():

@@ -9,11 +9,14 @@ accepted jobs finish, then stops the thread.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
 
 from .errors import APIError
+
+log = logging.getLogger("corematching.serve")
 
 
 class Scheduler:
@@ -107,7 +110,8 @@ class Scheduler:
             try:
                 self.run_batch(batch)
             except BaseException as error:  # a failed batch never stops the server
-                failure = APIError(500, f"the model failed on this batch: {type(error).__name__}: {error}")
+                log.exception("a batch of %d failed", len(batch))
+                failure = APIError(500, f"the model failed on this batch ({type(error).__name__})")
                 for job in batch:
                     job.emit("error", failure)
             finally:

@@ -11,6 +11,7 @@ under the same session decodes from a copy of that prefill's KV cache.
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 import time
 
@@ -24,6 +25,8 @@ from .errors import APIError, bad_request
 from .jobs import Job, Outcome, Usage
 from .prefix_cache import PrefillEntry, PrefixCache, continued_copy, prefix_key
 from .sampling import BatchChooser, RequestSampler
+
+log = logging.getLogger("corematching.serve")
 
 
 class ModelWorker:
@@ -132,7 +135,8 @@ class ModelWorker:
             try:
                 self._run_batch([job])
             except Exception as error:
-                job.emit("error", APIError(500, f"the model failed on this request: {type(error).__name__}: {error}"))
+                log.exception("a request failed")
+                job.emit("error", APIError(500, f"the model failed on this request ({type(error).__name__})"))
                 self.on_finished(job)
 
     def _texts_and_samplers(self, jobs):
