@@ -247,7 +247,8 @@ def test_full_queue_answers_429_and_disconnect_frees_the_slot(server, client):
 
     def long_request(_):
         try:
-            client.chat.completions.create(model=MODEL, messages=story, max_tokens=3, extra_body={"ignore_eos": True})
+            # long enough that every request arrives before the first batch is done
+            client.chat.completions.create(model=MODEL, messages=story, max_tokens=12, extra_body={"ignore_eos": True})
             statuses.append(200)
         except openai.RateLimitError as error:
             assert error.body["code"] == "queue_full"
