@@ -1,6 +1,7 @@
 """corematching: training-free co-adaptive token and neuron sparsity for vision-language models."""
 
 from . import selection
+from .calibrate import Calibration, calibrate
 from .errors import UnsupportedModeError, UnsupportedModelError
 from .methods import (
     DART,

@@ -4,7 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import selection
+from .. import neuron_rules, selection
+from ..calibrate import read_budgets
 from . import defaults
 from .base import (
     SparsityMethod,
@@ -29,6 +30,13 @@ class CoreMatching(SparsityMethod):
         (defaults.default_neuron_layers: none on the bundled model, where core-neuron decoding cost too much).
     match: the match set whose core neurons score the visual tokens: "all", "text" or "last".
     min_tokens: the fewest visual tokens an image keeps.
+    neuron_rule: how the decode neurons are chosen from a layer's prefill activations (corematching.
+        neuron_rules): "paper" (C_beta: frequency among the tokens' top positive activations), "magnitude"
+        (frequency among top |a|) or "mass" (largest sum of |a|).
+    neuron_budgets: per-layer shares of the FFN width kept while decoding, {layer: share in (0, 1]}, or a
+        calibration (cm.calibrate's result, or the path of its JSON). With budgets and neuron_layers None, the
+        layers decoding with core neurons are those with a budget below 1; a neuron layer without a budget
+        keeps beta of the width.
     """
 
     prune_layer: int = defaults.PRUNE_LAYER
@@ -38,6 +46,8 @@ class CoreMatching(SparsityMethod):
     neuron_layers: list[int] | None = defaults.NEURON_LAYERS
     match: str = defaults.MATCH
     min_tokens: int = defaults.MIN_TOKENS
+    neuron_rule: str = defaults.NEURON_RULE
+    neuron_budgets: dict | str | None = defaults.NEURON_BUDGETS
 
     def __post_init__(self):
         check_layer_index("prune_layer", self.prune_layer)
@@ -48,6 +58,9 @@ class CoreMatching(SparsityMethod):
         if self.match not in defaults.MATCH_SETS:
             raise ValueError(f"match must be one of {defaults.MATCH_SETS}, got {self.match!r}")
         check_positive_int("min_tokens", self.min_tokens)
+        if self.neuron_rule not in neuron_rules.RULES:
+            raise ValueError(f"neuron_rule must be one of {neuron_rules.RULES}, got {self.neuron_rule!r}")
+        self._budgets = None if self.neuron_budgets is None else read_budgets(self.neuron_budgets, "neuron_budgets")
 
     def prune_layer_index(self) -> int:
         return self.prune_layer
@@ -56,6 +69,8 @@ class CoreMatching(SparsityMethod):
         return True
 
     def neuron_layer_indices(self, num_layers: int) -> tuple[int, ...]:
+        if self.neuron_layers is None and self._budgets is not None:
+            return tuple(layer for layer, share in self._budgets.items() if share < 1)
         if self.neuron_layers is None:
             return defaults.default_neuron_layers(self.prune_layer, num_layers)
         return check_layer_list("neuron_layers", self.neuron_layers)
@@ -80,13 +95,23 @@ class CoreMatching(SparsityMethod):
         token_core = selection.token_core_neurons(batch.activations, self.rho)
         return self._decide_tokens(batch, token_core)
 
+    def neuron_share(self, layer: int) -> float:
+        """The share of the FFN width layer `layer` decodes with: its budget, else beta."""
+        return self.beta if self._budgets is None else self._budgets.get(layer, self.beta)
+
     def select_neurons(self, activations: torch.Tensor, token_mask: torch.Tensor, layer: int) -> torch.Tensor:
-        token_core = selection.token_core_neurons(activations, self.rho)
-        return selection.sentence_core_neurons(token_core, activations, token_mask, self.beta)
+        share = self.neuron_share(layer)
+        if self.neuron_rule == "paper" and share == self.beta:
+            token_core = selection.token_core_neurons(activations, self.rho)
+            return selection.sentence_core_neurons(token_core, activations, token_mask, self.beta)
+        count = neuron_rules.neuron_count(activations.shape[-1], share)
+        return neuron_rules.select(self.neuron_rule, activations, token_mask, count, self.rho)
 
     def select_tokens_and_neurons(
         self, batch: TokenBatch, token_mask: torch.Tensor, layer: int
     ) -> tuple[TokenDecision, torch.Tensor]:
+        if self.neuron_rule != "paper" or self.neuron_share(layer) != self.beta:
+            return self.select_tokens(batch), self.select_neurons(batch.activations, token_mask, layer)
         token_core = selection.token_core_neurons(batch.activations, self.rho)  # shared by both choices
         neurons = selection.sentence_core_neurons(token_core, batch.activations, token_mask, self.beta)
         return self._decide_tokens(batch, token_core), neurons
