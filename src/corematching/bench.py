@@ -295,7 +295,9 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
-def plot(records: list[dict], path: Path, title: str) -> None:
+def plot(records: list[dict], path: Path, title: str, outlier_points: float = 15.0) -> None:
+    """Accuracy against prefill FLOPs: one line per method through its settings, the Pareto front in grey.
+    Settings more than `outlier_points` below the best accuracy are listed in a note instead of stretching the axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -304,26 +306,31 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     records = [r for r in records if r.get("accuracy") is not None]
     if not records:
         return
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    methods = sorted({r["method"] for r in records})
-    colours = {name: plt.cm.tab10(k % 10) for k, name in enumerate(methods)}
-    points = [(r["flops"]["prefill"] / 1e9, 100 * r["accuracy"]) for r in records]
+    best = max(100 * r["accuracy"] for r in records)
+    shown = [r for r in records if 100 * r["accuracy"] >= best - outlier_points]
+    hidden = [r for r in records if r not in shown]
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    methods = list(dict.fromkeys(r["method"] for r in shown))
+    markers = "osD^vP*Xh<>p"
     for k, name in enumerate(methods):
-        mine = sorted(((p, r) for p, r in zip(points, records) if r["method"] == name), key=lambda pr: pr[0])
-        xs, ys = [p[0] for p, _ in mine], [p[1] for p, _ in mine]
-        ax.plot(xs, ys, color=colours[name], marker="o", ms=6, lw=1, label=name, zorder=3)
-        for (x, y), r in mine:  # the budget next to each point; methods at equal FLOPs stack their labels
-            text = r["label"][len(name):].strip() or name
-            ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, -3 + 8 * (k - len(methods) / 2)),
-                        fontsize=7, color=colours[name])
+        mine = sorted((r for r in shown if r["method"] == name), key=lambda r: r["flops"]["prefill"])
+        ax.plot([r["flops"]["prefill"] / 1e9 for r in mine], [100 * r["accuracy"] for r in mine],
+                marker=markers[k % len(markers)], ms=7, lw=1, color=plt.cm.tab10(k % 10), label=name, zorder=3)
+    points = [(r["flops"]["prefill"] / 1e9, 100 * r["accuracy"]) for r in shown]
     front = pareto_front(points)
-    ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="0.6", lw=1,
-            zorder=1, label="Pareto front")
+    ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="0.55", lw=2,
+            alpha=0.5, zorder=1, label="Pareto front")
+    for i in front:
+        ax.annotate(shown[i]["label"], points[i], textcoords="offset points", xytext=(6, 6), fontsize=7, color="0.3")
+    if hidden:
+        note = "not shown: " + "; ".join(f"{r['label']} {100 * r['accuracy']:.1f}% at "
+                                         f"{r['flops']['prefill'] / 1e9:.1f} GFLOPs" for r in hidden)
+        ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=7, color="0.35", va="bottom")
     ax.set_xlabel("prefill GFLOPs per question (vision + language model, analytic)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
