@@ -77,7 +77,8 @@ def table(names: list[str], title: str) -> str:
         s = summarize(path)
         kept = f"{s.mean_kept:.1f}" if s.mean_kept is not None else "64"
         recall = f"{s.object_recall:.3f}" if s.object_recall is not None else "1.000"
-        lines.append(f"| {name} | {s.settings['method']} | {s.answered} | {100 * s.accuracy:.2f}% | {kept} | {recall} |")
+        method_name = s.settings["method"]
+        lines.append(f"| {name} | {method_name} | {s.answered} | {100 * s.accuracy:.2f}% | {kept} | {recall} |")
     return "\n".join(lines) + "\n"
 
 

@@ -170,8 +170,8 @@ def main() -> None:
     name = "neurons-magnitude" if args.magnitude else "neurons"
     (RESULTS / f"{name}.md").write_text(text)
     (RESULTS / f"{name}.json").write_text(json.dumps(
-        [{"decoding": l, "beta": b, "layers": ly, "perplexity": r["perplexity"], "agreement": r["agreement"]}
-         for l, b, ly, r in rows], indent=2) + "\n")
+        [{"decoding": decoding, "beta": b, "layers": ly, "perplexity": r["perplexity"], "agreement": r["agreement"]}
+         for decoding, b, ly, r in rows], indent=2) + "\n")
     print(text)
 
 

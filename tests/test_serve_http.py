@@ -59,7 +59,8 @@ def question_for(image_id: int):
 
 
 def messages(url: str, text: str) -> list:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]
+    return [{"role": "user", "content": content}]
 
 
 def ask(client, image_id: int, **options):
@@ -292,7 +293,8 @@ def test_page_answers_an_uploaded_image_and_shows_kept_patches(server, browser):
     browser.find_element(By.ID, "question").send_keys(question.question)
     browser.find_element(By.ID, "ask").click()
     sparse_answer = "#corematching .answer"
-    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, sparse_answer).get_attribute("data-state") in ("done", "error"))
+    finished = ("done", "error")
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, sparse_answer).get_attribute("data-state") in finished)
     assert browser.find_element(By.ID, "status").text == ""
     assert browser.find_element(By.CSS_SELECTOR, "#dense .answer").text == question.answer
     assert browser.find_element(By.CSS_SELECTOR, sparse_answer).text == question.answer

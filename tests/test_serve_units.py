@@ -58,8 +58,9 @@ def test_request_validation_names_the_parameter():
     good = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     request = parse_chat_request(good, limits())
     assert request.max_tokens == 8 and request.temperature == 0.0 and request.stop == []
-    for change, param in [({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
-                          ({"seed": 1.5}, "seed"), ({"stop": ["a"] * 5}, "stop"), ({"stream": "yes"}, "stream"),
+    for change, param in [({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"),
+                          ({"max_tokens": 0}, "max_tokens"), ({"seed": 1.5}, "seed"),
+                          ({"stop": ["a"] * 5}, "stop"), ({"stream": "yes"}, "stream"),
                           ({"messages": []}, "messages"), ({"messages": [{"role": "tool", "content": "x"}]},
                                                             "messages[0].role"),
                           ({"presence_penalty": 1.0}, "presence_penalty"), ({"functions": []}, "functions")]:

@@ -27,6 +27,7 @@ from .vqa import answer
 from .zoo import load_model
 
 __all__ = [
+    "Calibration",
     "CDPruner",
     "DART",
     "DivPrune",
@@ -49,6 +50,7 @@ __all__ = [
     "UnsupportedModeError",
     "UnsupportedModelError",
     "answer",
+    "calibrate",
     "load_model",
     "sparsify",
     "supported_models",

@@ -174,7 +174,9 @@ def answer_jobs(args: argparse.Namespace, method, model_name: str, jobs: list[tu
     grid = (side, side)
     print(f"method: {method}", flush=True)
     answer_batch(model, processor, [jobs[0][1]], [jobs[0][2]], None, 2)  # warm-up, not timed
-    header = f"{'image':<12} {'question':<48} {'truth':<10} {'dense':<10} {'ms':>6} {'sparse':<10} {'kept':>7} {'ms':>6}"
+    header = (
+        f"{'image':<12} {'question':<48} {'truth':<10} {'dense':<10} {'ms':>6} {'sparse':<10} {'kept':>7} {'ms':>6}"
+    )
     print(header)
     print("-" * len(header))
     correct = {"dense": 0, "sparse": 0}
@@ -231,11 +233,12 @@ def evaluate(args: argparse.Namespace) -> int:
         return 0
     kept = f"{summary.mean_kept:.1f}" if summary.mean_kept is not None else "all"
     recall = f"{summary.object_recall:.3f}" if summary.object_recall is not None else "-"
-    print(f"\n| method | settings | questions | accuracy | visual tokens kept | object recall |")
-    print(f"|---|---|---|---|---|---|")
+    print("\n| method | settings | questions | accuracy | visual tokens kept | object recall |")
+    print("|---|---|---|---|---|---|")
     settings = ", ".join(f"{k}={v}" for k, v in summary.settings.items() if k not in ("method", "questions"))
-    print(f"| {summary.settings['method']} | {settings} | {summary.answered} | {summary.accuracy:.4f} | {kept} | {recall} |")
-    print(f"answers: {output}" + (f" (and its rank files)" if shard.distributed else ""))
+    method_name = summary.settings["method"]
+    print(f"| {method_name} | {settings} | {summary.answered} | {summary.accuracy:.4f} | {kept} | {recall} |")
+    print(f"answers: {output}" + (" (and its rank files)" if shard.distributed else ""))
     return 0
 
 

@@ -97,7 +97,7 @@ def read_results(path: Path, settings: dict) -> list[dict]:
             if k != len(lines) - 1:
                 raise ValueError(f"{path}: line {k + 1} is not valid JSON") from None
             # a torn last line from an interrupted run: drop it from the file
-            path.write_text("".join(l + "\n" for l in lines[:-1]))
+            path.write_text("".join(line + "\n" for line in lines[:-1]))
     if not rows:
         return []
     if rows[0].get("settings") != settings:

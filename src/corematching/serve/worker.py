@@ -149,7 +149,8 @@ class ModelWorker:
 
     def _run_batch(self, jobs: list[Job]) -> None:
         started = time.perf_counter()
-        inputs = self.encode([job.prompt for job in jobs], [image.image for job in jobs for image in job.request.images])
+        images = [image.image for job in jobs for image in job.request.images]
+        inputs = self.encode([job.prompt for job in jobs], images)
         texts, samplers, follower = self._texts_and_samplers(jobs)
         cache = DynamicCache(config=self.model.config.get_text_config())
         snapshot = {}
