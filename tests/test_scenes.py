@@ -143,3 +143,70 @@ def test_bad_input_is_refused():
         scenes.render([obj("circle", "red", 5, 5), obj("square", "blue", 10, 10)])
     with pytest.raises(ValueError, match="kind must be"):
         scenes.question_about(SCENE, "size", random.Random(0))
+
+
+# ----------------------------------------------------------------------------- the shipped model
+
+
+@pytest.fixture(scope="module")
+def scenes_model():
+    import corematching as cm
+
+    return cm.load_model("scenes-smollm2")
+
+
+def fixed_scenes():
+    """Hand-built scenes and questions with their true answers."""
+    two = scenes.render([obj("circle", "red", 10, 50, 24), obj("square", "blue", 80, 50, 24)])
+    three = scenes.render([obj("triangle", "yellow", 54, 8, 26), obj("cross", "green", 10, 80, 24),
+                           obj("rectangle", "black", 80, 96, 30, 16)])
+    four = scenes.render([obj("circle", "blue", 8, 10, 22), obj("square", "teal", 60, 12, 26),
+                          obj("triangle", "gray", 64, 74, 30), obj("circle", "brown", 10, 90, 18)])
+    return [
+        (two, "what color is the circle?", "red"),
+        (two, "what shape is the blue object?", "square"),
+        (two, "how many objects are there?", "2"),
+        (two, "is there a red circle?", "yes"),
+        (two, "is there a blue circle?", "no"),
+        (two, "what color is the object left of the square?", "red"),
+        (three, "what color is the cross?", "green"),
+        (three, "what shape is the yellow object?", "triangle"),
+        (three, "how many objects are there?", "3"),
+        (three, "how many crosses are there?", "1"),
+        (three, "what color is the object above the cross?", "yellow"),
+        (three, "what color is the object left of the triangle?", "green"),
+        (four, "what color is the square?", "teal"),
+        (four, "what shape is the brown object?", "circle"),
+        (four, "how many objects are there?", "4"),
+        (four, "how many circles are there?", "2"),
+        (four, "is there a gray triangle?", "yes"),
+        (four, "is there a teal circle?", "no"),
+        (four, "what color is the object above the square?", "blue"),
+    ]
+
+
+def test_fixed_scenes_are_questions_the_dataset_asks():
+    for scene, question, answer in fixed_scenes():
+        produced = {(q, a) for kind in scenes.KINDS for q, a, _ in asked(scene, kind, range(300))}
+        assert (question, answer) in produced, question
+
+
+# The shipped weights answer 10 of the 19 hand-built questions above right (its dense accuracy on the evaluation
+# set is far from the target; see the README). These are those 10, chosen after training: the test guards that
+# the trained tensors load, merge and answer as shipped, not the model's accuracy.
+ANSWERED_RIGHT = {0, 1, 2, 3, 5, 8, 9, 10, 14, 18}
+
+
+def test_scenes_model_answers_fixed_scenes(scenes_model):
+    import corematching as cm
+    from corematching import vqa
+
+    model, processor = scenes_model
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert model.config.vision_config.image_size == 128 and model.config.vision_config.patch_size == 16
+    cases = [case for k, case in enumerate(fixed_scenes()) if k in ANSWERED_RIGHT]
+    answers = vqa.answer_batch(model, processor, [s.image for s, _, _ in cases], [q for _, q, _ in cases]).texts
+    wrong = [(q, a, truth) for (_, q, truth), a in zip(cases, answers) if a != truth]
+    assert not wrong, wrong
+    scene, question, truth = cases[0]
+    assert cm.answer(model, processor, scene.image, question) == truth

@@ -1,7 +1,7 @@
 """Accuracy of `scenes-smollm2` on scene questions, per question kind, resumable, with recall of the queried objects.
 
     python -m corematching.zoo.scenes_eval --output runs/scenes-eval/dense.jsonl            # the evaluation set
-    python -m corematching.zoo.scenes_eval --seed 7 --n 500 --output runs/scenes-eval/fresh.jsonl  # fresh questions
+    python -m corematching.zoo.scenes_eval --question-seed 7 --n 500 --output runs/scenes-eval/fresh.jsonl  # fresh questions
     python -m corematching.zoo.scenes_eval --method corematching --budget 0.25 --output runs/scenes-eval/cm25.jsonl
 
 Every answer is appended to the JSON-lines output as soon as it is produced; rerunning the same command resumes
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     from . import load_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=scenes.EVAL_SEED,
+    parser.add_argument("--question-seed", type=int, default=scenes.EVAL_SEED,
                         help=f"question seed (default {scenes.EVAL_SEED}: the evaluation set)")
     parser.add_argument("--n", type=int, default=scenes.EVAL_SIZE, help="number of questions")
     parser.add_argument("--output", type=Path, required=True, help="JSON-lines file (resumed if it exists)")
@@ -119,10 +119,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         method = cli.build_method(args)
-        items = scenes.sample(args.n, args.seed)
+        items = scenes.sample(args.n, args.question_seed)
         model, processor = load_model(MODEL)
         summary = run(model, processor, None if args.method == "dense" else method, items, args.output,
-                      {"model": MODEL, "seed": args.seed}, batch_size=args.batch_size)
+                      {"model": MODEL, "question_seed": args.question_seed}, batch_size=args.batch_size)
     except (FileNotFoundError, ValueError) as error:
         print(f"scenes_eval: error: {error}", file=sys.stderr)
         return 2
