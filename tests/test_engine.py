@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from tiny_llava import IMAGE_TOKEN, VISUAL_TOKENS, build_pixels, build_prompt, left_pad
 from reference import dense_activations, naive_core_matching_keep, naive_sentence_core, reference_run
+from tiny_llava import IMAGE_TOKEN, VISUAL_TOKENS, build_pixels, build_prompt, left_pad
 
 import corematching as cm
 

@@ -56,8 +56,8 @@ def load_model(name_or_path: str = BUNDLED, device: str | torch.device | None = 
     """Return ``(model, processor)`` in eval mode.
 
     ``"evqa-smollm2"`` and ``"scenes-smollm2"`` are the project's own small real VLMs, loaded offline; anything
-    else goes to ``transformers`` (``AutoModelForImageTextToText``/``AutoProcessor``). fp32 on CPU by default (bf16 matmuls
-    are very slow on CPUs), bf16 on accelerators.
+    else goes to ``transformers`` (``AutoModelForImageTextToText``/``AutoProcessor``). fp32 on CPU by default
+    (bf16 matmuls are very slow on CPUs), bf16 on accelerators.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
