@@ -3,7 +3,6 @@ duplicate nothing, and a 2-process torchrun run gives the single-process answers
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +75,8 @@ def test_resume_with_other_process_counts_loses_and_duplicates_nothing(tmp_path,
     output = tmp_path / "answers.jsonl"
     run_ranks(items[:], output, 2)
     assert sorted(r["index"] for r in all_rows(output)) == list(range(23))
-    assert {p.name for p in distributed.result_files(output)} == {"answers.jsonl.rank0-of-2", "answers.jsonl.rank1-of-2"}
+    rank_files = {"answers.jsonl.rank0-of-2", "answers.jsonl.rank1-of-2"}
+    assert {p.name for p in distributed.result_files(output)} == rank_files
     assert sorted(read_answers(tmp_path / "answers.jsonl.rank0-of-2")) == list(range(0, 23, 2))
 
     # interrupt: rank 1 lost its last 4 answers and tore the line after them; rank 0 lost 3

@@ -29,7 +29,6 @@ import ctypes
 import dataclasses
 import gc
 import json
-import os
 import re
 import statistics
 import sys
@@ -160,7 +159,7 @@ def read_records(path: Path, config: dict) -> dict[str, dict]:
             record = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines) - 1:  # torn by an interrupted write: dropped
-                path.write_text("".join(l + "\n" for l in lines[:-1]))
+                path.write_text("".join(line + "\n" for line in lines[:-1]))
                 break
             raise ValueError(f"{path}: line {number + 1} is not valid JSON") from None
         if record.get("config") != config:
@@ -205,7 +204,7 @@ def measure(model, methods: dict[str, object], prompts: list[dict], reps: int, n
     for rep in range(reps):
         order = specs[rep % len(specs):] + specs[: rep % len(specs)]  # rotate who goes first
         for spec in order:
-            for number, inputs in enumerate(prompts):
+            for inputs in prompts:
                 gc.collect()
                 run_times, record = timed_generate(model, methods[spec], inputs, new_tokens)
                 times[spec].append(run_times)
@@ -242,7 +241,8 @@ def count_sample(shapes, record, inputs: dict, new_tokens: int) -> dict:
         "kept_visual_tokens": kept_visual,
         "prune_layer": record.prune_layer,
         "mean_decode_ffn_width": statistics.mean(
-            w if w is not None else shapes.layers[l].ffn_width for l, w in enumerate(counted.decode_widths)
+            width if width is not None else shapes.layers[layer].ffn_width
+            for layer, width in enumerate(counted.decode_widths)
         ),
     }
 
@@ -271,7 +271,8 @@ def table(records: list[dict], timing: str = "times_min", clock: str = "") -> st
         t = {key: chosen.get(key + clock, float("nan")) for key in ("prefill", "decode_per_token", "end_to_end")}
         recall = f"{r['object_recall']:.3f}" if r.get("object_recall") is not None else "-"
         accuracy = f"{100 * r['accuracy']:.2f}%" if r.get("accuracy") is not None else "-"
-        speedup = f"{dense.get(timing, dense['times']).get('prefill' + clock, float('nan')) / t['prefill']:.2f}x" if dense else "-"
+        dense_prefill = dense.get(timing, dense["times"]).get("prefill" + clock, float("nan")) if dense else None
+        speedup = f"{dense_prefill / t['prefill']:.2f}x" if dense else "-"
         lines.append(
             f"| {r['label']} | {f['kept_visual_tokens']:.1f}/{f['visual_tokens']:.0f} | {accuracy} | {recall} "
             f"| {f['prefill'] / 1e9:.3f}{'' if f.get('vision_counted', True) else ' (LM only)'} "

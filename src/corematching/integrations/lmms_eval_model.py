@@ -42,7 +42,9 @@ def build_method(method: str, budget=None, **fields):
 
             budget = parse_budget(budget)
         fields["token_budget"] = budget
-    fields = {name: method_spec.parse_value(value) if isinstance(value, str) else value for name, value in fields.items()}
+    fields = {
+        name: method_spec.parse_value(value) if isinstance(value, str) else value for name, value in fields.items()
+    }
     return method_spec.build(str(method), **fields)
 
 

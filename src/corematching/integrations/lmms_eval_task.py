@@ -80,7 +80,8 @@ def write_task(directory: Path, questions: int = 50, eval_set: str = "test-2000"
                                  "question": item.question, "answer": item.answer}))
     questions_file = folder / "questions.jsonl"
     questions_file.write_text("\n".join(lines) + "\n")
-    (folder / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, questions=json.dumps(str(questions_file.resolve()))))
+    questions = json.dumps(str(questions_file.resolve()))
+    (folder / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, questions=questions))
     (folder / "utils.py").write_text(TASK_UTILS)
     return folder
 
