@@ -56,7 +56,9 @@ def test_allocate_matches_brute_force(seed):
     for max_units in (14, 25, 33):
         budgets = cal.allocate(sensitivity, 4, max_units=max_units)
         units = sum(round(budgets.get(layer, 1.0) * 10) for layer in range(4))
-        cost = sum(max(max(sensitivity[l][s] for s in shares if s >= q), 0.0) for l, q in budgets.items())
+        cost = sum(
+            max(max(sensitivity[layer][s] for s in shares if s >= q), 0.0) for layer, q in budgets.items()
+        )
         best_cost, _ = brute_force(sensitivity, 4, max_units)
         assert units <= max_units
         assert cost == pytest.approx(best_cost, abs=1e-9)

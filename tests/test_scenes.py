@@ -67,7 +67,7 @@ def test_spatial_questions_have_exactly_one_answer():
     # left of the square (centre x 70): only the red circle (x 15); the triangle (x 50) is also left -> not asked
     # above the triangle (centre y 90): the red circle and the blue square are both above -> not asked
     left = asked(SCENE, "left_of")
-    for question, answer, indices in left:
+    for question, _, _ in left:
         assert question != "what color is the object left of the square?"
     assert ("what color is the object left of the triangle?", "red", (0, 2)) in left
     # above the square: the red circle's centre is 3 px higher, inside the ambiguity margin -> not asked

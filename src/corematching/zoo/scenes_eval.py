@@ -1,7 +1,8 @@
 """Accuracy of `scenes-smollm2` on scene questions, per question kind, resumable, with recall of the queried objects.
 
     python -m corematching.zoo.scenes_eval --output runs/scenes-eval/dense.jsonl            # the evaluation set
-    python -m corematching.zoo.scenes_eval --question-seed 7 --n 500 --output runs/scenes-eval/fresh.jsonl  # fresh questions
+    # fresh questions:
+    python -m corematching.zoo.scenes_eval --question-seed 7 --n 500 --output runs/scenes-eval/fresh.jsonl
     python -m corematching.zoo.scenes_eval --method corematching --budget 0.25 --output runs/scenes-eval/cm25.jsonl
 
 Every answer is appended to the JSON-lines output as soon as it is produced; rerunning the same command resumes

@@ -7,11 +7,11 @@
 2. *Alignment*: the projector, the tower and rank-8 LoRA adapters on every linear layer of SmolLM2 are
    trained with the answer-token loss, each question weighing the same (mean over its answer tokens and
    <|im_end|>). Open questions (what colour / what shape) are rare in easy-vqa and the slowest to learn, so
-   every image whose labels are known gets one more of each, from easy-vqa's own templates. All questions of an image share one sequence: the image prefix
-   comes once and each question/answer block sees only the prefix and itself (a block-diagonal 4-D
-   attention mask; every block restarts at the position right after the image), so each block computes
-   exactly what the single-question prompt computes, at a third of the cost. Logits are only formed at
-   the answer positions.
+   every image whose labels are known gets one more of each, from easy-vqa's own templates. All questions of an
+   image share one sequence: the image prefix comes once and each question/answer block sees only the prefix
+   and itself (a block-diagonal 4-D attention mask; every block restarts at the position right after the
+   image), so each block computes exactly what the single-question prompt computes, at a third of the cost.
+   Logits are only formed at the answer positions.
 
 `scenes-smollm2` trains the same way on procedural multi-object scenes (`zoo/scenes.py`), with two changes:
 the tower warm-up is per patch (each patch token learns which colour and which shape cover its patch, whether
@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import build, data, scenes
-
 
 # ----------------------------------------------------------------------------- data
 
@@ -398,7 +397,7 @@ def quick_accuracy(model, prefix, image_blocks, pixels, image_ids, pad_id) -> fl
 
 DEFAULTS = {  # per bundled model: alignment steps, tower warm-up steps
     "evqa-smollm2": {"steps": 800, "tower_steps": 400},
-    "scenes-smollm2": {"steps": 250, "tower_steps": 300},
+    "scenes-smollm2": {"steps": 400, "tower_steps": 300},
 }
 
 
