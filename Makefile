@@ -11,7 +11,7 @@ LMMS_DEPS := loguru==0.7.3 sacrebleu==2.6.0 portalocker==4.4.2 tabulate==0.10.0 
   aiohappyeyeballs==2.7.1 aiosignal==1.4.0 frozenlist==1.8.0 pytablewriter==1.2.1 DataProperty==1.1.1 typepy==2.0.0 \
   mbstrdecoder==1.1.5 tabledata==1.3.5 tcolorpy==0.1.7 pathvalidate==3.3.1 chardet==7.7.0 filelock==3.32.7
 
-.PHONY: demo test browser bench train clean-venv
+.PHONY: demo test lint browser bench train clean-venv
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,6 +32,9 @@ $(LMMS_STAMP): $(STAMP)
 
 test: $(STAMP) $(LMMS_STAMP) browser
 	$(PY) -m pytest tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks studies
 
 # The web page test drives Debian's chromium + chromium-driver (a browser downloaded by a tool cannot be fetched
 # here); installed when missing and we are root, otherwise that test skips and says why.
