@@ -35,7 +35,6 @@ import argparse
 import importlib
 import json
 import math
-import sys
 import sysconfig
 import time
 from dataclasses import dataclass
@@ -205,7 +204,8 @@ class StudyPolicy:
         width = activation.shape[-1]
         out = activation * self.static[layer].unsqueeze(1).to(activation.dtype)
         for row in self.teal_rows:
-            out[row] *= rules.top_magnitude_mask(activation[row], rules.neuron_count(width, 1 - self.settings[row].saved))
+            kept = rules.neuron_count(width, 1 - self.settings[row].saved)
+            out[row] *= rules.top_magnitude_mask(activation[row], kept)
         if self.refresh_rows:
             steps = torch.arange(start, start + activation.shape[1])
             refresh = steps % REFRESH_EVERY == 0
@@ -255,8 +255,9 @@ def nll_rows(model, ffns, prompt: cal.Prefilled, policy, rows: int) -> torch.Ten
     totals = []
     for first in range(0, rows, 8):
         logits = model.lm_head(hidden[first:first + 8]).float()
-        totals.append(torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), tokens[first:first + 8, 1:].reshape(-1), reduction="none").view(-1, logits.shape[1]).sum(1))
+        losses = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), tokens[first:first + 8, 1:].reshape(-1), reduction="none")
+        totals.append(losses.view(-1, logits.shape[1]).sum(1))
     return torch.cat(totals)
 
 
@@ -307,22 +308,34 @@ def run_text(args) -> None:
     with cal.MaskedFFNs(model) as ffns:
         if calibration_path.exists():
             saved = json.loads(calibration_path.read_text())
-            sensitivity = {int(l): {float(q): v for q, v in row.items()} for l, row in saved["sensitivity"].items()}
+            sensitivity = {
+                int(layer): {float(q): v for q, v in row.items()} for layer, row in saved["sensitivity"].items()
+            }
             cal_dense_nll = saved["dense_nll"]
-            hot = {int(l): torch.tensor(order) for l, order in saved["hot"].items()}
+            hot = {int(layer): torch.tensor(order) for layer, order in saved["hot"].items()}
         else:
             sensitivity, cal_dense_nll, hot = calibration_data(model, ffns, calibration)
             calibration_path.parent.mkdir(parents=True, exist_ok=True)
             calibration_path.write_text(json.dumps({
-                "sensitivity": {str(l): {str(q): v for q, v in row.items()} for l, row in sensitivity.items()},
-                "dense_nll": cal_dense_nll, "hot": {str(l): order.tolist() for l, order in hot.items()}}))
-        per_layer = {s: cal.allocate(sensitivity, num_layers, max_units=math.floor(round(num_layers * (1 - s) / cal.SHARE_STEP, 6)))
-                     for s in SAVINGS}
+                "sensitivity": {str(layer): {str(q): v for q, v in row.items()} for layer, row in sensitivity.items()},
+                "dense_nll": cal_dense_nll, "hot": {str(layer): order.tolist() for layer, order in hot.items()}}))
+        def units(saved: float) -> int:
+            return math.floor(round(num_layers * (1 - saved) / cal.SHARE_STEP, 6))
+
+        per_layer = {s: cal.allocate(sensitivity, num_layers, max_units=units(s)) for s in SAVINGS}
         print(f"calibration done in {time.perf_counter() - start:.0f} s", flush=True)
         settings = settings_for(per_layer)
         width = model.config.intermediate_size
-        results = {s.label: {"rule": s.name, "target_saved": s.saved, "saved": achieved_savings(s, num_layers, width, CONTINUATION_TOKENS - 1),
-                             "nll": {}, "agreement": {}} for s in settings}
+        results = {
+            s.label: {
+                "rule": s.name,
+                "target_saved": s.saved,
+                "saved": achieved_savings(s, num_layers, width, CONTINUATION_TOKENS - 1),
+                "nll": {},
+                "agreement": {},
+            }
+            for s in settings
+        }
 
         def write() -> None:  # after every passage, so that a stopped run keeps what it measured
             RESULTS.mkdir(parents=True, exist_ok=True)
@@ -331,8 +344,12 @@ def run_text(args) -> None:
                 "passages": min(len(v) for r in results.values() for v in r["nll"].values()),
                 "tokens_per_passage": CONTINUATION_TOKENS - 1, "calibration": {
                     "passages": CALIBRATION_PASSAGES, "dense_nll": cal_dense_nll,
-                    "sensitivity": {str(l): {str(q): v for q, v in row.items()} for l, row in sensitivity.items()},
-                    "per_layer_budgets": {str(s): {str(l): q for l, q in b.items()} for s, b in per_layer.items()}},
+                    "sensitivity": {
+                        str(layer): {str(q): v for q, v in row.items()} for layer, row in sensitivity.items()
+                    },
+                    "per_layer_budgets": {
+                        str(s): {str(layer): q for layer, q in b.items()} for s, b in per_layer.items()
+                    }},
                 "results": results, "seconds": time.perf_counter() - start}, indent=1) + "\n")
 
         for s in settings:
@@ -374,7 +391,7 @@ def summarize_text(data: dict) -> dict:
         return math.exp(sum(values) / (tokens * len(values)))
 
     table = {}
-    for label, row in results.items():
+    for row in results.values():
         if row["rule"] == "dense":
             continue
         entry = {"saved": row["saved"],
@@ -421,7 +438,8 @@ def run_report(args) -> None:
                       "| rule | " + " | ".join(f"{round(100 * s)}%" for s in SAVINGS) + " |",
                       "|---|" + "---|" * len(SAVINGS)]
             for rule, row in summary["rules"].items():
-                lines.append(f"| {rule} | " + " | ".join(f"{100 * row[s][f'increase {name}']:+.1f}%" for s in SAVINGS) + " |")
+                cells = " | ".join(f"{100 * row[s][f'increase {name}']:+.1f}%" for s in SAVINGS)
+                lines.append(f"| {rule} | {cells} |")
             lines.append("")
     vlm_path = RESULTS / "neuron_rules-vlm.json"
     if vlm_path.exists():
