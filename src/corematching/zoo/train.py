@@ -13,11 +13,12 @@
    image), so each block computes exactly what the single-question prompt computes, at a third of the cost.
    Logits are only formed at the answer positions.
 
-`scenes-smollm2` trains the same way on procedural multi-object scenes (`zoo/scenes.py`), with two changes:
+`scenes-smollm2` trains the same way on procedural multi-object scenes (`zoo/scenes.py`), with three changes:
 the tower warm-up is per patch (each patch token learns which colour and which shape cover its patch, whether
 an object's centre lies in it, and its row and column), so that the visual tokens carry local content that the
-language model can count and relate; and every step draws fresh training scenes (scene(TRAIN_SEED, i), about
-eight questions each, every question kind), so no scene is seen twice.
+language model can count and relate; a projector stage then maps each patch token to the sum of the language
+model's embeddings of its colour and shape words; and every step draws fresh training scenes
+(scene(TRAIN_SEED, i), about eight questions each, every question kind), so no scene is seen twice.
 
 Checkpoints go to `runs/<name>/` every few steps; rerunning the command resumes. The trained tensors are
 written to `zoo/weights/<name>.safetensors` with a JSON record of the run (for scenes-smollm2 also at every
