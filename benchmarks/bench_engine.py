@@ -26,12 +26,9 @@ per token, and the speedup against dense decoding at the same batch size.
 """
 
 import argparse
-import ctypes
 import gc
-import os
 import platform
 import statistics
-import threading
 import time
 from contextlib import nullcontext
 
@@ -47,6 +44,7 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import corematching as cm
+from corematching.bench import peak_rss_during
 
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS, VOCAB = 2048, 5632, 32, 4, 8, 32064
 IMAGE_TOKEN = 32000
@@ -118,40 +116,9 @@ def run(model, method, inputs, new_tokens: int) -> dict:
     return {"prefill": clock.stamps[0] - start, "steps": steps, "end_to_end": end - start}
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def release_free_memory() -> None:
-    """Give freed heap memory back to the OS, so that RSS shows what is live (glibc keeps freed chunks)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def peak_rss(model, method, inputs, new_tokens: int) -> tuple[int, int]:
     """(RSS before the run, peak RSS during it), sampled every millisecond."""
-    release_free_memory()
-    before = rss_bytes()
-    peak = [before]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        run(model, method, inputs, new_tokens)
-    finally:
-        done.set()
-        sampler.join()
-    return before, peak[0]
+    return peak_rss_during(lambda: run(model, method, inputs, new_tokens))
 
 
 # ---------------------------------------------------------------------------------------------- analytic FLOPs

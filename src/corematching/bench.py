@@ -118,6 +118,17 @@ def peak_memory(model, method, prompts: list[dict], new_tokens: int) -> dict:
             timed_generate(model, method, inputs, new_tokens)
         peak = torch.cuda.max_memory_allocated(model.device)
         return {"kind": "cuda_max_memory_allocated", "peak_bytes": peak, "above_model_bytes": peak - before}
+
+    def work():
+        for inputs in prompts:
+            timed_generate(model, method, inputs, new_tokens)
+
+    before, peak = peak_rss_during(work)
+    return {"kind": "rss", "peak_bytes": peak, "above_model_bytes": peak - before}
+
+
+def peak_rss_during(work) -> tuple[int, int]:
+    """(RSS before, peak RSS while `work()` runs), sampled every millisecond after freed memory is handed back."""
     release_free_memory()
     before = rss_bytes()
     peak = [before]
@@ -131,12 +142,11 @@ def peak_memory(model, method, prompts: list[dict], new_tokens: int) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        for inputs in prompts:
-            timed_generate(model, method, inputs, new_tokens)
+        work()
     finally:
         done.set()
         sampler.join()
-    return {"kind": "rss", "peak_bytes": peak[0], "above_model_bytes": peak[0] - before}
+    return before, peak[0]
 
 
 # ---------------------------------------------------------------------------------------------- records
