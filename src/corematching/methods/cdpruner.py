@@ -20,15 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from .base import (
-    SparsityMethod,
     TokenBatch,
     TokenDecision,
     budget_of,
-    check_token_budget,
     images_of,
     instruction_mask,
 )
-from .divprune import check_prune_layer_or_before, token_features
+from .divprune import FeatureSelection, token_features
 
 GAIN_FLOOR = 1e-10
 
@@ -53,25 +51,12 @@ def greedy_dpp(kernel: torch.Tensor, count: int) -> list[int]:
 
 
 @dataclass
-class CDPruner(SparsityMethod):
+class CDPruner(FeatureSelection):
     """token_budget: visual tokens kept per image (int or fraction); prune_layer: -1 (before the language model)
     or the layer K after which tokens are removed."""
 
-    token_budget: int | float = 0.25
-    prune_layer: int = -1
-
-    def __post_init__(self):
-        check_token_budget(self.token_budget, allow_adaptive=False)
-        check_prune_layer_or_before(self.prune_layer)
-
-    def prune_layer_index(self) -> int:
-        return self.prune_layer
-
     def wants_inputs(self) -> frozenset[str]:
-        wanted = {"input_embeddings"}
-        if self.prune_layer >= 0:
-            wanted.add("hidden_states")
-        return frozenset(wanted)
+        return super().wants_inputs() | {"input_embeddings"}  # relevance is measured between input embeddings
 
     def select_tokens(self, batch: TokenBatch) -> TokenDecision:
         features = token_features(batch, self.prune_layer)

@@ -52,9 +52,10 @@ def max_min_diverse(features: torch.Tensor, count: int) -> torch.Tensor:
 
 
 @dataclass
-class DivPrune(SparsityMethod):
-    """token_budget: visual tokens kept per image (int or fraction); prune_layer: -1 (before the language model)
-    or the layer K after which tokens are removed."""
+class FeatureSelection(SparsityMethod):
+    """What the feature-similarity methods share: token_budget visual tokens kept per image (int or fraction),
+    chosen from features at prune_layer: -1 (the embeddings entering the language model) or K (the hidden
+    states entering layer K + 1)."""
 
     token_budget: int | float = 0.25
     prune_layer: int = -1
@@ -68,6 +69,12 @@ class DivPrune(SparsityMethod):
 
     def wants_inputs(self) -> frozenset[str]:
         return features_wanted(self.prune_layer)
+
+
+@dataclass
+class DivPrune(FeatureSelection):
+    """token_budget: visual tokens kept per image (int or fraction); prune_layer: -1 (before the language model)
+    or the layer K after which tokens are removed."""
 
     def select_tokens(self, batch: TokenBatch) -> TokenDecision:
         features = token_features(batch, self.prune_layer)

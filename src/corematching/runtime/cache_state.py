@@ -42,6 +42,7 @@ class NeuronDecision:
 
     neurons: dict[int, torch.Tensor]  # layer -> [B0, k] sorted neuron indices (rows of the prefill batch)
     sparse_rows: torch.Tensor  # [B0] bool: rows that decode with their core neurons (the others run dense)
+    all_sparse: bool  # every row decodes with its core neurons (known on the host: no sync while decoding)
 
     def __deepcopy__(self, memo):
         return self

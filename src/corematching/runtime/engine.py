@@ -63,8 +63,8 @@ class CallState:
     layout: PackedLayout | None = None  # the new tokens gathered at layer K + 1 (None: all of them, in place)
     upper_inputs: dict | None = None  # kwargs every layer > K receives (position ids), without mask and embeddings
     upper_embeddings: list = field(default_factory=list)  # [(position embeddings some layer got, them gathered)]
-    upper_keys: tuple | None = None  # (key index [B, K], key valid [B, K], all valid) of the layers > K
-    upper_masks: dict = field(default_factory=dict)  # (rule, key offset, mask length) -> mask
+    upper_keys: tuple | None = None  # (key index [B, K], key valid [B, K], all valid, new tokens' image [B, q'])
+    upper_masks: dict = field(default_factory=dict)  # attention rule -> mask of the layers with that rule
 
 
 class Engine:
@@ -200,22 +200,26 @@ class Engine:
         if call.kind == CallKind.FRESH:
             decision = None
             if call.neurons:
-                decision = NeuronDecision(neurons=dict(call.neurons), sparse_rows=call.neuron_rows)
+                sparse_rows = call.neuron_rows
+                decision = NeuronDecision(dict(call.neurons), sparse_rows, all_sparse=bool(sparse_rows.all()))
             rows = torch.arange(call.valid.shape[0], device=call.valid.device)
             state = CacheState(self.token, 0, decision=decision, decision_rows=rows if decision is not None else None)
         elif state is None:  # a dense cache extended with chosen tokens
             state = CacheState(self.token, past)
         if call.layout is not None or state.removed_tokens:
             if state.removed_tokens:
-                old_index, old_valid = state.upper_index, state.upper_valid
+                old_index, old_valid, old_all_valid = state.upper_index, state.upper_valid, state.upper_all_valid
             else:
                 old_index, old_valid = self._dense_slots(call)
+                old_all_valid = bool(old_valid.all())
             if call.layout is not None:
                 new_index, new_valid = call.layout.source_index + past, call.layout.slot_valid
+                new_all_valid = call.layout.all_valid
             else:
                 new_index = torch.arange(past, past + length, device=call.valid.device).expand_as(call.valid)
                 new_valid = call.valid
-            state.upper_all_valid = bool(old_valid.all()) and bool(new_valid.all())  # once per call, on the host
+                new_all_valid = call.entry.attention_mask is None or bool(new_valid.all())  # one host check per call
+            state.upper_all_valid = old_all_valid and new_all_valid
             state.upper_index = torch.cat([old_index, new_index], dim=1)
             state.upper_valid = torch.cat([old_valid, new_valid], dim=1)
         state.length = past + length
@@ -319,7 +323,7 @@ class Engine:
         else:
             new_index = torch.arange(length, device=call.valid.device).expand_as(call.valid)
             new_valid, all_new_valid = call.valid, call.entry.attention_mask is None
-        new_group = _gather_tokens(call.images.image_index, new_index) if call.images is not None else None
+        new_group = call.images.image_index.gather(1, new_index) if call.images is not None else None
         call.upper_keys = (
             torch.cat([cached_index, new_index + call.past], dim=1),
             torch.cat([cached_valid, new_valid], dim=1),
@@ -345,15 +349,14 @@ class Engine:
         return {**call.upper_inputs, "position_embeddings": gathered}
 
     def _upper_mask(self, call: CallState, layer: int, inputs):
-        """The attention mask of layer `layer` > K for this call, shared by the layers with the same rule and
-        cache window."""
+        """The attention mask of layer `layer` > K for this call, built once for the layers with the same rule
+        (their caches hold the same slots, so they see the same key window)."""
         rule = self.adapter.attention_rule(layer)
-        key_index, key_valid, all_valid, new_group = call.upper_keys
-        num_queries = key_index.shape[1] - _cached_slots(call)
-        offset, mask_length = self._key_window(call, inputs.cache, layer, num_queries, key_index.shape[1])
-        key = (rule, offset, mask_length)
-        if key not in call.upper_masks:
-            call.upper_masks[key] = upper_attention_mask(
+        if rule not in call.upper_masks:
+            key_index, key_valid, all_valid, new_group = call.upper_keys
+            num_queries = key_index.shape[1] - _cached_slots(call)
+            offset, mask_length = self._key_window(call, inputs.cache, layer, num_queries, key_index.shape[1])
+            call.upper_masks[rule] = upper_attention_mask(
                 key_index[:, offset:],
                 key_valid[:, offset:],
                 num_queries,
@@ -364,7 +367,7 @@ class Engine:
                 all_valid and offset == 0,
                 mask_length,
             )
-        return call.upper_masks[key]
+        return call.upper_masks[rule]
 
     def _key_window(self, call: CallState, cache, layer: int, num_queries: int, num_keys: int) -> tuple[int, int]:
         """(first slot, mask length) of the keys layer `layer`'s attention sees: every slot, the last ones a
@@ -402,10 +405,8 @@ class Engine:
         if call.kind == CallKind.FRESH:
             out, activation = dense_ffn(parts, hidden)
             if layer in self.decode_ffn_layers:
-                past_prune = self.prune_layer is not None and layer > self.prune_layer and call.layout is not None
-                token_mask = call.layout.slot_valid if past_prune else call.valid
                 with torch.no_grad():
-                    self.method.observe_prefill_ffn(layer, parts, hidden, token_mask)
+                    self.method.observe_prefill_ffn(layer, parts, hidden, self._prefill_tokens(call, layer))
             self._observe(call, layer, activation)
             return out
         decision = call.state.decision if call.state is not None else None
@@ -428,11 +429,10 @@ class Engine:
             return dense_ffn(parts, hidden)[0]
         rows = call.state.decision_rows
         out = sliced(hidden, rows)
-        sparse_rows = decision.sparse_rows[rows]
-        if bool(decision.sparse_rows.all()):
+        if decision.all_sparse:
             return out
         # Samples without visual tokens run dense, as they would alone.
-        return torch.where(sparse_rows.view(-1, 1, 1), out, dense_ffn(parts, hidden)[0])
+        return torch.where(decision.sparse_rows[rows].view(-1, 1, 1), out, dense_ffn(parts, hidden)[0])
 
     def _observe(self, call: CallState, layer: int, activation: torch.Tensor) -> None:
         """Fresh prefill: keep the prune layer's activations, and choose the core neurons of neuron layers."""
@@ -443,11 +443,14 @@ class Engine:
                 call.neuron_rows = self._neuron_rows(call)
             return
         if layer in self.neuron_layers:
-            past_prune = self.prune_layer is not None and layer > self.prune_layer and call.layout is not None
-            token_mask = call.layout.slot_valid if past_prune else call.valid
             with torch.no_grad():
-                call.neurons[layer] = self.method.select_neurons(activation, token_mask, layer)
+                call.neurons[layer] = self.method.select_neurons(activation, self._prefill_tokens(call, layer), layer)
             call.neuron_rows = self._neuron_rows(call)
+
+    def _prefill_tokens(self, call: CallState, layer: int) -> torch.Tensor:
+        """Bool [B, tokens at that layer]: the real tokens a prefill's layer sees (the kept ones after K)."""
+        past_prune = self.prune_layer is not None and layer > self.prune_layer and call.layout is not None
+        return call.layout.slot_valid if past_prune else call.valid
 
     def _neuron_rows(self, call: CallState) -> torch.Tensor:
         """Rows that decode with core neurons: those with visual tokens (every row for a method that applies to
@@ -487,11 +490,6 @@ def _cached_slots(call: CallState) -> int:
     if state is not None and state.removed_tokens:
         return state.upper_index.shape[1]
     return call.past
-
-
-def _gather_tokens(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """values [B, T] at index [B, L] -> [B, L]."""
-    return values.gather(1, index)
 
 
 def _gather_hidden(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -40,18 +40,3 @@ def pack_kept_tokens(keep: torch.Tensor) -> PackedLayout:
     first_kept = source.gather(1, padding.clamp(max=width - 1).unsqueeze(1))  # [B, 1]
     source = torch.where(slot_valid, source, first_kept)
     return PackedLayout(source_index=source, slot_valid=slot_valid, all_valid=int(narrowest) == width)
-
-
-def extend_layout(layout: PackedLayout, start: int, stop: int, new_valid: torch.Tensor | None) -> PackedLayout:
-    """The layout followed by the tokens start..stop-1 of the full sequence (tokens after the prompt)."""
-    batch = layout.source_index.shape[0]
-    device = layout.source_index.device
-    all_new_valid = new_valid is None
-    new_index = torch.arange(start, stop, device=device).expand(batch, stop - start)
-    if new_valid is None:
-        new_valid = torch.ones(batch, stop - start, dtype=torch.bool, device=device)
-    return PackedLayout(
-        source_index=torch.cat([layout.source_index, new_index], dim=1),
-        slot_valid=torch.cat([layout.slot_valid, new_valid.to(torch.bool)], dim=1),
-        all_valid=layout.all_valid and all_new_valid,
-    )
