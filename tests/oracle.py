@@ -1,7 +1,8 @@
 """The oracle every sparsified run must equal, for any model family and method: the dense model, untouched
 except that
   - from layer K+1 on, attention to the removed tokens is blocked in the attention mask (positions, caches and
-    everything else stay as in the dense model), and
+    everything else stay as in the dense model); with several prune stages, from each stage's layer + 1 on the
+    tokens that stage removed, and
   - while decoding (tokens at sequence index >= decode_from), the FFN activation of the neuron layers is zeroed
     outside the sample's core neurons.
 It runs through the model's own forward and generate (any cache kind, sampling, beam search, assisted
@@ -36,7 +37,7 @@ def _allowed(mask, batch: int, num_queries: int, past: int, device, kv: int) -> 
 def masked_reference(
     language_model,
     ffns: dict,
-    removed: torch.Tensor,
+    removed: torch.Tensor | dict,
     prune_layer: int | None,
     core_neurons: list[dict] | None = None,
     decode_from: int | None = None,
@@ -46,7 +47,8 @@ def masked_reference(
 
     language_model: the decoder (e.g. model.model.language_model) whose layers are `.layers`.
     ffns: {layer: mlp module with gate_proj/up_proj/down_proj/act_fn} for the layers whose FFN is zeroed.
-    removed: bool [B0, N] over full-sequence indices (N at least the longest sequence; beams repeat rows).
+    removed: bool [B0, N] over full-sequence indices (N at least the longest sequence; beams repeat rows), blocked
+    after prune_layer; or {prune layer: such a mask} for several stages (prune_layer is then ignored).
     core_neurons: per sample {layer: LongTensor of kept neurons} (an empty dict: dense), or None.
     """
     handles, replaced = [], []
@@ -58,7 +60,7 @@ def masked_reference(
 
     handles.append(language_model.register_forward_pre_hook(on_language_model, with_kwargs=True))
 
-    def on_layer(module, args, kwargs):
+    def on_layer(module, args, kwargs, removed):
         hidden = args[0] if args else kwargs["hidden_states"]
         batch, num_queries = hidden.shape[:2]
         past = call["past"]
@@ -82,9 +84,17 @@ def masked_reference(
             mask = allowed
         return args, {**kwargs, "attention_mask": mask}
 
-    if prune_layer is not None:
-        for layer in language_model.layers[prune_layer + 1 :]:
-            handles.append(layer.register_forward_pre_hook(on_layer, with_kwargs=True))
+    if not isinstance(removed, dict):
+        removed = {} if prune_layer is None else {prune_layer: removed}
+    for index, layer in enumerate(language_model.layers):
+        blocked_here = [mask for stage_layer, mask in removed.items() if index > stage_layer]
+        if blocked_here:
+            union = torch.stack(blocked_here).any(0)
+
+            def hook(module, args, kwargs, union=union):
+                return on_layer(module, args, kwargs, union)
+
+            handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
 
     def zeroed_forward(mlp, layer):
         def forward(hidden):

@@ -59,6 +59,7 @@ def kept_visual(record, row=0) -> list[int]:
 TOKEN_METHODS = [
     cm.FastV(prune_layer=1, token_budget=8),
     cm.PDrop(schedule=((2, 0.25),)),
+    cm.PDrop(schedule=((0, 0.6), (2, 0.5))),
     cm.DART(pivots=3, token_budget=10, prune_layer=1),
     cm.DivPrune(token_budget=8),
     cm.DivPrune(token_budget=0.3, prune_layer=1),
@@ -67,14 +68,16 @@ TOKEN_METHODS = [
     cm.VisionZip(dominant=6, contextual=3),
     cm.RandomTokens(token_budget=8, seed=3, prune_layer=1),
 ]
-TOKEN_IDS = ["fastv", "pdrop", "dart", "divprune-1", "divprune1", "cdpruner-1", "cdpruner2", "visionzip", "random"]
+TOKEN_IDS = ["fastv", "pdrop", "pdrop-2-stages", "dart", "divprune-1", "divprune1", "cdpruner-1", "cdpruner2",
+             "visionzip", "random"]
 
 
 def oracle_generate(model, record, inputs, neurons=False, embeds=None):
     """The oracle's generation for a record: removed tokens blocked from layer K + 1 on (core neurons zeroed
     while decoding when `neurons`); `embeds` replaces the prompt's input embeddings (merged tokens)."""
     length = inputs["input_ids"].shape[1]
-    removed = removed_mask(record.keep_mask, record.visual_mask, length + STEPS)
+    stages = record.stage_keep_masks or {record.prune_layer: record.keep_mask}
+    removed = {layer: removed_mask(keep, record.visual_mask, length + STEPS) for layer, keep in stages.items()}
     language_model = model.model.language_model
     ffns = {layer: language_model.layers[layer].mlp for layer in record.neurons} if neurons else {}
     core = record.core_neurons_per_sample if neurons else None
@@ -189,9 +192,35 @@ def test_pdrop_one_stage_keeps_its_ratio_by_attention(tiny_llava, single_inputs)
     assert kept_visual(session.last) == top_visual(expected, visual, math.ceil(0.25 * VISUAL_TOKENS))
 
 
-def test_pdrop_with_several_stages_is_refused_by_name():
-    with pytest.raises(ValueError, match="schedule has 3 stages.*one layer"):
-        cm.PDrop(schedule=((1, 0.5), (2, 0.5), (3, 0.5)))
+def test_pdrop_stages_rank_the_tokens_left_by_the_eager_attention_at_each_stage(tiny_llava, single_inputs):
+    """Stage 1 ranks by the last token's attention at layer 0; stage 2 by its attention at layer 2 in the model
+    where stage 1's removed tokens are blocked (the eager model under the oracle mask, output_attentions)."""
+    inputs = single_inputs()
+    visual = visual_positions(inputs["input_ids"][0])
+    method = cm.PDrop(schedule=((0, 0.5), (2, 0.5)))
+    with cm.sparsify(tiny_llava(), method) as session:
+        tiny_llava()(**inputs)
+    record = session.last
+    assert sorted(record.stage_keep_masks) == [0, 2]
+    first = eager_last_token_attention(tiny_llava("eager"), inputs, 0)[0]
+    kept_first = top_visual(first, visual, math.ceil(0.5 * VISUAL_TOKENS))
+    assert record.stage_keep_masks[0][0].nonzero().flatten().tolist() == sorted(
+        set(range(len(inputs["input_ids"][0]))) - set(visual) | set(kept_first)
+    )
+    eager = tiny_llava("eager")
+    removed = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    removed[0, sorted(set(visual) - set(kept_first))] = True
+    with masked_reference(eager.model.language_model, {}, removed, 0, attn="eager"):
+        second = eager_last_token_attention(eager, inputs, 2)[0]
+    assert kept_visual(record) == top_visual(second, kept_first, math.ceil(0.5 * len(kept_first)))
+    assert len(kept_visual(record)) == math.ceil(0.5 * math.ceil(0.5 * VISUAL_TOKENS))
+
+
+def test_pdrop_stages_must_increase_and_exist(tiny_llava):
+    with pytest.raises(ValueError, match="layers must increase"):
+        cm.PDrop(schedule=((2, 0.5), (2, 0.5)))
+    with pytest.raises(ValueError, match="after layer 40 is out of range"):
+        cm.sparsify(tiny_llava(), cm.PDrop(schedule=((1, 0.5), (40, 0.5))))
 
 
 # ---------------------------------------------------------------------------------------------- VisionZip

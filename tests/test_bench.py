@@ -220,3 +220,28 @@ def test_bench_end_to_end_and_resume(tmp_path, capsys, one_thread):
     other = [arg if arg != "3" else "5" for arg in common]  # --new-tokens 5
     assert cli.main(other + ["--methods", "dense"]) == 2
     assert "other bench settings" in capsys.readouterr().err
+
+
+def test_measured_vision_flops_equal_the_hand_count(tiny_llava):
+    model = tiny_llava()
+    assert flops.measured_vision_flops(model, single(), model.model.language_model) == hand_vision()
+
+
+def test_vision_flops_of_tiled_images_are_measured(one_thread):
+    """LLaVA-NeXT: the shapes cannot tell how many tiles an image takes; the dense pass is counted instead, and
+    equals torch's count of the eager model's image-feature call alone (tower over every tile, projector)."""
+    import test_family_llava_next as next_family
+
+    model, eager = next_family.model_of("next"), next_family.model_of("next", "eager")
+    assert flops.model_shapes(model).vision is None
+    counts = []
+    for size in [(20, 20), (40, 20)]:
+        s = next_family.sample("next", [size], 2, 3, seed=1)
+        inputs = next_family.batch("next", [s])
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            eager.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
+        measured = flops.measured_vision_flops(model, inputs, model.model.language_model)
+        assert measured == counter.get_total_flops() > 0
+        counts.append(measured)
+    tiles = [next_family.patches_of(size) for size in [(20, 20), (40, 20)]]
+    assert tiles[0] != tiles[1] and (counts[0] < counts[1]) == (tiles[0] < tiles[1])  # follows the tile count

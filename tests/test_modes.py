@@ -2,11 +2,12 @@
 error that names the mode: caches, conversations, generation modes, weights."""
 
 import copy
+import math
 
 import pytest
 import torch
 from oracle import masked_reference, removed_mask
-from tiny_llava import IMAGE_TOKEN, build_pixels, build_prompt, build_tiny_llava, left_pad
+from tiny_llava import IMAGE_TOKEN, VISUAL_TOKENS, build_pixels, build_prompt, build_tiny_llava, left_pad
 from torch import nn
 
 import corematching as cm
@@ -34,16 +35,17 @@ def generate(model, inputs, **options):
 
 
 def oracle(model, record, length: int, decode_from: int, attn: str = "sdpa", offset_records=()):
-    """The oracle for a record (plus records of later turns: (record, offset) pairs)."""
-    removed = removed_mask(record.keep_mask, record.visual_mask, length)
+    """The oracle for a record (plus records of later turns: (record, offset) pairs), every prune stage's removed
+    tokens blocked after its layer."""
+    stages = record.stage_keep_masks if record.prune_layer is not None else {}
+    removed = {layer: removed_mask(keep, record.visual_mask, length) for layer, keep in stages.items()}
     for later, offset in offset_records:
         width = later.keep_mask.shape[1]
-        removed[:, offset : offset + width] |= later.visual_mask & ~later.keep_mask
+        for layer, keep in later.stage_keep_masks.items():
+            removed[layer][:, offset : offset + width] |= later.visual_mask & ~keep
     language_model = model.model.language_model
     ffns = {layer: language_model.layers[layer].mlp for layer in record.neurons}
-    return masked_reference(
-        language_model, ffns, removed, record.prune_layer, record.core_neurons_per_sample, decode_from, attn
-    )
+    return masked_reference(language_model, ffns, removed, None, record.core_neurons_per_sample, decode_from, attn)
 
 
 def inputs_of(prompt: torch.Tensor, pixels: torch.Tensor | None):
@@ -399,3 +401,72 @@ def test_cuda_bf16_matches_the_oracle_and_reports_memory(single_inputs):
     _, logits, expected, _ = assert_matches_oracle(model, inputs, {})
     torch.testing.assert_close(logits.float(), expected.float(), atol=0.05, rtol=0)
     print("max_memory_allocated", torch.cuda.max_memory_allocated())
+
+
+# ---------------------------------------------------------------------------------------------- several prune stages
+
+
+def staged():
+    """Two prune stages (after layers 0 and 2) with core-neuron decoding on layers 1 and 3."""
+    return cm.compose(cm.PDrop(schedule=((0, 0.6), (2, 0.5))), cm.CoreInfer(beta=0.5, neuron_layers=[1, 3]))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"cache_implementation": "static"}, {"num_beams": 3, "num_return_sequences": 2}],
+    ids=["greedy", "static", "beams"],
+)
+def test_several_prune_stages_equal_the_oracle(tiny_llava, options):
+    model = tiny_llava()
+    input_ids, attention_mask = left_pad([build_prompt(2, 3, seed=1), build_prompt(6, 9, seed=2)])
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=build_pixels(2, seed=5))
+    with cm.sparsify(model, staged()) as session:
+        tokens, logits = generate(model, inputs, **options)
+        record = session.last
+    assert sorted(record.stage_keep_masks) == [0, 2]
+    assert (record.stage_keep_masks[2] & ~record.stage_keep_masks[0]).sum() == 0  # stage 2 keeps a subset
+    length = input_ids.shape[1]
+    with oracle(model, record, length + STEPS, length):
+        expected_tokens, expected_logits = generate(model, inputs, **options)
+    assert torch.equal(tokens, expected_tokens)
+    if not options:
+        torch.testing.assert_close(logits, expected_logits, atol=ATOL, rtol=0)
+
+
+def test_several_prune_stages_with_assisted_decoding_equal_the_oracle(tiny_llava):
+    model = tiny_llava()
+    prompt = torch.cat([build_prompt(3, 0, seed=9), torch.tensor([5, 6, 7, 5, 6, 7, 5, 6, 7, 5, 6])])
+    inputs = inputs_of(prompt, build_pixels(1, seed=9))
+    with cm.sparsify(model, staged()) as session:
+        tokens = model.generate(
+            **inputs, do_sample=False, suppress_tokens=[IMAGE_TOKEN], prompt_lookup_num_tokens=3, max_new_tokens=8
+        )
+        record = session.last
+    with oracle(model, record, len(prompt) + 8, len(prompt)):
+        expected = model.generate(**inputs, do_sample=False, suppress_tokens=[IMAGE_TOKEN], max_new_tokens=8)
+    assert torch.equal(tokens, expected)
+
+
+def test_several_prune_stages_over_turns_and_cache_copies(tiny_llava):
+    """A second turn brings a new image (its tokens go through both stages too), continued from a deep copy."""
+    model = tiny_llava()
+    turn_one = build_prompt(2, 3, seed=14)
+    turn_two = build_prompt(0, 4, seed=15)[1:]
+    pixels = build_pixels(2, seed=14)
+    method = cm.PDrop(schedule=((0, 0.6), (2, 0.5)))
+    with cm.sparsify(model, method) as session:
+        _, cache = prefill(model, inputs_of(turn_one, pixels[:1]))
+        first = session.last
+        copied = copy.deepcopy(cache)
+        mask = torch.ones(1, len(turn_one) + len(turn_two), dtype=torch.long)
+        out = model(input_ids=turn_two.unsqueeze(0), pixel_values=pixels[1:], attention_mask=mask, cache=copied)
+        second = session.last
+        logits = greedy_steps(model, {"attention_mask": mask}, out.cache, out.logits[:, -1], steps=3)
+    assert cache.get_seq_length() == len(turn_one)  # the original is untouched
+    expected_kept = math.ceil(0.5 * math.ceil(0.6 * VISUAL_TOKENS))  # of the new image, after both stages
+    assert len(second.kept_visual_positions[0]) == expected_kept
+    full = inputs_of(torch.cat([turn_one, turn_two]), pixels)
+    length = full["input_ids"].shape[1]
+    with oracle(model, first, length + 3, length, offset_records=[(second, len(turn_one))]):
+        expected = generate(model, full, max_new_tokens=3)[1][0]
+    torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from . import flops, method_spec
+from .models import adapter_for
 
 DEFAULT_METHODS = "dense;corematching;random;uniform"
 
@@ -204,6 +205,10 @@ def measure(model, methods: dict[str, object], prompts: list[dict], reps: int, n
     from tqdm import tqdm
 
     shapes = flops.model_shapes(model)
+    measured_vision = {}  # id(prompt) -> its vision FLOPs, counted on a dense pass where shapes cannot tell
+    if shapes.vision is None:
+        language_model = adapter_for(model).language_model
+        measured_vision = {id(inputs): flops.measured_vision_flops(model, inputs, language_model) for inputs in prompts}
     specs = list(methods)
     for spec in specs:  # warm-up
         timed_generate(model, methods[spec], prompts[0], new_tokens)
@@ -219,7 +224,8 @@ def measure(model, methods: dict[str, object], prompts: list[dict], reps: int, n
                 run_times, record = timed_generate(model, methods[spec], inputs, new_tokens)
                 times[spec].append(run_times)
                 if rep == 0:
-                    counts[spec].append(count_sample(shapes, record, inputs, new_tokens))
+                    vision = measured_vision[id(inputs)] if shapes.vision is None else None
+                    counts[spec].append(count_sample(shapes, record, inputs, new_tokens, vision))
                 bar.update(1)
     bar.close()
     results = {}
@@ -235,16 +241,19 @@ def measure(model, methods: dict[str, object], prompts: list[dict], reps: int, n
     return results
 
 
-def count_sample(shapes, record, inputs: dict, new_tokens: int) -> dict:
+def count_sample(shapes, record, inputs: dict, new_tokens: int, vision: float | None = None) -> dict:
+    """The sample's FLOPs; vision: the measured vision FLOPs (flops.measured_vision_flops) where the shapes have
+    no tower flops.py can read."""
     input_ids = inputs["input_ids"]
     counted = flops.sample_flops(shapes, record, prompt_length=input_ids.shape[1], images=1, new_tokens=new_tokens)
+    vision = counted.vision if shapes.vision is not None or vision is None else vision
     visual = int(record.visual_mask[0].sum())
     kept_visual = len(record.kept_visual_positions[0]) if record.prune_layer is not None else visual
     return {
-        "prefill": counted.prefill_total,
+        "prefill": counted.prefill + vision,
         "prefill_language_model": counted.prefill,
-        "vision": counted.vision,
-        "vision_counted": shapes.vision is not None,  # False: a tower flops.py cannot read; prefill is the LM only
+        "vision": vision,
+        "vision_counted": shapes.vision is not None or vision > 0,  # False: the prefill is the LM only
         "decode_per_token": counted.decode_per_token,
         "prompt_tokens": input_ids.shape[1],
         "visual_tokens": visual,

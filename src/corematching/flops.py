@@ -8,7 +8,9 @@ Counted: every matrix multiply, at 2 FLOPs per multiply-add (2 * m * n * k):
     decoding when the method decodes with them);
   - the LM head for one token per forward (generation keeps the last token's logits only);
   - the vision tower (patch embedding, every encoder layer's linear maps, bidirectional attention over all
-    its tokens) and the projector, per image.
+    its tokens) and the projector, per image, from the shapes for a LLaVA-style model; for any other layout
+    (tiled images, patch mergers, video frames) `measured_vision_flops` counts them on a real dense pass with
+    torch's FlopCounterMode: everything outside the language model's decoder and the LM head.
 Not counted: norms, activation functions, RoPE, softmax, embedding lookups, the methods' own selection
 (O(tokens * d_ff) comparisons, no multiplies of note).
 
@@ -21,7 +23,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,26 @@ def vision_shape(model) -> VisionShape | None:
     )
 
 
+def measured_vision_flops(model, inputs: dict, language_model: nn.Module) -> float:
+    """FLOPs of a dense forward of `model` on `inputs` outside `language_model` (the decoder stack) and the LM
+    head: the vision tower, projector and any patch merger, as torch's FlopCounterMode counts the real ops (2 per
+    multiply-add, like this module). Works for any family; it costs one dense forward."""
+    names = {module: name for name, module in model.named_modules()}
+    prefix = type(model).__name__
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    excluded = [f"{prefix}.{names[m]}" for m in (language_model, head) if m is not None and names.get(m)]
+    # sdpa on CPU runs an op torch's counter does not know; count it like the other fused attention kernels
+    def cpu_sdpa(query, key, value, *args, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa}
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter, torch.no_grad():
+        model(**inputs)
+    counts = counter.get_flop_counts()
+    total = sum(counts.get("Global", {}).values())
+    return float(total - sum(sum(counts.get(name, {}).values()) for name in excluded))
+
+
 def model_shapes(model) -> ModelShapes:
     layers, lm_head = language_shapes(model)
     return ModelShapes(layers=layers, lm_head_macs=lm_head, vision=vision_shape(model))
@@ -174,11 +199,17 @@ def decode_flops(shapes: ModelShapes, tokens_per_layer: list[int], ffn_widths: l
 
 
 def tokens_per_layer(record, sample: int, prompt_length: int, num_layers: int) -> list[int]:
-    """Prompt tokens present at each decoder layer: all up to `prune_layer`, the kept ones after it."""
+    """Prompt tokens present at each decoder layer: all up to the first prune layer, after each prune stage's
+    layer the tokens that stage kept."""
     if record is None or record.prune_layer is None:
         return [prompt_length] * num_layers
-    kept = len(record.kept_positions[sample])
-    return [prompt_length if layer <= record.prune_layer else kept for layer in range(num_layers)]
+    stages = record.stage_keep_masks or {record.prune_layer: record.keep_mask}
+    kept = {layer: int(mask[sample].sum()) for layer, mask in stages.items()}
+    counts, present = [], prompt_length
+    for layer in range(num_layers):
+        counts.append(present)
+        present = kept.get(layer, present)  # the layers after a stage's layer see what it kept
+    return counts
 
 
 def decode_widths(record, sample: int, num_layers: int) -> list[int | None]:

@@ -49,6 +49,8 @@ class TokenBatch:
     image_fingerprint: torch.Tensor | None = None  # [B, T] long at visual tokens: a hash of the token's image
     #   input (its pixels), the same for that image whatever its batch mates (0 for a family whose image inputs
     #   cannot be split per image)
+    stage: int = 0  # which prune stage chooses (methods with several, SparsityMethod.prune_stage_layers): at a
+    #   later stage the batch holds only the tokens the previous stage kept (T is their packed width)
 
 
 def instruction_mask(batch: TokenBatch) -> torch.Tensor:
@@ -78,6 +80,13 @@ class SparsityMethod:
         """The layer after which tokens are removed (-1: before the language model's first layer), or None when
         the method keeps every token."""
         return None
+
+    def prune_stage_layers(self) -> tuple[int, ...]:
+        """The layers after which tokens are removed, ascending: one per prune stage. At each, select_tokens
+        chooses among the tokens the previous stage kept (TokenBatch.stage says which stage). The default is the
+        one stage of prune_layer_index()."""
+        prune_layer = self.prune_layer_index()
+        return () if prune_layer is None else (prune_layer,)
 
     def wants_inputs(self) -> frozenset[str]:
         """What select_tokens reads beside the masks: names from METHOD_INPUTS (each costs some work, so a method
@@ -109,6 +118,21 @@ class SparsityMethod:
             raise ValueError(f"{type(self).__name__} asks for unknown inputs {sorted(unknown)}")
         if prune_layer == -1 and {"hidden_states", "last_attention"} & set(self.wants_inputs()):
             raise ValueError("hidden_states and last_attention need a prune layer >= 0 (there is no layer -1)")
+        stages = self.prune_stage_layers()
+        if stages[:1] != ((prune_layer,) if prune_layer is not None else ()):
+            raise ValueError(f"{type(self).__name__}: the first prune stage must be prune_layer_index()")
+        if any(later <= earlier for earlier, later in zip(stages, stages[1:])):
+            raise ValueError(f"prune stages must be at increasing layers, got {list(stages)}")
+        if stages and stages[-1] > num_layers - 2:
+            raise ValueError(
+                f"prune stage after layer {stages[-1]} is out of range: the language model has {num_layers} layers"
+            )
+        late_inputs = set(self.wants_inputs()) - {"hidden_states", "last_attention"}
+        if len(stages) > 1 and late_inputs:
+            raise ValueError(
+                f"{type(self).__name__}: a method with several prune stages may ask only for hidden_states and "
+                f"last_attention (available at every stage), not {sorted(late_inputs)}"
+            )
 
     def select_tokens(self, batch: TokenBatch) -> TokenDecision:
         """Which visual tokens go past the prune layer."""

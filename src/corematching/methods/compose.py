@@ -39,6 +39,9 @@ class Composed(SparsityMethod):
     def prune_layer_index(self) -> int:
         return self.token_method.prune_layer_index()
 
+    def prune_stage_layers(self) -> tuple[int, ...]:
+        return self.token_method.prune_stage_layers()
+
     def wants_inputs(self) -> frozenset[str]:
         return self.token_method.wants_inputs()
 

@@ -1,7 +1,7 @@
 """What a sparsified prefill decided lives with the KV cache it filled.
 
-After a call under a session, the cache object carries a `CacheState`: which tokens the layers after the prune
-layer hold (their index in the full sequence and whether each slot is a real token), how long the full
+After a call under a session, the cache object carries a `CacheState`: which tokens the layers after each prune
+stage hold (their index in the full sequence and whether each slot is a real token), how long the full
 sequence is, and the core neurons chosen from the prefill. A later call reads the state of the cache it brings,
 so interleaved conversations, deep copies of a cache (prefix caching) and beam search each continue from their
 own state.
@@ -13,7 +13,7 @@ The cache's class is swapped for a subclass (same data, same behaviour) that
     plain model would be silently wrong.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,27 +49,60 @@ class NeuronDecision:
 
 
 @dataclass
+class StageSlots:
+    """The slots of the layers after one prune stage (up to the next stage's layer): rows follow the cache's."""
+
+    index: torch.Tensor  # [B, L] long: full-sequence index of each slot
+    valid: torch.Tensor  # [B, L] bool: False for padding slots
+    all_valid: bool  # valid has no False (known on the host)
+
+    @property
+    def width(self) -> int:
+        return self.index.shape[1]
+
+    def select_rows(self, rows: torch.Tensor) -> "StageSlots":
+        rows = rows.to(self.index.device)
+        return StageSlots(self.index.index_select(0, rows), self.valid.index_select(0, rows), self.all_valid)
+
+    def keep_first(self, width: int) -> "StageSlots":
+        return StageSlots(self.index[:, :width], self.valid[:, :width], self.all_valid)
+
+
+@dataclass
 class CacheState:
     """Per cache; copied with it. Rows follow the cache's rows (beam search reorders both together)."""
 
     owner: SessionToken
-    length: int  # tokens of the full sequence, as the layers up to the prune layer hold them
-    upper_index: torch.Tensor | None = None  # [B, L] long: full-sequence index of each slot of the layers after K
-    upper_valid: torch.Tensor | None = None  # [B, L] bool: False for padding slots; both None: nothing removed
-    upper_all_valid: bool = True  # upper_valid has no False (known on the host)
+    length: int  # tokens of the full sequence, as the layers up to the first prune layer hold them
+    stages: list[StageSlots] = field(default_factory=list)  # per prune stage, its slots; empty: nothing removed
     decision: NeuronDecision | None = None  # core neurons for decoding, None when the method chose none
     decision_rows: torch.Tensor | None = None  # [B] long: row of the decision each cache row follows
 
     @property
     def removed_tokens(self) -> bool:
-        return self.upper_index is not None
+        return bool(self.stages)
 
     def select_rows(self, rows: torch.Tensor) -> None:
-        if self.upper_index is not None:
-            self.upper_index = self.upper_index.index_select(0, rows.to(self.upper_index.device))
-            self.upper_valid = self.upper_valid.index_select(0, rows.to(self.upper_valid.device))
+        self.stages = [stage.select_rows(rows) for stage in self.stages]
         if self.decision_rows is not None:
             self.decision_rows = self.decision_rows.index_select(0, rows.to(self.decision_rows.device))
+
+    @property
+    def rows(self) -> int | None:
+        """Rows of the cache the state knows of (None: it holds no per-row tensor)."""
+        if self.stages:
+            return self.stages[0].index.shape[0]
+        return None if self.decision_rows is None else self.decision_rows.shape[0]
+
+
+def stage_of_layer(stage_layers: tuple[int, ...], layer: int) -> int:
+    """Which stage's slots decoder layer `layer` holds: -1 up to the first prune layer (the full sequence), s for
+    the layers after stage s's layer up to the next one's."""
+    stage = -1
+    for s, prune_layer in enumerate(stage_layers):
+        if layer > prune_layer:
+            stage = s
+    return stage
 
 
 def state_of(cache) -> CacheState | None:
@@ -78,13 +111,13 @@ def state_of(cache) -> CacheState | None:
     return getattr(cache, STATE_ATTRIBUTE, None)
 
 
-def attach_state(cache, state: CacheState, prune_layer: int | None) -> None:
+def attach_state(cache, state: CacheState, stage_layers: tuple[int, ...]) -> None:
     """Give the cache its state (replacing any older one) and the class that keeps the state in step."""
     setattr(cache, STATE_ATTRIBUTE, state)
     cls = type(cache)
     if not getattr(cls, "_corematching_tracked", False):
         cache.__class__ = _tracked_class(cls)
-    cache._corematching_prune_layer = prune_layer
+    cache._corematching_stage_layers = tuple(stage_layers)
 
 
 def detach_state(cache) -> None:
@@ -120,25 +153,28 @@ def _update(self, key_states, value_states, layer_idx, *args, **kwargs):
 
 def _crop(self, tokens_to_remove: int) -> None:
     state = _check_owner(self)
-    prune_layer = self._corematching_prune_layer
     if state is None or tokens_to_remove == 0 or not state.removed_tokens:
         if state is not None:
             state.length -= abs(tokens_to_remove)
         return super(type(self), self).crop(tokens_to_remove)
     count = abs(tokens_to_remove)
     new_length = state.length - count
-    dropped_upper = (state.upper_index >= new_length).sum(1)  # [B] slots of the layers after K to drop
-    upper_count = int(dropped_upper.max())
-    if upper_count != int(dropped_upper.min()):
-        raise UnsupportedModeError(
-            "cropping this KV cache would remove different numbers of kept tokens per sample after the prune "
-            "layer; crop only tokens that were generated after the sparsified prompt"
-        )
+    dropped_counts = []  # per stage: the slots its layers drop
+    for stage in state.stages:
+        dropped = (stage.index >= new_length).sum(1)  # [B] slots of this stage's layers to drop
+        dropped_count = int(dropped.max())
+        if dropped_count != int(dropped.min()):
+            raise UnsupportedModeError(
+                "cropping this KV cache would remove different numbers of kept tokens per sample after a prune "
+                "layer; crop only tokens that were generated after the sparsified prompt"
+            )
+        dropped_counts.append(dropped_count)
+    stage_layers = self._corematching_stage_layers
     for index, layer in enumerate(self.layers):
-        layer.crop(-upper_count if index > prune_layer else -count)
+        stage = stage_of_layer(stage_layers, index)
+        layer.crop(-(count if stage < 0 else dropped_counts[stage]))
     state.length = new_length
-    keep = state.upper_index.shape[1] - upper_count
-    state.upper_index, state.upper_valid = state.upper_index[:, :keep], state.upper_valid[:, :keep]
+    state.stages = [stage.keep_first(stage.width - n) for stage, n in zip(state.stages, dropped_counts)]
 
 
 def _get_seq_length(self, layer_idx: int = 0) -> int:
@@ -147,9 +183,10 @@ def _get_seq_length(self, layer_idx: int = 0) -> int:
     length is the recorded full length plus the tokens added since."""
     held = super(type(self), self).get_seq_length(layer_idx)
     state = state_of(self)
-    if state is None or self._corematching_prune_layer != -1 or not state.removed_tokens or held == 0:
+    stage_layers = self._corematching_stage_layers
+    if state is None or stage_layers[:1] != (-1,) or not state.removed_tokens or held == 0:
         return held
-    return state.length + held - state.upper_index.shape[1]
+    return state.length + held - state.stages[stage_of_layer(stage_layers, layer_idx)].width
 
 
 def _reorder_cache(self, beam_idx: torch.LongTensor):
@@ -169,10 +206,8 @@ def _batch_select_indices(self, indices: torch.Tensor):
 def _batch_repeat_interleave(self, repeats: int):
     state = _check_owner(self)
     super(type(self), self).batch_repeat_interleave(repeats)
-    if state is not None:
-        rows = state.upper_index if state.upper_index is not None else state.decision_rows
-        if rows is not None:
-            state.select_rows(torch.arange(rows.shape[0], device=rows.device).repeat_interleave(repeats))
+    if state is not None and state.rows is not None:
+        state.select_rows(torch.arange(state.rows).repeat_interleave(repeats))
 
 
 _TRACKED_METHODS = {

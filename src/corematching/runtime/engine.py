@@ -3,12 +3,13 @@
 Every call of the adapter's entry module is classified once, at its start, by the KV cache it brings:
   fresh    no past tokens (no cache, or an empty one): with images (or with a method that also applies to text)
            the method chooses tokens after the prune layer K and core neurons; layers > K run on the kept
-           tokens only, packed per sample; FFNs run densely. The decisions are attached to the cache the call
-           fills (cache_state.py).
-  extend   past tokens in a cache this session filled: its state says which tokens layers > K hold. The new
-           tokens (one decode step, several verified tokens, or a whole new turn) attend to those plus each
-           other; the FFNs of the neuron layers compute only the prefill's core neurons for them. A new turn
-           that brings images has its own visual tokens chosen the same way, among the new tokens.
+           tokens only, packed per sample; FFNs run densely. A method with several prune stages (K1 < K2 < ...)
+           chooses again after each, among the tokens the previous stage kept. The decisions are attached to the
+           cache the call fills (cache_state.py).
+  extend   past tokens in a cache this session filled: its state says which tokens each stage's layers hold.
+           The new tokens (one decode step, several verified tokens, or a whole new turn) attend to those plus
+           each other; the FFNs of the neuron layers compute only the prefill's core neurons for them. A new
+           turn that brings images has its own visual tokens chosen the same way, among the new tokens.
   dense    anything else (no image, a cache filled outside any session): the model runs untouched.
 Hooks call in here: `on_entry` / `on_entry_done` around the entry module, `on_layer` before each decoder layer
 after K, `ffn_forward` in place of the FFN forward of the watched layers.
@@ -25,7 +26,15 @@ from transformers.cache_utils import BaseQuantizedLayer
 from ..errors import UnsupportedModeError
 from ..methods import SparsityMethod, TokenBatch
 from ..models import EntryCall, FFNParts, ImageLayout, ModelAdapter
-from .cache_state import CacheState, NeuronDecision, SessionToken, attach_state, detach_state, state_of
+from .cache_state import (
+    CacheState,
+    NeuronDecision,
+    SessionToken,
+    StageSlots,
+    attach_state,
+    detach_state,
+    state_of,
+)
 from .ffn import SlicedFFN, dense_ffn, masked_ffn
 from .masks import padding_mask_from_4d, upper_attention_mask
 from .method_inputs import MethodInputs
@@ -42,6 +51,18 @@ class CallKind(Enum):
 
 
 @dataclass
+class StageCall:
+    """One prune stage of a call: the call's new tokens its layers (after the stage's layer) see."""
+
+    layout: PackedLayout | None  # the new tokens kept so far, indexed in the call (None: all of them, in place)
+    keys: tuple | None = None  # (key index [B, K], key valid [B, K], all valid, new tokens' image [B, q'])
+    inputs: dict = field(default_factory=dict)  # position ids gathered at the kept tokens
+    embeddings: list = field(default_factory=list)  # [(position embeddings some layer got, them gathered)]
+    masks: dict = field(default_factory=dict)  # attention rule -> mask of this stage's layers with that rule
+    hidden_index: torch.Tensor | None = None  # [B, L] slots of the previous stage's tokens to gather (None: none)
+
+
+@dataclass
 class CallState:
     """One call of the entry module. Token tensors cover the call's new tokens: [B, q]."""
 
@@ -53,18 +74,26 @@ class CallState:
     visual: torch.Tensor | None = None  # [B, q] bool
     images: ImageLayout | None = None  # which image each new token belongs to, and its grid
     chooses_tokens: bool = False  # the method picks visual tokens in this call
-    prune_activations: torch.Tensor | None = None  # [B, q, F] at layer K, until tokens are chosen
+    prune_activations: torch.Tensor | None = None  # [B, q', F] at the stage's layer, until tokens are chosen
     neurons: dict[int, torch.Tensor] = field(default_factory=dict)  # fresh: core neurons chosen
     neuron_rows: torch.Tensor | None = None  # fresh: [B] bool rows whose neurons are chosen
-    keep: torch.Tensor | None = None  # [B, q] bool: new tokens that go past K
+    keep: torch.Tensor | None = None  # [B, q] bool: new tokens that go past the last stage
+    stage_keeps: list = field(default_factory=list)  # per stage chosen in this call: [B, q] bool, past that stage
     scores: torch.Tensor | None = None
     captured: dict = field(default_factory=dict)  # what the method asked for, caught on the way (method_inputs.py)
-    merged_hidden: torch.Tensor | None = None  # [B, q, H] new hidden states of kept tokens entering layer K + 1
-    layout: PackedLayout | None = None  # the new tokens gathered at layer K + 1 (None: all of them, in place)
-    upper_inputs: dict | None = None  # kwargs every layer > K receives (position ids), without mask and embeddings
-    upper_embeddings: list = field(default_factory=list)  # [(position embeddings some layer got, them gathered)]
-    upper_keys: tuple | None = None  # (key index [B, K], key valid [B, K], all valid, new tokens' image [B, q'])
-    upper_masks: dict = field(default_factory=dict)  # attention rule -> mask of the layers with that rule
+    merged_hidden: torch.Tensor | None = None  # [B, q', H] new hidden states of kept tokens entering a stage
+    stages: list[StageCall] = field(default_factory=list)  # the stages the call has reached so far
+
+    @property
+    def layout(self) -> PackedLayout | None:
+        """The new tokens the current layers see (None: all of them, in place)."""
+        return self.stages[-1].layout if self.stages else None
+
+    @property
+    def current_valid(self) -> torch.Tensor:
+        """[B, q'] bool: real tokens among those the current layers see."""
+        layout = self.layout
+        return self.valid if layout is None else layout.slot_valid
 
 
 class Engine:
@@ -73,15 +102,17 @@ class Engine:
         self.method = method
         self.token = token
         num_layers = adapter.num_layers
-        self.prune_layer = method.prune_layer_index()
+        self.stage_layers = tuple(method.prune_stage_layers())
+        self.prune_layer = self.stage_layers[0] if self.stage_layers else None  # the first stage's
+        self._stage_starting = {layer + 1: stage for stage, layer in enumerate(self.stage_layers)}
         self.neuron_layers = frozenset(method.neuron_layer_indices(num_layers))
         self.decode_ffn_layers = frozenset(method.decode_ffn_layers(num_layers))  # FFNs the method computes
         self.watched_layers = set(self.neuron_layers) | self.decode_ffn_layers
-        if self.prune_layer is not None and method.wants_prune_activations():
-            self.watched_layers.add(self.prune_layer)
+        if method.wants_prune_activations():
+            self.watched_layers.update(self.stage_layers)
         self.upper_layers = range(self.prune_layer + 1, num_layers) if self.prune_layer is not None else range(0)
         self.changes_model = self.prune_layer is not None or bool(self.neuron_layers) or bool(self.decode_ffn_layers)
-        self.inputs = MethodInputs(adapter, method, self.prune_layer, lambda: self.call)
+        self.inputs = MethodInputs(adapter, method, self.stage_layers, lambda: self.call)
         self.call: CallState | None = None
         self.last: SparsityRecord | None = None
         # id(decision) -> (weak reference to it, {layer: SlicedFFN or None}); most recent last
@@ -206,24 +237,39 @@ class Engine:
             state = CacheState(self.token, 0, decision=decision, decision_rows=rows if decision is not None else None)
         elif state is None:  # a dense cache extended with chosen tokens
             state = CacheState(self.token, past)
-        if call.layout is not None or state.removed_tokens:
-            if state.removed_tokens:
-                old_index, old_valid, old_all_valid = state.upper_index, state.upper_valid, state.upper_all_valid
-            else:
-                old_index, old_valid = self._dense_slots(call)
-                old_all_valid = bool(old_valid.all())
-            if call.layout is not None:
-                new_index, new_valid = call.layout.source_index + past, call.layout.slot_valid
-                new_all_valid = call.layout.all_valid
-            else:
-                new_index = torch.arange(past, past + length, device=call.valid.device).expand_as(call.valid)
-                new_valid = call.valid
-                new_all_valid = call.entry.attention_mask is None or bool(new_valid.all())  # one host check per call
-            state.upper_all_valid = old_all_valid and new_all_valid
-            state.upper_index = torch.cat([old_index, new_index], dim=1)
-            state.upper_valid = torch.cat([old_valid, new_valid], dim=1)
+        if state.removed_tokens or any(stage.layout is not None for stage in call.stages):
+            state.stages = self._stage_slots_after(call, state)
         state.length = past + length
-        attach_state(cache, state, self.prune_layer)
+        attach_state(cache, state, self.stage_layers)
+
+    def _stage_slots_after(self, call: CallState, state: CacheState) -> list[StageSlots]:
+        """Each stage's slots once this call's tokens are added: the cached ones, then the call's kept ones."""
+        past, device = call.past, call.valid.device
+        if state.removed_tokens:
+            cached = state.stages
+        else:
+            index, valid = self._dense_slots(call)
+            cached = [StageSlots(index, valid, bool(valid.all()))] * len(self.stage_layers)
+        in_place = None  # the call's tokens, every one in place (a stage that removed none of them)
+        slots = []
+        for old, stage in zip(cached, call.stages):
+            if stage.layout is not None:
+                layout = stage.layout
+                new = StageSlots(layout.source_index + past, layout.slot_valid, layout.all_valid)
+            else:
+                if in_place is None:
+                    all_valid = call.entry.attention_mask is None or bool(call.valid.all())  # one check per call
+                    index = torch.arange(past, past + call.valid.shape[1], device=device).expand_as(call.valid)
+                    in_place = StageSlots(index, call.valid, all_valid)
+                new = in_place
+            slots.append(
+                StageSlots(
+                    torch.cat([old.index, new.index], dim=1),
+                    torch.cat([old.valid, new.valid], dim=1),
+                    old.all_valid and new.all_valid,
+                )
+            )
+        return slots
 
     def _dense_slots(self, call: CallState) -> tuple[torch.Tensor, torch.Tensor]:
         """The slots of a cache whose past tokens all went through every layer: [B, past] index and validity."""
@@ -236,10 +282,12 @@ class Engine:
 
     def _record(self, call: CallState) -> SparsityRecord:
         keep = call.keep if call.keep is not None else call.valid
+        chose = call.chooses_tokens and bool(call.stage_keeps)
         return SparsityRecord(
             method=type(self.method).__name__,
-            prune_layer=self.prune_layer if call.chooses_tokens else None,
+            prune_layer=self.prune_layer if chose else None,
             keep_mask=keep,
+            stage_keep_masks=dict(zip(self.stage_layers, call.stage_keeps)) if chose else {},
             visual_mask=call.visual,
             neurons=dict(call.neurons),
             token_scores=call.scores,
@@ -254,109 +302,137 @@ class Engine:
         if call is None:
             return None
         inputs = self.adapter.read_layer_inputs(args, kwargs)
-        if layer == self.prune_layer + 1:
-            if call.chooses_tokens:
-                self._choose_tokens(call, inputs.hidden_states)
-            self._prepare_upper_inputs(call, inputs)
-            if call.layout is not None:  # gather the surviving tokens (with the method's merged states, if any)
+        stage_index = self._stage_starting.get(layer)
+        if stage_index is not None:
+            stage = self._start_stage(call, stage_index, inputs)
+            if stage.hidden_index is not None:  # gather the surviving tokens (with the method's merged states)
                 source = inputs.hidden_states if call.merged_hidden is None else call.merged_hidden
                 call.merged_hidden = None
-                hidden = _gather_hidden(source, call.layout.source_index)
-                mask = self._upper_mask(call, layer, inputs)
+                hidden = _gather_hidden(source, stage.hidden_index)
+                mask = self._upper_mask(call, stage_index, layer, inputs)
                 return self.adapter.write_layer_inputs(
-                    args, kwargs, hidden_states=hidden, attention_mask=mask, **self._upper_positions(call, inputs)
+                    args, kwargs, hidden_states=hidden, attention_mask=mask, **self._upper_positions(stage, inputs)
                 )
-        if call.upper_keys is None:
+        if not call.stages or call.stages[-1].keys is None:
             return None
-        mask = self._upper_mask(call, layer, inputs)
-        return self.adapter.write_layer_inputs(args, kwargs, attention_mask=mask, **self._upper_positions(call, inputs))
+        stage_index = len(call.stages) - 1
+        mask = self._upper_mask(call, stage_index, layer, inputs)
+        positions = self._upper_positions(call.stages[stage_index], inputs)
+        return self.adapter.write_layer_inputs(args, kwargs, attention_mask=mask, **positions)
 
-    def _choose_tokens(self, call: CallState, hidden_states: torch.Tensor) -> None:
-        """hidden_states [B, q, H]: the input of layer K + 1."""
-        images = call.images
+    def _start_stage(self, call: CallState, stage_index: int, inputs) -> StageCall:
+        """At the entry of the layer after stage `stage_index`'s layer: choose its tokens (when the call chooses
+        tokens) among those the previous stage kept, and prepare what its layers attend to."""
+        previous = call.layout
+        stage = StageCall(layout=previous)
+        if call.chooses_tokens:
+            chosen = self._choose_tokens(call, stage_index, inputs.hidden_states)  # over the current slots
+            stage.hidden_index = chosen.source_index
+            if previous is None:
+                stage.layout = chosen
+            else:
+                source = previous.source_index.gather(1, chosen.source_index)
+                stage.layout = PackedLayout(source, chosen.slot_valid, chosen.all_valid)
+        call.stages.append(stage)
+        self._prepare_stage_keys(call, stage_index, stage, inputs)
+        return stage
+
+    def _choose_tokens(self, call: CallState, stage_index: int, hidden_states: torch.Tensor) -> PackedLayout:
+        """hidden_states [B, q', H]: the input of the layer after the stage's layer, over the tokens the previous
+        stage kept (all of the call's at the first stage). Returns the layout of the kept ones among those."""
+        images, previous = call.images, call.layout
         batch = TokenBatch(
             valid_mask=call.valid,
             visual_mask=call.visual,
             image_index=images.image_index,
             image_ordinal=images.image_ordinal,
             image_grid=self.adapter.image_grid,
-            activations=call.prune_activations,
+            activations=None,
             grid_rows=images.grid_rows,
             grid_cols=images.grid_cols,
         )
+        if previous is not None:
+            batch = _tokens_kept_so_far(batch, previous)
+        batch.activations, batch.stage = call.prune_activations, stage_index
         self.inputs.fill(batch, call, hidden_states)
         with torch.no_grad():
-            if call.kind == CallKind.FRESH and self.prune_layer in self.neuron_layers and batch.activations is not None:
+            both = stage_index == 0 and call.kind == CallKind.FRESH and self.prune_layer in self.neuron_layers
+            if both and batch.activations is not None:
                 decision, call.neurons[self.prune_layer] = self.method.select_tokens_and_neurons(
                     batch, call.valid, self.prune_layer
                 )
             else:
                 decision = self.method.select_tokens(batch)
         call.prune_activations = None
-        call.keep = call.valid & (~call.visual | (decision.keep_visual & call.visual))
-        call.scores = decision.scores
+        visual = batch.visual_mask
+        keep = batch.valid_mask & (~visual | (decision.keep_visual & visual))  # over the current slots
+        call.keep = keep if previous is None else _on_call_tokens(keep, previous, call.valid.shape[1])
+        call.stage_keeps.append(call.keep)
+        if stage_index == 0:
+            call.scores = decision.scores
         if decision.merged_hidden is not None:
             if decision.merged_hidden.shape != hidden_states.shape:
+                layer = self.stage_layers[stage_index] + 1
                 raise ValueError(
                     f"{type(self.method).__name__}: merged_hidden has shape {tuple(decision.merged_hidden.shape)}, "
-                    f"the hidden states entering layer {self.prune_layer + 1} {tuple(hidden_states.shape)}"
+                    f"the hidden states entering layer {layer} {tuple(hidden_states.shape)}"
                 )
             call.merged_hidden = decision.merged_hidden.to(hidden_states.dtype)
-        call.layout = pack_kept_tokens(call.keep)
+        return pack_kept_tokens(keep)
 
-    def _prepare_upper_inputs(self, call: CallState, inputs) -> None:
-        """The keys the layers after K attend to in this call (cached slots, then the call's kept tokens), and
+    def _prepare_stage_keys(self, call: CallState, stage_index: int, stage: StageCall, inputs) -> None:
+        """The keys the stage's layers attend to in this call (cached slots, then the call's kept tokens), and
         the gathered positions of the kept tokens."""
         state = call.state
         removed_before = state is not None and state.removed_tokens
-        if call.layout is None and not removed_before:
-            return  # nothing removed so far: the layers after K run as in the dense model
+        if stage.layout is None and not removed_before:
+            return  # nothing removed so far: these layers run as in the dense model
         if removed_before:
-            cached_index, cached_valid, all_cached_valid = state.upper_index, state.upper_valid, state.upper_all_valid
+            cached = state.stages[stage_index]
+            cached_index, cached_valid, all_cached_valid = cached.index, cached.valid, cached.all_valid
         else:  # a dense cache, or none: only a 2-D mask can mark a slot invalid
             cached_index, cached_valid = self._dense_slots(call)
             all_cached_valid = call.past == 0 or call.entry.attention_mask is None
         length = call.valid.shape[1]
-        layout = call.layout
+        layout = stage.layout
         if layout is not None:
             new_index, new_valid, all_new_valid = layout.source_index, layout.slot_valid, layout.all_valid
         else:
             new_index = torch.arange(length, device=call.valid.device).expand_as(call.valid)
             new_valid, all_new_valid = call.valid, call.entry.attention_mask is None
         new_group = call.images.image_index.gather(1, new_index) if call.images is not None else None
-        call.upper_keys = (
+        stage.keys = (
             torch.cat([cached_index, new_index + call.past], dim=1),
             torch.cat([cached_valid, new_valid], dim=1),
             all_cached_valid and all_new_valid,
             new_group,  # [B, q'] image of each new kept token (-1: text), for bidirectional image attention
         )
-        call.upper_inputs = {}
-        if call.layout is not None:
-            index = call.layout.source_index
-            call.upper_inputs["position_ids"] = self.adapter.gather_position_ids(inputs.position_ids, index)
+        if layout is not None:
+            stage.inputs["position_ids"] = self.adapter.gather_position_ids(inputs.position_ids, layout.source_index)
 
-    def _upper_positions(self, call: CallState, inputs) -> dict:
-        """The position inputs of a layer after K: the gathered position ids, and the position embeddings this
+    def _upper_positions(self, stage: StageCall, inputs) -> dict:
+        """The position inputs of a stage's layer: the gathered position ids, and the position embeddings this
         layer received gathered at the kept tokens. Layers may receive different embeddings (Gemma 3's local and
-        global layers have their own rotary bases); each distinct one is gathered once per call."""
-        if call.layout is None:
-            return call.upper_inputs
+        global layers have their own rotary bases); each distinct one is gathered once per stage and call."""
+        if stage.layout is None:
+            return stage.inputs
         source = inputs.position_embeddings
-        gathered = next((done for seen, done in call.upper_embeddings if seen is source), None)
+        gathered = next((done for seen, done in stage.embeddings if seen is source), None)
         if gathered is None:
-            gathered = self.adapter.gather_position_embeddings(source, call.layout.source_index)
-            call.upper_embeddings.append((source, gathered))
-        return {**call.upper_inputs, "position_embeddings": gathered}
+            gathered = self.adapter.gather_position_embeddings(source, stage.layout.source_index)
+            stage.embeddings.append((source, gathered))
+        return {**stage.inputs, "position_embeddings": gathered}
 
-    def _upper_mask(self, call: CallState, layer: int, inputs):
-        """The attention mask of layer `layer` > K for this call, built once for the layers with the same rule
-        (their caches hold the same slots, so they see the same key window)."""
+    def _upper_mask(self, call: CallState, stage_index: int, layer: int, inputs):
+        """The attention mask of layer `layer` (of stage `stage_index`) for this call, built once for the stage's
+        layers with the same rule (their caches hold the same slots, so they see the same key window)."""
+        stage = call.stages[stage_index]
         rule = self.adapter.attention_rule(layer)
-        if rule not in call.upper_masks:
-            key_index, key_valid, all_valid, new_group = call.upper_keys
-            num_queries = key_index.shape[1] - _cached_slots(call)
+        if rule not in stage.masks:
+            key_index, key_valid, all_valid, new_group = stage.keys
+            num_queries = key_index.shape[1] - _cached_slots(call, stage_index)
             offset, mask_length = self._key_window(call, inputs.cache, layer, num_queries, key_index.shape[1])
-            call.upper_masks[rule] = upper_attention_mask(
+            stage.masks[rule] = upper_attention_mask(
                 key_index[:, offset:],
                 key_valid[:, offset:],
                 num_queries,
@@ -367,7 +443,7 @@ class Engine:
                 all_valid and offset == 0,
                 mask_length,
             )
-        return call.upper_masks[rule]
+        return stage.masks[rule]
 
     def _key_window(self, call: CallState, cache, layer: int, num_queries: int, num_keys: int) -> tuple[int, int]:
         """(first slot, mask length) of the keys layer `layer`'s attention sees: every slot, the last ones a
@@ -411,7 +487,7 @@ class Engine:
             return out
         decision = call.state.decision if call.state is not None else None
         uses_core = decision is not None and layer in decision.neurons
-        wants_activation = call.chooses_tokens and layer == self.prune_layer and call.prune_activations is None
+        wants_activation = call.chooses_tokens and layer in self.stage_layers and call.prune_activations is None
         if wants_activation:
             if uses_core:
                 rows = call.state.decision_rows
@@ -437,11 +513,11 @@ class Engine:
     def _observe(self, call: CallState, layer: int, activation: torch.Tensor) -> None:
         """Fresh prefill: keep the prune layer's activations, and choose the core neurons of neuron layers."""
         activation = activation.detach()
-        if call.chooses_tokens and layer == self.prune_layer and self.method.wants_prune_activations():
-            call.prune_activations = activation  # its neurons are chosen together with the tokens
-            if layer in self.neuron_layers:
+        if call.chooses_tokens and layer in self.stage_layers and self.method.wants_prune_activations():
+            call.prune_activations = activation
+            if layer == self.prune_layer and layer in self.neuron_layers:
                 call.neuron_rows = self._neuron_rows(call)
-            return
+                return  # its neurons are chosen together with the first stage's tokens
         if layer in self.neuron_layers:
             with torch.no_grad():
                 call.neurons[layer] = self.method.select_neurons(activation, self._prefill_tokens(call, layer), layer)
@@ -449,8 +525,7 @@ class Engine:
 
     def _prefill_tokens(self, call: CallState, layer: int) -> torch.Tensor:
         """Bool [B, tokens at that layer]: the real tokens a prefill's layer sees (the kept ones after K)."""
-        past_prune = self.prune_layer is not None and layer > self.prune_layer and call.layout is not None
-        return call.layout.slot_valid if past_prune else call.valid
+        return call.current_valid
 
     def _neuron_rows(self, call: CallState) -> torch.Tensor:
         """Rows that decode with core neurons: those with visual tokens (every row for a method that applies to
@@ -484,12 +559,40 @@ def _cache_length(cache, layer: int) -> int:
     return int(cache.get_seq_length(layer))
 
 
-def _cached_slots(call: CallState) -> int:
-    """Slots the layers after K held before this call."""
+def _cached_slots(call: CallState, stage_index: int) -> int:
+    """Slots the layers of a stage held before this call."""
     state = call.state
     if state is not None and state.removed_tokens:
-        return state.upper_index.shape[1]
+        return state.stages[stage_index].width
     return call.past
+
+
+def _tokens_kept_so_far(batch: TokenBatch, layout: PackedLayout) -> TokenBatch:
+    """The batch of the call's tokens [B, q] restricted to a layout's slots [B, L] (padding slots: not valid)."""
+    index, slot_valid = layout.source_index, layout.slot_valid
+
+    def gather(values: torch.Tensor | None, outside):
+        if values is None:
+            return None
+        return torch.where(slot_valid, values.gather(1, index), outside)
+
+    return TokenBatch(
+        valid_mask=slot_valid,
+        visual_mask=gather(batch.visual_mask, False),
+        image_index=gather(batch.image_index, -1),
+        image_ordinal=gather(batch.image_ordinal, -1),
+        image_grid=batch.image_grid,
+        activations=None,
+        grid_rows=gather(batch.grid_rows, 0),
+        grid_cols=gather(batch.grid_cols, 0),
+    )
+
+
+def _on_call_tokens(keep: torch.Tensor, layout: PackedLayout, length: int) -> torch.Tensor:
+    """keep [B, L] over a layout's slots -> [B, length] over the call's tokens (False where no slot is)."""
+    index = torch.where(layout.slot_valid, layout.source_index, length)  # padding slots go to a spare column
+    out = torch.zeros(keep.shape[0], length + 1, dtype=torch.bool, device=keep.device)
+    return out.scatter_(1, index, keep & layout.slot_valid)[:, :length]
 
 
 def _gather_hidden(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -33,10 +33,13 @@ ONE_PER_PATCH = (
 
 
 class MethodInputs:
-    def __init__(self, adapter: ModelAdapter, method: SparsityMethod, prune_layer: int | None, current_call: Callable):
+    def __init__(
+        self, adapter: ModelAdapter, method: SparsityMethod, stage_layers: tuple[int, ...], current_call: Callable
+    ):
         self.adapter = adapter
-        self.wanted = frozenset(method.wants_inputs()) if prune_layer is not None else frozenset()
-        self.prune_layer = prune_layer
+        self.wanted = frozenset(method.wants_inputs()) if stage_layers else frozenset()
+        self.stage_layers = stage_layers
+        self.prune_layer = stage_layers[0] if stage_layers else None
         self.current_call = current_call  # () -> the engine's CallState of the running call, or None
         self._tower_attention: list[torch.Tensor] = []  # per tower call, until the tower returns
         self._tower_keys: list[torch.Tensor] = []
@@ -46,8 +49,9 @@ class MethodInputs:
         """(module, hook with kwargs, after) to install for the session: a forward hook when `after`, else a
         forward pre-hook."""
         hooks = []
-        if "last_attention" in self.wanted:
-            hooks.append((self.adapter.attention_module(self.prune_layer), self._on_prune_attention, False))
+        if "last_attention" in self.wanted:  # at every stage's layer
+            for layer in self.stage_layers:
+                hooks.append((self.adapter.attention_module(layer), self._prune_attention_hook(layer), False))
         if "input_embeddings" in self.wanted and self.prune_layer >= 0:
             hooks.append((self.adapter.decoder_layers[0], self._on_first_layer, False))
         if {"vision_attention", "vision_keys"} & self.wanted:
@@ -65,14 +69,17 @@ class MethodInputs:
         call = self.current_call()
         return call if call is not None and call.chooses_tokens else None
 
-    def _on_prune_attention(self, module, args, kwargs):
-        call = self._choosing_call()
-        if call is not None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            with torch.no_grad():
-                call.captured["last_attention"] = self.adapter.last_token_attention(
-                    self.prune_layer, hidden, kwargs.get("position_embeddings"), call.valid
-                )
+    def _prune_attention_hook(self, layer: int) -> Callable:
+        def on_prune_attention(module, args, kwargs):
+            call = self._choosing_call()
+            if call is not None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                with torch.no_grad():
+                    call.captured["last_attention"] = self.adapter.last_token_attention(
+                        layer, hidden, kwargs.get("position_embeddings"), call.current_valid
+                    )
+
+        return on_prune_attention
 
     def _on_first_layer(self, module, args, kwargs):
         call = self._choosing_call()
@@ -107,7 +114,9 @@ class MethodInputs:
             call.captured.update(found)
 
     def fill(self, batch: TokenBatch, call, hidden_states: torch.Tensor) -> None:
-        """Put what the method asked for into batch; hidden_states [B, T, H]: the input of layer K + 1."""
+        """Put what the method asked for into batch; hidden_states [B, T, H]: the input of the layer after the
+        stage's layer (a later stage of several gets only hidden_states and last_attention: the method's checks
+        refuse the others)."""
         captured = call.captured
         if "hidden_states" in self.wanted:
             batch.hidden_states = hidden_states

@@ -11,11 +11,13 @@ import torch
 class SparsityRecord:
     method: str  # the method's class name
     prune_layer: int | None  # the layer after which tokens were removed (None: none removed)
-    keep_mask: torch.Tensor  # [B, T] bool: tokens of input_ids that go past the prune layer
+    keep_mask: torch.Tensor  # [B, T] bool: tokens of input_ids that go past the (last) prune layer
     visual_mask: torch.Tensor  # [B, T] bool: visual tokens of input_ids
     neurons: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, k] sorted core neurons
     token_scores: torch.Tensor | None = None  # [B, T] the method's scores, when it has any
     neuron_rows: torch.Tensor | None = None  # [B] bool: samples that decode with their core neurons
+    stage_keep_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # prune layer -> [B, T] bool: tokens
+    #   that go past that layer, for every prune stage (one for most methods; keep_mask is the last one's)
 
     @property
     def batch_size(self) -> int:
