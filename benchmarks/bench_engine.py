@@ -16,13 +16,19 @@ has been handed back to the OS.
 
     python benchmarks/bench_engine.py            # what benchmarks/RESULTS.md shows
     python benchmarks/bench_engine.py --reps 2   # quicker
-    python benchmarks/bench_engine.py --batches 1 4 8   # core-neuron decoding per batch size, old and new scheme
+    python benchmarks/bench_engine.py --batches 1 4 8   # core-neuron decoding per batch size, per scheme
+    python benchmarks/bench_engine.py --batches 1 4 --schemes "union copy" "in place"
 
-The batch table compares two ways of decoding a batch with per-sample core neurons, in one run: one sliced copy
-of the FFN per sample (the earlier scheme, batched matmuls over [B, k, H] weights) and one copy of the union of
-the samples' core neurons with each sample's activation masked to its own set (the engine's scheme). For each
-batch size it reports the weights the scheme gathers beside the model's (extra resident memory), the decode time
-per token, and the speedup against dense decoding at the same batch size.
+The batch table compares ways of decoding a batch with per-sample core neurons, in one run, repetitions
+interleaved: one sliced copy of the FFN per sample (the earlier scheme, batched matmuls over [B, k, H] weights);
+one copy of the union of the samples' core neurons with each sample's activation masked to its own set
+(`neuron_weights="copy"`, the default); and the same union as views of the model's own weights, its neurons
+moved first in place (`neuron_weights="in_place"`). For each batch size it reports the memory the scheme keeps
+beside the model's weights (what its sliced FFNs hold: gathered weights, row masks, swap indices), the peak RSS
+above the loaded model during one more generate call of each (KV cache, activations and transients included),
+the decode time per token, the speedup against dense decoding at the same batch size, the time spent preparing
+the sliced FFNs of a prompt (gathering the copies, or swapping the neurons, at its first decode step) and the
+time of the session's removal (swapping the neurons back in place).
 """
 
 import argparse
@@ -45,6 +51,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import corematching as cm
 from corematching.bench import peak_rss_during
+from corematching.runtime.ffn import SlicedFFN as SLICED_FFN
 
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS, VOCAB = 2048, 5632, 32, 4, 8, 32064
 IMAGE_TOKEN = 32000
@@ -169,6 +176,8 @@ class PerSampleSlicedFFN:
     """The earlier scheme, for comparison: every sample gets its own gathered copy of its core neurons' weights
     (gate, up [B, k, H]; down [B, H, k]) and the FFN runs as batched matmuls."""
 
+    swap = None  # not a view of the model's weights
+
     def __init__(self, up, down, gate, act):
         self.up, self.down, self.gate, self.act = up, down, gate, act
 
@@ -207,42 +216,87 @@ def build_batch_inputs(model, batch: int) -> dict:
     return {"input_ids": torch.stack(rows), "mm_encoder_outputs": {"image": image}}
 
 
-def batch_table(model, batches: list[int], reps: int, new_tokens: int) -> None:
+BATCH_SCHEMES = ("dense", "per-sample copies", "union copy", "in place")
+
+
+def run_scheme(model, inputs, scheme: str, new_tokens: int) -> dict:
+    """One generate call under a scheme: step stamps, the extra bytes its sliced FFNs report, the time spent
+    preparing them (gathering copies, or swapping neurons in place) and the time of the session's removal (which
+    swaps the neurons back in place)."""
     from corematching.runtime import engine as engine_module
 
-    schemes = {"dense": None, "per-sample copies": PerSampleSlicedFFN, "union copy": engine_module.SlicedFFN}
-    print("| batch | scheme | extra weights (MiB) | decode time per token (ms) | speedup vs dense |")
-    print("|---:|---|---:|---:|---:|")
+    clock = StepClock()
+    result = {"extra": 0, "prepare": 0.0, "remove": 0.0}
+    if scheme == "dense":
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
+                           logits_processor=LogitsProcessorList([clock]))
+        return {**result, "stamps": clock.stamps}
+    if scheme == "per-sample copies":
+        engine_module.SlicedFFN = PerSampleSlicedFFN
+    try:
+        session = cm.sparsify(model, METHOD, neuron_weights="in_place" if scheme == "in place" else "copy")
+        engine = session.engine
+        sliced_ffn = engine._sliced_ffn
+
+        def timed_sliced_ffn(*args):
+            start = time.perf_counter()
+            try:
+                return sliced_ffn(*args)
+            finally:
+                result["prepare"] += time.perf_counter() - start
+
+        engine._sliced_ffn = timed_sliced_ffn
+        try:
+            with torch.no_grad():
+                model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
+                               logits_processor=LogitsProcessorList([clock]))
+            ffns = [ffn for _, per_layer in engine._sliced.values() for ffn in per_layer.values() if ffn is not None]
+            result["extra"] = sum(ffn.extra_bytes for ffn in ffns)
+        finally:
+            start = time.perf_counter()
+            session.remove()
+            result["remove"] = time.perf_counter() - start
+    finally:
+        engine_module.SlicedFFN = SLICED_FFN
+    return {**result, "stamps": clock.stamps}
+
+
+def batch_table(model, batches: list[int], schemes: list[str], reps: int, new_tokens: int) -> None:
+    schemes = ["dense", *(name for name in schemes if name != "dense")]
+    print("| batch | scheme | extra weights (MiB) | peak RSS above the model (MiB) | decode time per token (ms) | "
+          "speedup vs dense | prepare per prompt (ms) | swap back (ms) |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for batch in batches:
         inputs = build_batch_inputs(model, batch)
         step_times = {name: [] for name in schemes}
+        prepare = {name: [] for name in schemes}
+        remove = {name: [] for name in schemes}
         extra = {}
         for rep in range(reps + 1):  # the first rep warms up and is not timed
-            order = list(schemes) if rep % 2 == 0 else list(reversed(schemes))
+            order = schemes if rep % 2 == 0 else list(reversed(schemes))
             for name in order:
-                sliced_class = schemes[name]
-                if sliced_class is not None:
-                    engine_module.SlicedFFN = sliced_class
-                try:
-                    method = None if sliced_class is None else METHOD
-                    session = cm.sparsify(model, method) if method is not None else nullcontext()
-                    clock = StepClock()
-                    with session, torch.no_grad():
-                        model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
-                                       logits_processor=LogitsProcessorList([clock]))
-                        if method is not None:
-                            sliced = session.engine._sliced.values()
-                            ffns = [ffn for _, per_layer in sliced for ffn in per_layer.values() if ffn is not None]
-                            extra[name] = sum(ffn.extra_bytes for ffn in ffns)
-                finally:
-                    engine_module.SlicedFFN = schemes["union copy"]
+                gc.collect()
+                result = run_scheme(model, inputs, name, new_tokens)
+                extra[name] = result["extra"]
                 if rep > 0:
-                    step_times[name].append(statistics.median(b - a for a, b in zip(clock.stamps, clock.stamps[1:])))
+                    stamps = result["stamps"]
+                    step_times[name].append(statistics.median(b - a for a, b in zip(stamps, stamps[1:])))
+                    prepare[name].append(result["prepare"])
+                    remove[name].append(result["remove"])
+        peak = {}
+        for name in schemes:  # one more run of each, RSS sampled every millisecond
+            gc.collect()
+            before, top = peak_rss_during(lambda name=name, inputs=inputs: run_scheme(model, inputs, name, new_tokens))
+            peak[name] = top - before
         for name in schemes:
             per_token = statistics.median(step_times[name])
             ratios = [d / s for d, s in zip(step_times["dense"], step_times[name])]
-            memory = f"{extra[name] / 2**20:.0f}" if name in extra else "0"
-            print(f"| {batch} | {name} | {memory} | {per_token * 1e3:.1f} | {statistics.median(ratios):.2f}x |")
+            costs = "| - | - |" if name == "dense" else (
+                f"| {statistics.median(prepare[name]) * 1e3:.1f} | {statistics.median(remove[name]) * 1e3:.1f} |"
+            )
+            print(f"| {batch} | {name} | {extra[name] / 2**20:.1f} | {peak[name] / 2**20:.0f} | "
+                  f"{per_token * 1e3:.1f} | {statistics.median(ratios):.2f}x {costs}")
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -254,6 +308,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=int, nargs="*", help="only the batch table, for these batch sizes")
+    parser.add_argument("--schemes", nargs="*", choices=BATCH_SCHEMES, default=list(BATCH_SCHEMES),
+                        help="the batch table's schemes (dense is always measured)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -261,7 +317,7 @@ def main():
     if args.batches:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.reps} reps, "
               f"{args.new_tokens} new tokens; {METHOD}")
-        batch_table(model, args.batches, args.reps, args.new_tokens)
+        batch_table(model, args.batches, args.schemes, args.reps, args.new_tokens)
         return
     inputs = build_inputs(model)
     methods = {"dense": None, "corematching": METHOD}

@@ -38,6 +38,7 @@ from .cache_state import (
 from .ffn import SlicedFFN, dense_ffn, masked_ffn
 from .masks import padding_mask_from_4d, upper_attention_mask
 from .method_inputs import MethodInputs
+from .neuron_order import NeuronOrder, prefix_ffn
 from .packing import PackedLayout, pack_kept_tokens
 from .records import SparsityRecord
 
@@ -97,7 +98,9 @@ class CallState:
 
 
 class Engine:
-    def __init__(self, adapter: ModelAdapter, method: SparsityMethod, token: SessionToken):
+    def __init__(
+        self, adapter: ModelAdapter, method: SparsityMethod, token: SessionToken, neuron_weights: str = "copy"
+    ):
         self.adapter = adapter
         self.method = method
         self.token = token
@@ -117,9 +120,14 @@ class Engine:
         self.last: SparsityRecord | None = None
         # id(decision) -> (weak reference to it, {layer: SlicedFFN or None}); most recent last
         self._sliced: OrderedDict[int, tuple[weakref.ref, dict]] = OrderedDict()
+        # neuron_weights="in_place": the layers whose FFN neurons are reordered for a decision (neuron_order.py)
+        self.neuron_order = NeuronOrder() if neuron_weights == "in_place" else None
 
     def reset(self) -> None:
+        """Drop decisions and sliced weights; FFN neurons back in their original order."""
         self.call = None
+        if self.neuron_order is not None:
+            self.neuron_order.restore_all()
         self._sliced.clear()
 
     # ------------------------------------------------------------------------------------------ entry calls
@@ -476,6 +484,9 @@ class Engine:
 
     def ffn_forward(self, layer: int, parts: FFNParts, hidden: torch.Tensor) -> torch.Tensor:
         call = self.call
+        order = self.neuron_order
+        if order is not None and order.reordered(layer) and not self._decodes_in_order(call, layer):
+            order.restore(layer)  # every use but the decision's own decode steps sees the original neurons
         if call is None:
             return dense_ffn(parts, hidden)[0]
         if call.kind == CallKind.FRESH:
@@ -487,8 +498,7 @@ class Engine:
             return out
         decision = call.state.decision if call.state is not None else None
         uses_core = decision is not None and layer in decision.neurons
-        wants_activation = call.chooses_tokens and layer in self.stage_layers and call.prune_activations is None
-        if wants_activation:
+        if self._wants_prune_activation(call, layer):
             if uses_core:
                 rows = call.state.decision_rows
                 out, activation = masked_ffn(parts, hidden, decision.neurons[layer][rows], decision.sparse_rows[rows])
@@ -507,8 +517,23 @@ class Engine:
         out = sliced(hidden, rows)
         if decision.all_sparse:
             return out
-        # Samples without visual tokens run dense, as they would alone.
+        # Samples without visual tokens run dense, as they would alone (in place: on the reordered neurons, the
+        # same function).
         return torch.where(decision.sparse_rows[rows].view(-1, 1, 1), out, dense_ffn(parts, hidden)[0])
+
+    def _wants_prune_activation(self, call: CallState, layer: int) -> bool:
+        """An extend call that chooses tokens needs a prune stage layer's activations (the FFN computed masked)."""
+        return call.chooses_tokens and layer in self.stage_layers and call.prune_activations is None
+
+    def _decodes_in_order(self, call: CallState | None, layer: int) -> bool:
+        """In place: whether this FFN call decodes with the decision the layer's neurons are arranged for."""
+        return (
+            call is not None
+            and call.kind == CallKind.EXTEND
+            and call.state is not None
+            and self.neuron_order.holds(layer, call.state.decision)
+            and not self._wants_prune_activation(call, layer)
+        )
 
     def _observe(self, call: CallState, layer: int, activation: torch.Tensor) -> None:
         """Fresh prefill: keep the prune layer's activations, and choose the core neurons of neuron layers."""
@@ -535,7 +560,8 @@ class Engine:
         return call.visual.any(1)
 
     def _sliced_ffn(self, decision: NeuronDecision, layer: int, parts: FFNParts) -> SlicedFFN | None:
-        """The layer's core-neuron FFN for a prefill's decision, gathered on first use (None: all neurons)."""
+        """The layer's core-neuron FFN for a prefill's decision, built on first use (None: all neurons): a gathered
+        copy, or in place, views of the model's tensors with the union's neurons moved first."""
         key = id(decision)
         entry = self._sliced.get(key)
         if entry is None or entry[0]() is not decision:
@@ -546,8 +572,12 @@ class Engine:
         self._sliced.move_to_end(key)
         per_layer = entry[1]
         if layer not in per_layer:
-            per_layer[layer] = SlicedFFN.gather(parts, decision.neurons[layer], decision.sparse_rows)
-        return per_layer[layer]
+            build = SlicedFFN.gather if self.neuron_order is None else prefix_ffn
+            per_layer[layer] = build(parts, decision.neurons[layer], decision.sparse_rows)
+        sliced = per_layer[layer]
+        if sliced is not None and sliced.swap is not None:
+            self.neuron_order.arrange(layer, parts, decision, sliced.swap)
+        return sliced
 
 
 def _cache_length(cache, layer: int) -> int:

@@ -35,6 +35,12 @@ def masked_ffn(
     return parts.down(activation), activation
 
 
+def core_union(neurons: torch.Tensor, sparse_rows: torch.Tensor) -> torch.Tensor:
+    """The sorted union of the core neurons [B0, k] of the rows that decode with them (sparse_rows [B0])."""
+    rows = neurons[sparse_rows.to(neurons.device)]
+    return torch.unique(rows) if rows.numel() else neurons[:0, 0]
+
+
 def check_sliceable(parts: FFNParts, layer: int) -> None:
     """Core-neuron decoding gathers rows and columns of plain floating-point weights; anything else (8-bit or
     4-bit modules, tensor-subclass quantization, offloaded weights) is refused by name."""
@@ -78,14 +84,14 @@ class SlicedFFN:
     down_bias: torch.Tensor | None
     row_masks: torch.Tensor | None
     copied: bool = True  # the weights are a gathered copy (False: the model's own tensors)
+    swap: object = None  # in place (neuron_order.Swap): the neuron order these views of the model's tensors need
 
     @classmethod
     def gather(cls, parts: FFNParts, neurons: torch.Tensor, sparse_rows: torch.Tensor) -> "SlicedFFN | None":
         """neurons [B0, k]: sorted core neurons of each prefill row; sparse_rows [B0]: rows that use them.
         None when the union is every neuron (the original weights are used, masked, without a copy)."""
         width = parts.up.weight.shape[0]
-        rows = neurons[sparse_rows.to(neurons.device)]
-        union = torch.unique(rows) if rows.numel() else neurons[:0, 0]
+        union = core_union(neurons, sparse_rows)
         if union.numel() == width and neurons.shape[1] == width:
             return None
         if union.numel() == width:
@@ -122,10 +128,16 @@ class SlicedFFN:
         return cls(parts.act, up, down, gate, up_bias, gate_bias, down_bias, row_masks, copied=False)
 
     @property
-    def extra_bytes(self) -> int:
-        """Memory this FFN adds beside the model's own weights."""
+    def weight_bytes(self) -> int:
+        """Memory of the gathered weights and biases (0 when they are the model's own tensors)."""
         copies = (self.up, self.down, self.gate, self.up_bias, self.gate_bias) if self.copied else ()
-        return sum(t.numel() * t.element_size() for t in (*copies, self.row_masks) if t is not None)
+        return sum(t.numel() * t.element_size() for t in copies if t is not None)
+
+    @property
+    def extra_bytes(self) -> int:
+        """Memory this FFN adds beside the model's own weights: gathered weights, row masks, swap indices."""
+        masks = 0 if self.row_masks is None else self.row_masks.numel() * self.row_masks.element_size()
+        return self.weight_bytes + masks + (0 if self.swap is None else self.swap.nbytes)
 
     def __call__(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """hidden [B, q, H]; rows [B]: the prefill row each sample follows -> [B, q, H]."""

@@ -13,6 +13,8 @@ from .engine import Engine
 from .ffn import check_sliceable
 from .records import SparsityRecord
 
+NEURON_WEIGHTS = ("copy", "in_place")  # how core-neuron decoding gets its weights (see sparsify)
+
 # Entry modules currently under a session, so that two sessions never stack on one model.
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, Session]" = weakref.WeakKeyDictionary()
 
@@ -33,9 +35,13 @@ class Session:
     `last` is the record of the latest prefill (None before the first one).
     """
 
-    def __init__(self, model: nn.Module, method: SparsityMethod):
+    def __init__(self, model: nn.Module, method: SparsityMethod, neuron_weights: str = "copy"):
         if not isinstance(method, SparsityMethod):
             raise TypeError(f"method must be a corematching method (e.g. cm.CoreMatching()), got {method!r}")
+        if neuron_weights not in NEURON_WEIGHTS:
+            raise ValueError(
+                f"neuron_weights must be one of {', '.join(map(repr, NEURON_WEIGHTS))}, got {neuron_weights!r}"
+            )
         _check_not_compiled(model)
         adapter = adapter_for(model)
         method.check_layers(adapter.num_layers)
@@ -46,7 +52,7 @@ class Session:
         self.method = method
         self.adapter = adapter
         self.token = SessionToken(f"{type(method).__name__} on {type(model).__name__}")
-        self.engine = Engine(adapter, method, self.token)
+        self.engine = Engine(adapter, method, self.token, neuron_weights)
         for layer in self.engine.neuron_layers:
             check_sliceable(adapter.ffn(layer), layer)
         self._handles = []
@@ -99,7 +105,8 @@ class Session:
             module.forward = _FFNForward(engine, layer, parts)
 
     def remove(self) -> None:
-        """Detach: hooks removed, FFN forwards restored, decisions and sliced weights dropped. Idempotent."""
+        """Detach: hooks removed, FFN forwards restored, FFN neurons back in their order, decisions and sliced
+        weights dropped. Idempotent."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -153,7 +160,7 @@ def _check_not_compiled(model: nn.Module) -> None:
         )
 
 
-def sparsify(model: nn.Module, method: SparsityMethod) -> Session:
+def sparsify(model: nn.Module, method: SparsityMethod, neuron_weights: str = "copy") -> Session:
     """Attach `method` to `model` (a transformers VLM). Returns a Session; the model is restored exactly when
     the session is removed (leaving its `with` block, even on an exception, or calling `remove()`).
 
@@ -167,5 +174,19 @@ def sparsify(model: nn.Module, method: SparsityMethod) -> Session:
       - anything else (no image): the model runs unchanged.
     `labels=` is refused (the loss would be paired with the wrong tokens), as are torch.compile and custom
     4-D masks; a cache filled under the session refuses to be continued after the session is removed.
+
+    `neuron_weights` says where core-neuron decoding (a method with neuron layers) gets the core neurons' weights:
+      - "copy" (default): a gathered copy per layer of the union of the batch's core neurons, made at the first
+        decode step of a prompt and kept beside the model's weights (up to one FFN per layer of extra memory);
+      - "in_place": no copy. Each layer's FFN neurons are reordered in place (rows of gate/up and their biases,
+        columns of down, which leaves the FFN's function unchanged) so that the core neurons come first, and
+        decoding uses views of those first rows and columns. What stays resident beside the model is two index
+        vectors per layer (and a batch's row masks, as with "copy"). The reordering costs a swap at the first
+        decode step of each prompt: the m core neurons outside the first |U| positions trade places with m
+        others, through two transient m-row temporaries of one matrix at a time. It is undone before any other
+        use of the layer's FFN (a prefill, a dense call, another conversation's decode step: conversations
+        decoded in alternation swap at every step) and when the session is removed, which gives back the
+        original tensors bit for bit. While the session is active, the FFN parameters of the neuron layers may
+        be in that other order: do not read or save them from inside it.
     """
-    return Session(model, method)
+    return Session(model, method, neuron_weights)

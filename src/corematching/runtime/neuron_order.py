@@ -1,0 +1,162 @@
+"""Core-neuron decoding without a copy of the weights: the FFN's neurons reordered in place.
+
+Permuting an FFN's neurons consistently (the rows of gate_proj and up_proj and their biases, the columns of
+down_proj) leaves its function unchanged. For a decision's union U of core neurons in a layer, the core neurons
+at positions >= |U| trade places with the non-core neurons at positions < |U| (as many of each), so that U
+occupies the first |U| positions. The sliced FFN is then made of views of the model's own tensors: gate and up
+`weight[:|U|]` (contiguous rows) and down `weight[:, :|U|]` (a strided view, which the matmul reads in place).
+Nothing stays resident beside the model but the swapped positions (two index vectors); a swap moves its m rows
+through two temporaries of m rows (columns for down_proj) of one matrix at a time.
+
+A layer keeps that order only while decode steps of the same decision use it. Any other use of its FFN (a
+prefill, a dense call, a masked or method-defined FFN, another decision's decode step) restores the identity
+order first (Engine.ffn_forward), and so does Session.remove. A swap is its own inverse: restoring repeats it,
+which gives back the original tensors bit for bit.
+"""
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models import FFNParts
+from .ffn import SlicedFFN, core_union
+
+
+@dataclass
+class Swap:
+    """The exchange that brings a union of `size` core neurons first: the core neurons at `outside` (positions
+    >= size) trade places with the non-core neurons at `inside` (positions < size), pairwise in sorted order."""
+
+    size: int
+    width: int  # the FFN's neurons
+    inside: torch.Tensor  # [m] long
+    outside: torch.Tensor  # [m] long
+
+    @classmethod
+    def for_union(cls, union: torch.Tensor, width: int) -> "Swap":
+        """union: sorted neuron indices, on the device of the weights."""
+        size = union.numel()
+        core_first = torch.zeros(size, dtype=torch.bool, device=union.device)
+        core_first[union[union < size]] = True
+        inside = (~core_first).nonzero().flatten()
+        outside = union[union >= size]
+        return cls(size, width, inside, outside)
+
+    def positions(self, neurons: torch.Tensor) -> torch.Tensor:
+        """Where each neuron sits once the swap is applied (same shape as neurons)."""
+        position = torch.arange(self.width, device=neurons.device)
+        position[self.outside.to(neurons.device)] = self.inside.to(neurons.device)
+        position[self.inside.to(neurons.device)] = self.outside.to(neurons.device)
+        return position[neurons]
+
+    @property
+    def nbytes(self) -> int:
+        return (self.inside.numel() + self.outside.numel()) * self.inside.element_size()
+
+
+def prefix_ffn(parts: FFNParts, neurons: torch.Tensor, sparse_rows: torch.Tensor) -> SlicedFFN | None:
+    """The core-neuron FFN as views of the first |U| neurons, valid once `NeuronOrder.arrange` has applied its
+    swap. neurons [B0, k], sparse_rows [B0] as for SlicedFFN.gather. None when every neuron is core; when the
+    union alone is every neuron, the original weights with masks (no swap, no copy)."""
+    weight = parts.up.weight
+    width = weight.shape[0]
+    union = core_union(neurons, sparse_rows)
+    if union.numel() == width:
+        return SlicedFFN.gather(parts, neurons, sparse_rows)
+    swap = Swap.for_union(union.to(weight.device), width)
+    size = swap.size
+    row_masks = None
+    if neurons.shape[0] > 1:  # each row's own neurons, at their positions after the swap
+        every = torch.zeros(neurons.shape[0], width, dtype=torch.bool, device=neurons.device)
+        every.scatter_(1, swap.positions(neurons), True)
+        row_masks = every[:, :size].contiguous()
+
+    def first_rows(linear):
+        bias = None if linear.bias is None else linear.bias.detach()[:size]
+        return linear.weight.detach()[:size], bias
+
+    up, up_bias = first_rows(parts.up)
+    gate, gate_bias = first_rows(parts.gate) if parts.gate is not None else (None, None)
+    down = parts.down.weight.detach()[:, :size]
+    down_bias = None if parts.down.bias is None else parts.down.bias.detach()
+    return SlicedFFN(parts.act, up, down, gate, up_bias, gate_bias, down_bias, row_masks, copied=False, swap=swap)
+
+
+def _neuron_tensors(parts: FFNParts) -> list[tuple[torch.nn.Parameter, int]]:
+    """(parameter, dimension indexed by neuron) of every tensor a neuron permutation moves, each once."""
+    found = []
+    for linear in (parts.gate, parts.up):
+        if linear is not None:
+            found.append((linear.weight, 0))
+            if linear.bias is not None:
+                found.append((linear.bias, 0))
+    found.append((parts.down.weight, 1))
+    unique = {}
+    for tensor, dim in found:
+        unique.setdefault(id(tensor), (tensor, dim))  # a tensor shared by two projections moves once
+    return list(unique.values())
+
+
+def _exchange(parameter: torch.nn.Parameter, dim: int, swap: Swap) -> None:
+    """Swap the slices at swap.inside and swap.outside along dim, in place. Both temporaries are taken before
+    anything is written, so the tensor is either untouched or fully swapped."""
+    data = parameter.data
+    at_inside = data.index_select(dim, swap.inside)
+    at_outside = data.index_select(dim, swap.outside)
+    data.index_copy_(dim, swap.inside, at_outside)
+    data.index_copy_(dim, swap.outside, at_inside)
+
+
+@dataclass
+class _Arranged:
+    """A layer whose neurons are out of the identity order."""
+
+    swap: Swap
+    decision: weakref.ref  # the decision it is arranged for
+    swapped: list = field(default_factory=list)  # (parameter, dim) already swapped, in order
+    complete: bool = False
+
+
+class NeuronOrder:
+    """Which layers have their FFN neurons reordered, for which decision; puts them back."""
+
+    def __init__(self):
+        self._layers: dict[int, _Arranged] = {}
+
+    def reordered(self, layer: int) -> bool:
+        return layer in self._layers
+
+    def holds(self, layer: int, decision) -> bool:
+        """Whether the layer is arranged for this decision (its views are valid)."""
+        state = self._layers.get(layer)
+        return decision is not None and state is not None and state.complete and state.decision() is decision
+
+    def arrange(self, layer: int, parts: FFNParts, decision, swap: Swap) -> None:
+        """Put the layer's neurons in the order `swap` defines for `decision` (nothing to do when they are)."""
+        if self.holds(layer, decision):
+            return
+        self.restore(layer)
+        state = _Arranged(swap, weakref.ref(decision))
+        self._layers[layer] = state
+        with torch.no_grad():
+            for parameter, dim in _neuron_tensors(parts):
+                _exchange(parameter, dim, swap)
+                state.swapped.append((parameter, dim))
+        state.complete = True
+
+    def restore(self, layer: int) -> None:
+        """The identity order again, exactly (a swap undoes itself)."""
+        state = self._layers.get(layer)
+        if state is None:
+            return
+        with torch.no_grad():
+            while state.swapped:
+                parameter, dim = state.swapped[-1]
+                _exchange(parameter, dim, state.swap)
+                state.swapped.pop()
+        del self._layers[layer]
+
+    def restore_all(self) -> None:
+        for layer in list(self._layers):
+            self.restore(layer)
