@@ -90,6 +90,26 @@ def test_eval_refuses_to_mix_settings(bundled, tmp_path):
         evaluate.run_eval(model, processor, cm.UniformTokens(token_budget=8), items, output, progress=False)
 
 
+def test_eval_refuses_to_mix_weights(bundled, tmp_path):
+    """The bundled model records its weights' digest; a resumed run with other weights is refused, and a file
+    written before runs recorded weights still resumes."""
+    model, processor = bundled
+    assert model._corematching_weights.startswith("evqa-smollm2@")
+    items = evaluate.eval_questions("test-2000")[:2]
+    output = tmp_path / "a.jsonl"
+    evaluate.run_eval(model, processor, None, items[:1], output, progress=False)
+    digest = model._corematching_weights
+    try:
+        model._corematching_weights = "evqa-smollm2@000000000000"
+        with pytest.raises(ValueError, match="other settings"):
+            evaluate.run_eval(model, processor, None, items[:1], output, progress=False)
+    finally:
+        model._corematching_weights = digest
+    old = tmp_path / "old.jsonl"
+    old.write_text(json.dumps({"settings": {"method": "Dense", "questions": 2}}) + "\n")
+    assert evaluate.run_eval(model, processor, None, items, old, progress=False).answered == 2
+
+
 def test_object_patches_follow_the_shape():
     image = Image.new("RGB", (64, 64), (250, 250, 250))
     for x in range(16, 32):

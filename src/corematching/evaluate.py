@@ -37,7 +37,20 @@ def eval_questions(name: str = "test-2000") -> list[data.Question]:
 # ----------------------------------------------------------------------------- object recall
 
 
-def object_patches(image: Image.Image, grid: tuple[int, int], min_cover: float = 0.25) -> torch.Tensor:
+PATCH_COVER = 0.25  # a patch shows an object when at least this share of its pixels belongs to it
+
+
+def covered_patches(mask, grid: tuple[int, int], min_cover: float = PATCH_COVER) -> torch.Tensor:
+    """Bool [rows * cols] (row-major): patches of an image's grid at least `min_cover` covered by mask [H, W]
+    (a bool array or tensor). The object recall of easy-vqa and of the scenes model both count these."""
+    mask = torch.as_tensor(np.asarray(mask)).float()
+    rows, cols = grid
+    height, width = mask.shape
+    cover = mask.reshape(rows, height // rows, cols, width // cols).mean(dim=(1, 3))
+    return (cover >= min_cover).flatten()
+
+
+def object_patches(image: Image.Image, grid: tuple[int, int], min_cover: float = PATCH_COVER) -> torch.Tensor:
     """Bool [rows * cols]: patches at least `min_cover` covered by the shape.
 
     easy-vqa draws one shape on a uniform background, so the shape is every pixel whose colour differs
@@ -47,11 +60,7 @@ def object_patches(image: Image.Image, grid: tuple[int, int], min_cover: float =
     border = torch.cat([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     colours, counts = border.unique(dim=0, return_counts=True)
     background = colours[counts.argmax()]
-    shape_mask = (pixels - background).abs().sum(-1) > 30  # [H, W]
-    rows, cols = grid
-    height, width = shape_mask.shape
-    cover = shape_mask.float().reshape(rows, height // rows, cols, width // cols).mean(dim=(1, 3))
-    return (cover >= min_cover).flatten()
+    return covered_patches((pixels - background).abs().sum(-1) > 30, grid, min_cover)
 
 
 def kept_patch_indices(input_ids: torch.Tensor, kept_positions: torch.Tensor, image_token_id: int) -> list[int]:
@@ -62,6 +71,13 @@ def kept_patch_indices(input_ids: torch.Tensor, kept_positions: torch.Tensor, im
 
 
 # ----------------------------------------------------------------------------- the run
+
+
+def weights_setting(model) -> dict:
+    """{"weights": the bundled model's name and weights digest} when the model knows it (cm.load_model), so that a
+    resumed run refuses to mix answers of other weights; {} otherwise."""
+    weights = getattr(model, "_corematching_weights", None)
+    return {"weights": weights} if weights else {}
 
 
 def method_settings(method) -> dict:
@@ -84,6 +100,14 @@ class Summary:
     object_recall: float | None
 
 
+def same_settings(found, expected: dict) -> bool:
+    """Whether a results file's settings are `expected` (a file written before runs recorded their weights is
+    compared without them)."""
+    if isinstance(found, dict) and "weights" not in found:
+        expected = {key: value for key, value in expected.items() if key != "weights"}
+    return found == expected
+
+
 def read_results(path: Path, settings: dict) -> list[dict]:
     """The answers already in `path`; raises when the file belongs to other settings."""
     if not path.exists():
@@ -100,7 +124,7 @@ def read_results(path: Path, settings: dict) -> list[dict]:
             path.write_text("".join(line + "\n" for line in lines[:-1]))
     if not rows:
         return []
-    if rows[0].get("settings") != settings:
+    if not same_settings(rows[0].get("settings"), settings):
         raise ValueError(
             f"{path} holds results of other settings ({rows[0].get('settings')}); use another --output"
         )
@@ -123,7 +147,7 @@ def run_eval(model, processor, method, items: list[data.Question], output: Path,
     from .distributed import Shard
 
     shard = shard or Shard()
-    settings = {**method_settings(method), "questions": len(items)}
+    settings = {**method_settings(method), **weights_setting(model), "questions": len(items)}
     output.parent.mkdir(parents=True, exist_ok=True)
     pending = None
     if shard.is_main:
@@ -178,7 +202,8 @@ def summarize(output: Path, settings: dict | None = None) -> Summary:
         if not rows:
             continue
         file_settings = rows[0]["settings"]
-        if (settings is not None and file_settings != settings) or (header is not None and file_settings != header):
+        mismatch = settings is not None and not same_settings(file_settings, settings)
+        if mismatch or (header is not None and file_settings != header):
             raise ValueError(f"{path} holds other settings")
         header = file_settings
         for row in rows[1:]:

@@ -8,6 +8,7 @@ What is trained (the vision tower, the projector and low-rank adapters of the la
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,4 +172,5 @@ def load_bundled(name: str = NAME, device: str | torch.device = "cpu", dtype: to
         raise FileNotFoundError(f"bundled weights missing: {weights} (rebuild them with `make train MODEL={name}`)")
     model, processor = build_untrained(name=name)
     apply_trained(model, load_file(str(weights)))
+    model._corematching_weights = f"{name}@{hashlib.sha256(weights.read_bytes()).hexdigest()[:12]}"  # eval records
     return model.to(device=device, dtype=dtype).eval(), processor

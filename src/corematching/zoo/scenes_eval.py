@@ -20,25 +20,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..evaluate import kept_patch_indices, method_settings, read_results
+from ..evaluate import (
+    PATCH_COVER,
+    covered_patches,
+    kept_patch_indices,
+    method_settings,
+    read_results,
+    weights_setting,
+)
 from ..vqa import answer_batch
 from . import scenes
 
 MODEL = "scenes-smollm2"
 
 
-def queried_patches(mask: np.ndarray, grid: int, min_cover: float = 0.1) -> torch.Tensor:
-    """Bool [grid * grid] (row-major): patches at least `min_cover` covered by the queried objects' pixels."""
-    height, width = mask.shape
-    cover = torch.from_numpy(mask).float().reshape(grid, height // grid, grid, width // grid).mean(dim=(1, 3))
-    return (cover >= min_cover).flatten()
+def queried_patches(mask: np.ndarray, grid: int, min_cover: float = PATCH_COVER) -> torch.Tensor:
+    """Bool [grid * grid] (row-major): patches at least `min_cover` covered by the queried objects' pixels (the
+    same rule as easy-vqa's object recall)."""
+    return covered_patches(mask, (grid, grid), min_cover)
 
 
 def run(model, processor, method, items: list[scenes.Item], output: Path, settings_extra: dict,
         batch_size: int = 16, progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    settings = {**method_settings(method), **settings_extra, "questions": len(items)}
+    settings = {**method_settings(method), **weights_setting(model), **settings_extra, "questions": len(items)}
     output.parent.mkdir(parents=True, exist_ok=True)
     done = {row["index"] for row in read_results(output, settings)}
     if not output.exists() or output.stat().st_size == 0:

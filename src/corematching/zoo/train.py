@@ -596,11 +596,12 @@ def main(argv=None) -> None:
                     record["monitor_accuracy"] = acc
                     log(f"step {step + 1}: held-out answer accuracy {acc:.3f} (teacher-forced, 40 test images)")
                 model.train()
-                if is_scenes:  # leave the latest weights in the package at every check
-                    record["steps_done"] = step + 1
+                if is_scenes:  # the latest weights at every check, in the run folder (not the package's file,
+                    record["steps_done"] = step + 1  # which evaluations may be reading while this trains)
                     record["train_minutes"] = round(elapsed / 60, 1)
-                    size_mb = write_weights(model, lora, record, args.out)
-                    log(f"exported step {step + 1} to {args.out} ({size_mb:.1f} MB)")
+                    latest = run_dir / args.out.name
+                    size_mb = write_weights(model, lora, record, latest)
+                    log(f"exported step {step + 1} to {latest} ({size_mb:.1f} MB)")
             state = trained_state(model, lora)
             torch.save(
                 {"state": state, "optimizer": optimizer.state_dict(), "step": step + 1, "elapsed": elapsed,
