@@ -82,25 +82,19 @@ def balanced(seed: int, pool: int, per_kind: int = PER_KIND) -> list[scenes.Item
     return items
 
 
+LAYERED_CLASSES = {"random": cm.RandomTokens, "uniform": cm.UniformTokens, "fastv": cm.FastV, "dart": cm.DART,
+                   "divprune": cm.DivPrune, "cdpruner": cm.CDPruner}
+
+
 def layered_method(prefix: str, layer: int, tag: str):
     budget = BUDGETS[tag] if tag != "adaptive" else None
     if prefix == "cm":
         return cm.CoreMatching(prune_layer=layer, token_budget=budget, neuron_layers=[])
-    if prefix == "random":
-        return cm.RandomTokens(prune_layer=layer, token_budget=budget)
-    if prefix == "uniform":
-        return cm.UniformTokens(prune_layer=layer, token_budget=budget)
-    if prefix == "fastv":
-        return cm.FastV(prune_layer=layer, token_budget=budget)
-    if prefix == "dart":
-        return cm.DART(prune_layer=layer, token_budget=budget)
-    if prefix == "divprune":
-        return cm.DivPrune(prune_layer=layer, token_budget=budget)
-    if prefix == "cdpruner":
-        return cm.CDPruner(prune_layer=layer, token_budget=budget)
     if prefix == "pdrop":
         first, second = PDROP[tag]
         return cm.PDrop(schedule=((layer, first), (layer + 4, second)))
+    if prefix in LAYERED_CLASSES:
+        return LAYERED_CLASSES[prefix](prune_layer=layer, token_budget=budget)
     raise ValueError(prefix)
 
 

@@ -48,7 +48,7 @@ def oracle(model, record, length: int, decode_from: int, attn: str = "sdpa", off
     return masked_reference(language_model, ffns, removed, None, record.core_neurons_per_sample, decode_from, attn)
 
 
-def inputs_of(prompt: torch.Tensor, pixels: torch.Tensor | None):
+def inputs_of(prompt: torch.Tensor, pixels: torch.Tensor | None = None):
     inputs = {"input_ids": prompt.unsqueeze(0), "attention_mask": torch.ones(1, len(prompt), dtype=torch.long)}
     if pixels is not None:
         inputs["pixel_values"] = pixels

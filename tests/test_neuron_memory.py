@@ -4,7 +4,9 @@ the gathered copy and the oracle, no weights copied, and the model's parameters 
 import pytest
 import torch
 from oracle import masked_reference, removed_mask
-from tiny_llava import IMAGE_TOKEN, build_pixels, build_prompt, build_tiny_llava, left_pad
+from test_baselines import generate as greedy_with_logits
+from test_modes import inputs_of
+from tiny_llava import build_pixels, build_prompt, build_tiny_llava, left_pad
 
 import corematching as cm
 from corematching.runtime import neuron_order
@@ -22,22 +24,7 @@ def method():
 
 
 def generate(model, inputs, steps=STEPS):
-    out = model.generate(
-        **inputs,
-        max_new_tokens=steps,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        suppress_tokens=[IMAGE_TOKEN],
-    )
-    return out.sequences, torch.stack(out.logits, dim=1)
-
-
-def inputs_of(prompt, pixels=None):
-    inputs = {"input_ids": prompt.unsqueeze(0), "attention_mask": torch.ones(1, len(prompt), dtype=torch.long)}
-    if pixels is not None:
-        inputs["pixel_values"] = pixels
-    return inputs
+    return greedy_with_logits(model, inputs, steps)
 
 
 def batch_inputs(prompts, pixels):
