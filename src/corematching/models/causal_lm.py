@@ -12,7 +12,7 @@ import inspect
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import EntryCall, bind_arguments
+from .base import EntryCall, bind_arguments, entry_call_from
 from .decoder_lm import LANGUAGE_MODELS, DecoderLanguageModelAdapter, language_model_classes
 
 CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM")
@@ -46,11 +46,4 @@ class CausalLMAdapter(DecoderLanguageModelAdapter):
         return ()
 
     def read_entry_call(self, args: tuple, kwargs: dict) -> EntryCall:
-        arguments = bind_arguments(self._entry_signature, args, kwargs)
-        return EntryCall(
-            input_ids=arguments.get("input_ids"),
-            inputs_embeds=arguments.get("inputs_embeds"),
-            attention_mask=arguments.get("attention_mask"),
-            image_inputs=None,
-            cache=arguments.get("cache", arguments.get("past_key_values")),
-        )
+        return entry_call_from(bind_arguments(self._entry_signature, args, kwargs), None)

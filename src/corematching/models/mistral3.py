@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import EntryCall, bind_arguments
+from .base import EntryCall, bind_arguments, entry_call_from
 from .decoder_lm import LANGUAGE_MODELS, DecoderLanguageModelAdapter
 
 # Ministral 3 checkpoints pair the Pixtral tower with a Ministral3 decoder (its attention also reads position_ids,
@@ -61,14 +61,7 @@ class Mistral3Adapter(DecoderLanguageModelAdapter):
         image_inputs = arguments.get("pixel_values")
         if image_inputs is None:
             image_inputs = (arguments.get("mm_encoder_outputs") or {}).get("image")
-        return Mistral3Call(
-            input_ids=arguments.get("input_ids"),
-            inputs_embeds=arguments.get("inputs_embeds"),
-            attention_mask=arguments.get("attention_mask"),
-            image_inputs=image_inputs,
-            cache=arguments.get("cache", arguments.get("past_key_values")),
-            image_sizes=arguments.get("image_sizes"),
-        )
+        return entry_call_from(arguments, image_inputs, Mistral3Call, image_sizes=arguments.get("image_sizes"))
 
     def vision_attention_module(self) -> nn.Module:
         raise UnsupportedModelError(

@@ -493,7 +493,7 @@ class Engine:
             out, activation = dense_ffn(parts, hidden)
             if layer in self.decode_ffn_layers:
                 with torch.no_grad():
-                    self.method.observe_prefill_ffn(layer, parts, hidden, self._prefill_tokens(call, layer))
+                    self.method.observe_prefill_ffn(layer, parts, hidden, call.current_valid)
             self._observe(call, layer, activation)
             return out
         decision = call.state.decision if call.state is not None else None
@@ -545,12 +545,8 @@ class Engine:
                 return  # its neurons are chosen together with the first stage's tokens
         if layer in self.neuron_layers:
             with torch.no_grad():
-                call.neurons[layer] = self.method.select_neurons(activation, self._prefill_tokens(call, layer), layer)
+                call.neurons[layer] = self.method.select_neurons(activation, call.current_valid, layer)
             call.neuron_rows = self._neuron_rows(call)
-
-    def _prefill_tokens(self, call: CallState, layer: int) -> torch.Tensor:
-        """Bool [B, tokens at that layer]: the real tokens a prefill's layer sees (the kept ones after K)."""
-        return call.current_valid
 
     def _neuron_rows(self, call: CallState) -> torch.Tensor:
         """Rows that decode with core neurons: those with visual tokens (every row for a method that applies to

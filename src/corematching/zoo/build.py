@@ -165,12 +165,13 @@ def apply_trained(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def load_bundled(name: str = NAME, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     weights = spec_for(name).weights
     if not weights.exists():
         raise FileNotFoundError(f"bundled weights missing: {weights} (rebuild them with `make train MODEL={name}`)")
     model, processor = build_untrained(name=name)
-    apply_trained(model, load_file(str(weights)))
-    model._corematching_weights = f"{name}@{hashlib.sha256(weights.read_bytes()).hexdigest()[:12]}"  # eval records
+    blob = weights.read_bytes()  # read once: loaded, and its digest recorded by evaluations
+    apply_trained(model, load(blob))
+    model._corematching_weights = f"{name}@{hashlib.sha256(blob).hexdigest()[:12]}"
     return model.to(device=device, dtype=dtype).eval(), processor

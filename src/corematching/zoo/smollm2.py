@@ -31,23 +31,30 @@ def gguf_dir() -> Path:
     return Path(spec.origin).parent
 
 
+def convert_gguf(source: Path, gguf_file: str, local: Path) -> None:
+    """Dequantize a GGUF causal LM (and its tokenizer) to fp32 and save it as a transformers checkpoint at
+    `local`, atomically: a half-written cache is never picked up."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    model.config.quantization_config = None
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    tmp = local.with_name(local.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(local)
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32):
     """Return (causal LM, tokenizer) for SmolLM2-135M-Instruct, converting the GGUF file on first use."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = cache_dir() / CACHE_NAME
     if not (local / "config.json").exists():
-        source = gguf_dir()
         print(f"corematching: converting {GGUF_FILE} into {local} (once)", flush=True)
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
-        model.config.quantization_config = None
-        if hasattr(model, "hf_quantizer"):
-            model.hf_quantizer = None
-        tmp = local.with_name(local.name + ".tmp")
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(local)  # atomic: a half-written cache is never picked up
+        convert_gguf(gguf_dir(), GGUF_FILE, local)
     model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(local)
     return model, tokenizer
