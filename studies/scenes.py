@@ -9,7 +9,7 @@ seed=1)` (in the set's order) at the main prune layer and before the language mo
 (20) of each kind at the other prune layers, and for the fresh-seed check the first PER_KIND of each kind of
 `scenes.sample(FRESH_POOL, seed=11)`. The model is scenes-smollm2 with the weights of WEIGHTS_COMMIT, read from
 git. Answers are greedy and scored by exact match through the evaluator of `corematching.zoo.scenes_eval` (one
-JSON-lines file per setting in runs/scenes-study/, resumed where it stopped).
+JSON-lines file per setting in runs/scenes-study-<weights commit>/, resumed where it stopped).
 Workers claim settings through lock files, so two of them never run the same setting.
 
 Queried-object recall: a patch of the 8x8 grid (16x16 pixels) covers the queried objects when at least
@@ -36,7 +36,6 @@ from corematching.zoo.scenes_eval import queried_patches
 from corematching.zoo.scenes_eval import run as eval_run
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNS = ROOT / "runs" / "scenes-study"
 RESULTS = ROOT / "studies" / "results"
 DOCS = ROOT / "docs" / "scenes"
 MODEL = "scenes-smollm2"
@@ -58,10 +57,12 @@ FRESH_BUDGETS = ("25", "12.5")
 NAMES = {"cm": "CoreMatching", "random": "RandomTokens", "uniform": "UniformTokens", "fastv": "FastV",
          "dart": "DART", "divprune": "DivPrune", "cdpruner": "CDPruner", "pdrop": "PDrop", "visionzip": "VisionZip"}
 LAYERED = ("cm", "random", "uniform", "fastv", "dart", "divprune", "cdpruner", "pdrop")
-# The shipped step-400 weights (README: 51.29% dense on the evaluation set), read from git so that a retraining in
-# the working tree cannot change the model under a run; every run file records them.
-WEIGHTS_COMMIT = "d2df1e4a62e2d14c85f8b07db6e237bd0b96beb0"
+# The shipped weights (README: 61.14% dense on the evaluation set), read from git so that a retraining in the
+# working tree cannot change the model under a run; every run file records them, and the run folder is named after
+# them. The earlier weights' study (commit d2df1e4, 51.29% dense) is kept in studies/results/scenes-d2df1e4.*.
+WEIGHTS_COMMIT = "6b6885b56b7539697ed74af1807bbbe4d84e7a96"
 WEIGHTS_PATH = "src/corematching/zoo/weights/scenes-smollm2.safetensors"
+RUNS = ROOT / "runs" / f"scenes-study-{WEIGHTS_COMMIT[:7]}"
 PICTURE_KINDS = ("color", "left_of", "above", "exists")  # the first question of each kind in the study's set
 
 
@@ -722,7 +723,8 @@ def plots(results: dict) -> None:
         ax_layers.set_title(f"12.5% of the visual tokens (8 of 64), by prune layer ({7 * PER_KIND_LAYERS} questions)")
         ax_layers.grid(alpha=0.3)
         ax_layers.legend(fontsize=7, ncol=2)
-        fig.suptitle("scenes-smollm2, evaluation set sample(700, seed=1), the first questions of each kind")
+        fig.suptitle(f"scenes-smollm2 (weights {WEIGHTS_COMMIT[:7]}), evaluation set sample(700, seed=1), the first "
+                     "questions of each kind")
         fig.tight_layout()
         fig.savefig(DOCS / file, dpi=110)
         plt.close(fig)
