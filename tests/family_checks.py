@@ -67,13 +67,14 @@ def kept_per_image(record, layout, row: int = 0) -> list[int]:
     return [int((kept & (image_index == image)).sum()) for image in range(int(image_index.max()) + 1)]
 
 
-def check_batch_equals_alone(model, batch: dict, alone: list[dict], suppress: list[int], method) -> None:
-    """A left-padded batch gives each sample the visual tokens, generated tokens and logits it gets alone."""
+def check_batch_equals_alone(model, batch: dict, alone: list[dict], suppress: list[int], method, **options) -> None:
+    """A left-padded batch gives each sample the visual tokens, generated tokens and logits it gets alone
+    (options: more generate() arguments, for both)."""
     with cm.sparsify(model, method) as session:
-        tokens, logits = generate(model, batch, suppress)
+        tokens, logits = generate(model, batch, suppress, **options)
         batch_kept = session.last.kept_visual_positions
         for row, inputs in enumerate(alone):
-            alone_tokens, alone_logits = generate(model, inputs, suppress)
+            alone_tokens, alone_logits = generate(model, inputs, suppress, **options)
             pad = batch["input_ids"].shape[1] - inputs["input_ids"].shape[1]
             assert torch.equal(session.last.kept_visual_positions[0] + pad, batch_kept[row])
             assert torch.equal(tokens[row, -STEPS:], alone_tokens[0, -STEPS:])

@@ -187,11 +187,43 @@ def test_a_later_turn_with_images_and_token_types_is_refused():
 
 
 @pytest.mark.parametrize("token_types", [True, False])
-def test_a_static_cache_is_refused(token_types):
-    """Static caches give the sliding layers static sliding-window caches, which token removal cannot keep."""
+def test_a_static_cache_equals_the_oracle(token_types):
+    """Static caches give the sliding layers static sliding-window caches: the 49-token prompt overflows their
+    6-slot buffers, which then roll at every step; the masks generate() would build over the kept-token caches are
+    left to the model and the session."""
     model = model_of()
-    with cm.sparsify(model, with_budget(4)), pytest.raises(cm.UnsupportedModeError):
-        model.generate(**batch([TWO_IMAGES], token_types), max_new_tokens=2, cache_implementation="static")
+    check_against_oracle(model, model.model.language_model, batch([TWO_IMAGES], token_types), SUPPRESS,
+                         with_budget(0.25, True), steps=8, cache_implementation="static")
+
+
+def test_a_batch_with_a_static_cache_equals_each_sample_alone():
+    first = sample(1, text_before=2, text_after=3, seed=2)
+    second = sample(2, text_before=6, text_after=2, seed=3)
+    alone = [batch([first]), batch([second])]
+    check_batch_equals_alone(model_of(), batch([first, second]), alone, SUPPRESS, with_budget(0.25, True),
+                             cache_implementation="static")
+
+
+def test_masks_per_layer_type_built_over_the_kept_token_cache_are_refused():
+    """One 4-D mask per layer type built outside the model from a static cache whose global layers hold only the
+    kept tokens: its columns are cache slots, not positions."""
+    from transformers import StaticCache
+    from transformers.masking_utils import create_masks_for_generate
+
+    model = model_of()
+    inputs = batch([TWO_IMAGES], token_types=False)
+    length = inputs["input_ids"].shape[1]
+    with cm.sparsify(model, with_budget(4)):
+        cache = StaticCache(config=model.config, max_cache_len=length + 4)
+        logits = model(**inputs, cache=cache, use_cache=True).logits
+        padding = torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], dim=1)
+        masks = create_masks_for_generate(config=model.config.get_text_config(), inputs_embeds=torch.empty(1, 1, 0),
+                                          attention_mask=padding, cache=cache,
+                                          position_ids=torch.tensor([[length]]))
+        assert isinstance(masks, dict)
+        with pytest.raises(cm.UnsupportedModeError, match="cache slots"):
+            model(input_ids=logits[:, -1:].argmax(-1), attention_mask=masks, cache=cache,
+                  position_ids=torch.tensor([[length]]))
 
 
 def test_methods_ranking_by_the_vision_tower_attention_are_refused():

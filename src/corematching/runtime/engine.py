@@ -160,8 +160,15 @@ class Engine:
         self.adapter.check_attention()
         mask = entry.attention_mask
         if isinstance(mask, dict) and "full_attention" in mask:
-            # one mask per layer type, as generate() builds them for static caches; the global layers' mask holds
-            # the padding (None: causal without padding)
+            # one mask per layer type, built outside the model for a static cache; the global layers' mask holds
+            # the padding (None: causal without padding), over positions only while their first layer's cache
+            # holds every token
+            if state is not None and state.removed_tokens and self._first_global_layer() > self.prune_layer:
+                raise UnsupportedModeError(
+                    "a 4-D attention mask per layer type built over this KV cache, whose global-attention layers "
+                    "hold only the kept tokens: its columns are cache slots, not positions; pass the 2-D padding "
+                    "mask (generate() does under a session)"
+                )
             mask = entry.attention_mask = mask["full_attention"]
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             padding = padding_mask_from_4d(mask, past, entry.length) if isinstance(mask, torch.Tensor) else None
@@ -180,6 +187,12 @@ class Engine:
                 self.last = SparsityRecord(type(self.method).__name__, None, call.valid, call.visual)
             return
         self.call = call
+
+    def _first_global_layer(self) -> int:
+        """The first decoder layer without a sliding window (the number of layers when every layer slides)."""
+        layers = range(self.adapter.num_layers)
+        return next((layer for layer in layers if self.adapter.attention_rule(layer).sliding_window is None),
+                    self.adapter.num_layers)
 
     def on_entry_done(self, output) -> None:
         call, self.call = self.call, None
@@ -466,8 +479,6 @@ class Engine:
                     "a quantized KV cache: it calibrates its quantization on the tokens it holds, which token "
                     "removal changes, so the result would differ from the dense model's; use an unquantized cache"
                 )
-            if getattr(cache_layer, "is_sliding", False) and getattr(cache_layer, "is_compileable", False):
-                raise UnsupportedModeError("a static sliding-window KV cache after the prune layer")
             found = int(cache_layer.get_seq_length())
             if found != num_keys - num_queries:
                 raise UnsupportedModeError(

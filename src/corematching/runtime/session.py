@@ -58,6 +58,7 @@ class Session:
         self._handles = []
         self._replaced_forwards = []  # (module, previous instance forward or None)
         self._generation_config = None  # (config, previous disable_compile) while the session overrides it
+        self._mask_builder = None  # (previous instance create_masks_for_generate or None,) while replaced
         try:
             self._install()
         except BaseException:
@@ -89,6 +90,7 @@ class Session:
             return
         self._handles.append(adapter.top_module().register_forward_pre_hook(_refuse_labels, with_kwargs=True))
         self._disable_generation_compile()
+        self._keep_generation_masks_2d()
         for layer in engine.upper_layers:
 
             def on_layer(module, args, kwargs, layer=layer):
@@ -116,6 +118,13 @@ class Session:
             else:
                 module.forward = previous
         self._replaced_forwards.clear()
+        if self._mask_builder is not None:
+            previous = self._mask_builder[0]
+            if previous is None:
+                self.model.__dict__.pop("create_masks_for_generate", None)
+            else:
+                self.model.create_masks_for_generate = previous
+            self._mask_builder = None
         if self._generation_config is not None:
             config, previous = self._generation_config
             config.disable_compile = previous
@@ -132,6 +141,14 @@ class Session:
             self._generation_config = (config, config.disable_compile)
             config.disable_compile = True
 
+    def _keep_generation_masks_2d(self) -> None:
+        """generate() builds the 4-D masks of a static cache itself, each layer type's from the cache of its first
+        layer; when that layer holds only the kept tokens, the mask is over cache slots, not positions. The
+        session has generate() pass the 2-D padding mask instead, and the model builds its masks as for any other
+        cache (the layers after the prune layer get theirs from the session)."""
+        self._mask_builder = (self.model.__dict__.get("create_masks_for_generate"),)
+        self.model.create_masks_for_generate = _padding_mask_as_is
+
     def __enter__(self) -> "Session":
         return self
 
@@ -141,6 +158,10 @@ class Session:
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
         return f"Session({self.method!r}, {self.adapter.family}, {state})"
+
+
+def _padding_mask_as_is(*, attention_mask=None, **_):
+    return attention_mask
 
 
 def _refuse_labels(module, args, kwargs):
