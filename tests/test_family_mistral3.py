@@ -182,6 +182,14 @@ def test_core_neuron_decoding_equals_the_oracle(decoder):
 
 
 @pytest.mark.parametrize("decoder", ["mistral", "mistral-sliding"])
+def test_a_static_cache_equals_the_oracle(decoder):
+    """With the sliding window, every layer's static cache is a rolling window buffer over the kept tokens."""
+    model = model_of(decoder)
+    check_against_oracle(model, model.model.language_model, batch([TWO_IMAGES]), SUPPRESS, with_budget(0.25, True),
+                         steps=8, cache_implementation="static")
+
+
+@pytest.mark.parametrize("decoder", ["mistral", "mistral-sliding"])
 def test_a_batch_of_different_sizes_equals_each_sample_alone(decoder):
     first = sample([(32, 16)], text_before=2, text_after=3, seed=2)  # 4 x 2 tokens
     second = sample([(8, 40), (24, 24)], text_before=6, text_after=2, seed=3)  # 1 x 5 and 3 x 3, a longer prompt
