@@ -1,5 +1,6 @@
 """The procedural scenes dataset: answers on hand-built scenes, masks, determinism, train/eval disjointness."""
 
+import json
 import random
 
 import numpy as np
@@ -210,3 +211,64 @@ def test_scenes_model_answers_fixed_scenes(scenes_model):
     assert not wrong, wrong
     scene, question, truth = cases[0]
     assert cm.answer(model, processor, scene.image, question) == truth
+
+
+# ----------------------------------------------------------------------------- evaluation sets and runs
+
+
+def test_scene_eval_sets_are_the_documented_samples():
+    from corematching import evaluate
+
+    assert evaluate.default_set("scenes-smollm2") == "scenes"
+    assert evaluate.default_set("evqa-smollm2") == "test-2000"
+    fixed = evaluate.eval_questions("scenes")
+    assert len(fixed) == 700
+    assert [(i.question, i.answer) for i in fixed[:5]] == [(i.question, i.answer) for i in scenes.sample(5, 1)]
+    fresh = evaluate.eval_questions("scenes:7:20")
+    assert [(i.question, i.answer) for i in fresh] == [(i.question, i.answer) for i in scenes.sample(20, 7)]
+    assert len(evaluate.eval_questions("scenes:7")) == 700
+    for bad in ("scenes:", "scenes:x", "scenes:1:0", "scenes:1:2:3", "scenes:-1", "scene"):
+        with pytest.raises(ValueError, match="eval set|scenes eval set"):
+            evaluate.eval_questions(bad)
+
+
+def patch_recall(mask: np.ndarray, kept: list[int]) -> float | None:
+    """Share of the 16x16 patches with at least a quarter of their pixels in `mask` whose index is in `kept`."""
+    covered = [row * 8 + col for row in range(8) for col in range(8)
+               if mask[16 * row : 16 * row + 16, 16 * col : 16 * col + 16].sum() >= 64]
+    return sum(k in kept for k in covered) / len(covered) if covered else None
+
+
+def test_eval_on_scenes_records_kinds_and_the_queried_objects_recall(scenes_model, tmp_path):
+    import corematching as cm
+    from corematching import evaluate
+
+    model, processor = scenes_model
+    items = evaluate.eval_questions("scenes:5:6")
+    output = tmp_path / "scenes.jsonl"
+    summary = evaluate.run_eval(model, processor, cm.RandomTokens(token_budget=8), items, output, batch_size=4,
+                                progress=False, settings_extra={"set": "scenes:5:6"})
+    rows = [json.loads(line) for line in output.read_text().splitlines()][1:]
+    assert summary.answered == 6 and summary.settings["set"] == "scenes:5:6"
+    recalls = []
+    for row in rows:
+        item = items[row["index"]]
+        assert row["kind"] == item.kind and row["answer"] == item.answer and len(row["kept_patches"]) == 8
+        expected = patch_recall(item.mask, row["kept_patches"])
+        assert row.get("object_recall") == expected
+        recalls += [expected] if expected is not None else []
+    assert summary.object_recall == pytest.approx(sum(recalls) / len(recalls))
+    kinds = {item.kind for item in items}
+    assert set(summary.per_kind) == kinds and sum(n for _, n in summary.per_kind.values()) == 6
+
+
+def test_the_eval_command_measures_scenes_smollm2_on_scene_questions(tmp_path, capsys):
+    from corematching import cli
+
+    output = tmp_path / "dense.jsonl"
+    assert cli.main(["eval", "--model", "scenes-smollm2", "--method", "dense", "--limit", "3", "--output",
+                     str(output)]) == 0
+    header, *rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert header["settings"]["set"] == "scenes" and len(rows) == 3
+    assert [row["question"] for row in rows] == [item.question for item in scenes.sample(3, scenes.EVAL_SEED)]
+    assert "question kind" in capsys.readouterr().out

@@ -183,15 +183,12 @@ def read_records(path: Path, config: dict) -> dict[str, dict]:
 
 def timing_prompts(processor, model, items, count: int) -> list[dict]:
     """Batch-1 inputs of the first `count` eval questions."""
-    from PIL import Image
-
+    from .evaluate import item_image
     from .vqa import prompts_for
-    from .zoo import data
 
-    paths = data.image_paths("test")
     prompts = []
     for item in items[:count]:
-        image = Image.open(paths[item.image_id]).convert("RGB")
+        image = item_image(item)
         inputs = processor(images=[image], text=prompts_for(processor, [item.question]), return_tensors="pt")
         inputs = inputs.to(model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -363,7 +360,8 @@ def plot(records: list[dict], path: Path, title: str, outlier_points: float = 15
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corematching bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="evqa-smollm2", help="evqa-smollm2, a hub id or a local path")
+    parser.add_argument("--model", default="evqa-smollm2",
+                        help="evqa-smollm2, scenes-smollm2, a hub id or a local path")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help="';'-separated method specs, e.g. \"dense;corematching:token_budget=0.25;"
@@ -371,7 +369,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budgets", default="",
                         help="comma-separated token budgets applied to every method with a token_budget field "
                              "not given in its spec, e.g. 0.5,0.25,0.125")
-    parser.add_argument("--set", default="test-2000", help="eval set (see `corematching eval`)")
+    parser.add_argument("--set", default=None,
+                        help="eval set (see `corematching eval`; default: scenes for scenes-smollm2, else test-2000)")
     parser.add_argument("--questions", type=int, default=300, help="accuracy on the first N questions (0: skip)")
     parser.add_argument("--batch-size", type=int, default=16, help="batch size of the accuracy runs")
     parser.add_argument("--timing-prompts", type=int, default=4, help="questions timed, batch 1")
@@ -397,7 +396,7 @@ def parse_budgets(text: str) -> list:
 def main(argv: list[str]) -> int:
     import corematching as cm
 
-    from .evaluate import eval_questions, run_eval
+    from .evaluate import default_set, eval_questions, run_eval
 
     args = make_parser().parse_args(argv)
     if args.threads:
@@ -412,10 +411,11 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"{name} must be >= 1, got {value}")
     output = Path(args.output)
     plot_path = Path(args.plot) if args.plot else output.with_suffix(".png")
-    items = eval_questions(args.set)
+    eval_set = args.set or default_set(args.model)
+    items = eval_questions(eval_set)
     config = {
         "model": args.model,
-        "set": args.set,
+        "set": eval_set,
         "questions": min(args.questions, len(items)),
         "timing_prompts": args.timing_prompts,
         "reps": args.reps,
@@ -439,7 +439,7 @@ def main(argv: list[str]) -> int:
             if config["questions"]:
                 summary = run_eval(model, processor, method, items[: config["questions"]],
                                    answers_dir / f"{file_label(spec)}.jsonl", batch_size=args.batch_size,
-                                   progress=progress)
+                                   progress=progress, settings_extra={"set": eval_set})
             record = {
                 "spec": spec,
                 "label": method_spec.describe(method, measured[spec]["flops"]["kept_visual_tokens"]

@@ -212,10 +212,11 @@ def evaluate(args: argparse.Namespace) -> int:
     import corematching as cm
 
     from . import distributed
-    from .evaluate import eval_questions, run_eval
+    from .evaluate import default_set, eval_questions, run_eval
 
     method = build_method(args)
-    items = eval_questions(args.set)
+    eval_set = args.set or default_set(args.model)
+    items = eval_questions(eval_set)
     if args.limit:
         items = items[: args.limit]
     output = Path(args.output)
@@ -226,7 +227,8 @@ def evaluate(args: argparse.Namespace) -> int:
             print(f"loading {args.model} ...", flush=True)
         model, processor = cm.load_model(args.model, device=device)
         summary = run_eval(model, processor, None if args.method == "dense" else method, items, output,
-                           batch_size=args.batch_size, progress=shard.is_main, shard=shard)
+                           batch_size=args.batch_size, progress=shard.is_main, shard=shard,
+                           settings_extra={"set": eval_set})
     finally:
         distributed.stop(shard)
     if not shard.is_main:
@@ -238,6 +240,10 @@ def evaluate(args: argparse.Namespace) -> int:
     settings = ", ".join(f"{k}={v}" for k, v in summary.settings.items() if k not in ("method", "questions"))
     method_name = summary.settings["method"]
     print(f"| {method_name} | {settings} | {summary.answered} | {summary.accuracy:.4f} | {kept} | {recall} |")
+    if summary.per_kind:
+        print("\n| question kind | questions | accuracy |\n|---|---:|---:|")
+        for kind, (accuracy, count) in summary.per_kind.items():
+            print(f"| {kind} | {count} | {accuracy:.4f} |")
     print(f"answers: {output}" + (" (and its rank files)" if shard.distributed else ""))
     return 0
 
@@ -247,8 +253,12 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def make_parser(command: str) -> argparse.ArgumentParser:
     if command == "eval":
-        parser = argparse.ArgumentParser(prog="corematching eval", description="Accuracy on easy-vqa, resumable.")
-        parser.add_argument("--set", default="test-2000", help="test-2000 (seeded sample) or test (all 9,673)")
+        parser = argparse.ArgumentParser(prog="corematching eval",
+                                         description="Accuracy on an evaluation set (easy-vqa or scenes), resumable.")
+        parser.add_argument("--set", default=None,
+                            help="easy-vqa: test-2000 (seeded sample) or test (all 9,673); scenes: scenes (the "
+                                 "700-question evaluation set), scenes:SEED or scenes:SEED:N (fresh questions); "
+                                 "default: scenes for --model scenes-smollm2, test-2000 otherwise")
         parser.add_argument("--limit", type=int, default=0, help="only the first N questions of the set")
         parser.add_argument("--output", required=True, help="JSON-lines file of answers (appended; resumes)")
         parser.add_argument("--batch-size", type=int, default=16)
@@ -263,7 +273,8 @@ def make_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--out", default="out", help="folder for the kept-patch pictures")
         default_method = "corematching"
     if command == "eval":
-        parser.add_argument("--model", default="evqa-smollm2", help="evqa-smollm2, a hub id or a local path")
+        parser.add_argument("--model", default="evqa-smollm2",
+                            help="evqa-smollm2, scenes-smollm2, a hub id or a local path")
     else:
         parser.add_argument("--model", default=None,
                             help="evqa-smollm2, scenes-smollm2, a hub id or a local path (default: the demo runs "

@@ -1,4 +1,5 @@
-"""Accuracy of a method on easy-vqa, answer by answer, resumable, with object recall of the kept tokens.
+"""Accuracy of a method on an evaluation set (easy-vqa's, or the scene questions of `scenes-smollm2`), answer by
+answer, resumable, with the object recall of the kept tokens (and accuracy per question kind on scenes).
 
 Every answer is appended to a JSON-lines file as soon as it is produced. The file's first line holds the
 settings of the run; rerunning with the same file and settings skips the questions already answered (a
@@ -19,12 +20,17 @@ from PIL import Image
 from .vqa import answer_batch
 from .zoo import data
 
-EVAL_SETS = ("test-2000", "test")
+EVAL_SETS = ("test-2000", "test", "scenes", "scenes:SEED", "scenes:SEED:N")
 EVAL_SEED = 0
 
 
-def eval_questions(name: str = "test-2000") -> list[data.Question]:
-    """The fixed evaluation sets: all 9,673 test questions, or 2,000 of them drawn with seed 0."""
+def eval_questions(name: str = "test-2000") -> list:
+    """The evaluation sets. easy-vqa (`data.Question` each): "test", all 9,673 test questions, or "test-2000",
+    2,000 of them drawn with seed 0. Scenes (`scenes.Item` each, for `scenes-smollm2`): "scenes", the evaluation
+    set `scenes.sample(700, seed=1)`, or "scenes:SEED" / "scenes:SEED:N", N (default 700) fresh questions of
+    another seed."""
+    if name == "scenes" or name.startswith("scenes:"):
+        return _scene_questions(name)
     items = list(data.questions("test"))
     if name == "test":
         return items
@@ -32,6 +38,27 @@ def eval_questions(name: str = "test-2000") -> list[data.Question]:
         picked = sorted(random.Random(EVAL_SEED).sample(range(len(items)), 2000))
         return [items[i] for i in picked]
     raise ValueError(f"eval set must be one of {', '.join(EVAL_SETS)}, got {name!r}")
+
+
+def _scene_questions(name: str) -> list:
+    from .zoo import scenes
+
+    parts = name.split(":")[1:]
+    try:
+        numbers = [int(part) for part in parts]
+    except ValueError:
+        numbers = None
+    if numbers is None or len(numbers) > 2 or any(n < 0 for n in numbers) or (len(numbers) == 2 and not numbers[1]):
+        raise ValueError(f"a scenes eval set is 'scenes', 'scenes:SEED' or 'scenes:SEED:N' (whole numbers, N >= 1), "
+                         f"got {name!r}")
+    seed = numbers[0] if numbers else scenes.EVAL_SEED
+    count = numbers[1] if len(numbers) == 2 else scenes.EVAL_SIZE
+    return scenes.sample(count, seed)
+
+
+def default_set(model_name: str) -> str:
+    """The evaluation set a bundled model is measured on: "scenes" for scenes-smollm2, "test-2000" otherwise."""
+    return "scenes" if model_name == "scenes-smollm2" else "test-2000"
 
 
 # ----------------------------------------------------------------------------- object recall
@@ -50,17 +77,31 @@ def covered_patches(mask, grid: tuple[int, int], min_cover: float = PATCH_COVER)
     return (cover >= min_cover).flatten()
 
 
-def object_patches(image: Image.Image, grid: tuple[int, int], min_cover: float = PATCH_COVER) -> torch.Tensor:
-    """Bool [rows * cols]: patches at least `min_cover` covered by the shape.
-
-    easy-vqa draws one shape on a uniform background, so the shape is every pixel whose colour differs
-    from the most common border colour.
-    """
+def shape_mask(image: Image.Image) -> torch.Tensor:
+    """Bool [H, W]: the pixels of an easy-vqa image's shape. easy-vqa draws one shape on a uniform background,
+    so the shape is every pixel whose colour differs from the most common border colour."""
     pixels = torch.from_numpy(np.array(image.convert("RGB"))).int()  # [H, W, 3]
     border = torch.cat([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     colours, counts = border.unique(dim=0, return_counts=True)
     background = colours[counts.argmax()]
-    return covered_patches((pixels - background).abs().sum(-1) > 30, grid, min_cover)
+    return (pixels - background).abs().sum(-1) > 30
+
+
+def object_patches(image: Image.Image, grid: tuple[int, int], min_cover: float = PATCH_COVER) -> torch.Tensor:
+    """Bool [rows * cols]: patches of an easy-vqa image at least `min_cover` covered by the shape."""
+    return covered_patches(shape_mask(image), grid, min_cover)
+
+
+def item_image(item) -> Image.Image:
+    """The RGB image of an evaluation item (a scenes item carries it; easy-vqa's is read from its file)."""
+    if isinstance(item, data.Question):
+        return Image.open(data.image_paths("test")[item.image_id]).convert("RGB")
+    return item.image
+
+
+def item_object_mask(item, image: Image.Image):
+    """Bool [H, W]: the pixels object recall counts: easy-vqa's shape, or the objects a scene question is about."""
+    return shape_mask(image) if isinstance(item, data.Question) else item.mask
 
 
 def kept_patch_indices(input_ids: torch.Tensor, kept_positions: torch.Tensor, image_token_id: int) -> list[int]:
@@ -98,6 +139,7 @@ class Summary:
     accuracy: float
     mean_kept: float | None
     object_recall: float | None
+    per_kind: dict | None = None  # {question kind: (accuracy, questions)} when the items have kinds (scenes)
 
 
 def same_settings(found, expected: dict) -> bool:
@@ -138,16 +180,17 @@ def answered_indices(output: Path, settings: dict) -> set[int]:
     return {row["index"] for path in result_files(output) for row in read_results(path, settings)}
 
 
-def run_eval(model, processor, method, items: list[data.Question], output: Path, batch_size: int = 16,
-             progress: bool = True, max_new_tokens: int = 8, shard=None) -> Summary:
-    """Answer every question of `items` not answered yet, appending to `output`; with a `distributed.Shard` of
-    several ranks, this rank answers its share of them into its own rank file."""
+def run_eval(model, processor, method, items: list, output: Path, batch_size: int = 16, progress: bool = True,
+             max_new_tokens: int = 8, shard=None, settings_extra: dict | None = None) -> Summary:
+    """Answer every question of `items` (of `eval_questions`) not answered yet, appending to `output`; with a
+    `distributed.Shard` of several ranks, this rank answers its share of them into its own rank file.
+    `settings_extra` joins the settings on the file's first line (a resumed run must match them)."""
     from tqdm import tqdm
 
     from .distributed import Shard
 
     shard = shard or Shard()
-    settings = {**method_settings(method), **weights_setting(model), "questions": len(items)}
+    settings = {**method_settings(method), **weights_setting(model), **(settings_extra or {}), "questions": len(items)}
     output.parent.mkdir(parents=True, exist_ok=True)
     pending = None
     if shard.is_main:
@@ -160,36 +203,36 @@ def run_eval(model, processor, method, items: list[data.Question], output: Path,
     image_token_id = getattr(model.config, "image_token_id", None) or model.config.image_token_index
     vision = model.config.vision_config
     grid = (vision.image_size // vision.patch_size,) * 2
-    paths = data.image_paths("test")
     bar = tqdm(total=len(todo), disable=not progress, desc=settings["method"], unit="q", dynamic_ncols=True)
     with sink_path.open("a") as sink:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            images = [Image.open(paths[items[k].image_id]).convert("RGB") for k in chunk]
+            images = [item_image(items[k]) for k in chunk]
             questions = [items[k].question for k in chunk]
             predictions, record, input_ids = answer_batch(model, processor, images, questions, method,
                                                           max_new_tokens)
             for row, k in enumerate(chunk):
-                result = {
-                    "index": k,
-                    "image_id": items[k].image_id,
-                    "question": items[k].question,
-                    "answer": items[k].answer,
-                    "prediction": predictions[row],
-                    "correct": predictions[row] == items[k].answer,
-                }
+                item = items[k]
+                result = {"index": k, **_item_fields(item), "question": item.question, "answer": item.answer,
+                          "prediction": predictions[row], "correct": predictions[row] == item.answer}
                 if record is not None and record.kept_positions is not None:
                     kept = kept_patch_indices(input_ids[row], record.kept_positions[row], image_token_id)
-                    shape = object_patches(images[row], grid)
+                    covered = covered_patches(item_object_mask(item, images[row]), grid)
                     result["kept_patches"] = kept
                     result["n_visual"] = grid[0] * grid[1]
-                    result["object_recall"] = shape[kept].sum().item() / max(1, shape.sum().item())
+                    if covered.any():  # a scene question about absent objects has no patch to keep
+                        result["object_recall"] = covered[kept].sum().item() / covered.sum().item()
                 sink.write(json.dumps(result) + "\n")
             sink.flush()
             bar.update(len(chunk))
     bar.close()
     shard.barrier()  # every rank's answers are written before anyone summarizes
     return summarize(output, settings)
+
+
+def _item_fields(item) -> dict:
+    """What identifies an item's image in its answer row: easy-vqa's image id, or a scene question's kind."""
+    return {"image_id": item.image_id} if isinstance(item, data.Question) else {"kind": item.kind}
 
 
 def summarize(output: Path, settings: dict | None = None) -> Summary:
@@ -215,10 +258,15 @@ def summarize(output: Path, settings: dict | None = None) -> Summary:
         raise ValueError(f"no answers in {output}")
     kept = [len(r["kept_patches"]) for r in answers if "kept_patches" in r]
     recall = [r["object_recall"] for r in answers if "object_recall" in r]
+    kinds = {}
+    for r in sorted(answers, key=lambda r: r["index"]):
+        if "kind" in r:
+            kinds.setdefault(r["kind"], []).append(r["correct"])
     return Summary(
         settings=header,
         answered=len(answers),
         accuracy=sum(r["correct"] for r in answers) / max(1, len(answers)),
         mean_kept=sum(kept) / len(kept) if kept else None,
         object_recall=sum(recall) / len(recall) if recall else None,
+        per_kind={kind: (sum(right) / len(right), len(right)) for kind, right in kinds.items()} or None,
     )

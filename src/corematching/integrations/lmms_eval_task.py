@@ -71,6 +71,9 @@ def write_task(directory: Path, questions: int = 50, eval_set: str = "test-2000"
 
     if questions < 1:
         raise ValueError(f"questions must be >= 1, got {questions}")
+    if eval_set not in ("test-2000", "test"):
+        raise ValueError(f"the lmms-eval task holds easy-vqa questions: set must be test-2000 or test, "
+                         f"got {eval_set!r}")
     folder = Path(directory) / TASK
     folder.mkdir(parents=True, exist_ok=True)
     paths = data.image_paths("test")

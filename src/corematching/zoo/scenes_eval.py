@@ -13,87 +13,44 @@ pruning method, the share of the queried objects' patches that were kept.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..evaluate import (
-    PATCH_COVER,
-    covered_patches,
-    kept_patch_indices,
-    method_settings,
-    read_results,
-    weights_setting,
-)
-from ..vqa import answer_batch
+from .. import evaluate
 from . import scenes
 
 MODEL = "scenes-smollm2"
 
 
-def queried_patches(mask: np.ndarray, grid: int, min_cover: float = PATCH_COVER) -> torch.Tensor:
+def queried_patches(mask: np.ndarray, grid: int, min_cover: float = evaluate.PATCH_COVER) -> torch.Tensor:
     """Bool [grid * grid] (row-major): patches at least `min_cover` covered by the queried objects' pixels (the
     same rule as easy-vqa's object recall)."""
-    return covered_patches(mask, (grid, grid), min_cover)
+    return evaluate.covered_patches(mask, (grid, grid), min_cover)
 
 
 def run(model, processor, method, items: list[scenes.Item], output: Path, settings_extra: dict,
         batch_size: int = 16, progress: bool = True) -> dict:
-    from tqdm import tqdm
-
-    settings = {**method_settings(method), **weights_setting(model), **settings_extra, "questions": len(items)}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    done = {row["index"] for row in read_results(output, settings)}
-    if not output.exists() or output.stat().st_size == 0:
-        output.write_text(json.dumps({"settings": settings}) + "\n")
-    todo = [k for k in range(len(items)) if k not in done]
-    vision = model.config.vision_config
-    grid = vision.image_size // vision.patch_size
-    bar = tqdm(total=len(items), initial=len(items) - len(todo), disable=not progress, unit="q", dynamic_ncols=True)
-    with output.open("a") as sink:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            answers, record, input_ids = answer_batch(
-                model, processor, [items[k].image for k in chunk], [items[k].question for k in chunk], method
-            )
-            for row, k in enumerate(chunk):
-                item = items[k]
-                result = {"index": k, "kind": item.kind, "question": item.question, "answer": item.answer,
-                          "prediction": answers[row], "correct": answers[row] == item.answer}
-                if record is not None and getattr(record, "kept_positions", None) is not None:
-                    kept = kept_patch_indices(input_ids[row], record.kept_positions[row], model.config.image_token_id)
-                    queried = queried_patches(item.mask, grid)
-                    result["kept_patches"] = kept
-                    if queried.any():
-                        result["queried_recall"] = queried[kept].sum().item() / queried.sum().item()
-                sink.write(json.dumps(result) + "\n")
-            sink.flush()
-            bar.update(len(chunk))
-    bar.close()
+    """`evaluate.run_eval` on scene items; returns `summarize(output)`."""
+    evaluate.run_eval(model, processor, method, items, output, batch_size=batch_size, progress=progress,
+                      settings_extra=settings_extra)
     return summarize(output)
 
 
 def summarize(output: Path) -> dict:
-    """{"settings", "answered", "accuracy", "per_kind": {kind: (accuracy, count)}, "queried_recall", "mean_kept"}."""
-    rows = [json.loads(line) for line in output.read_text().splitlines() if line.strip()]
-    header, answers = rows[0]["settings"], rows[1:]
-    per_kind = {}
-    for kind in scenes.KINDS:
-        of_kind = [r["correct"] for r in answers if r["kind"] == kind]
-        if of_kind:
-            per_kind[kind] = (sum(of_kind) / len(of_kind), len(of_kind))
-    recall = [r["queried_recall"] for r in answers if "queried_recall" in r]
-    kept = [len(r["kept_patches"]) for r in answers if "kept_patches" in r]
+    """{"settings", "answered", "accuracy", "per_kind": {kind: (accuracy, count)} in the order of scenes.KINDS,
+    "queried_recall" (the object recall of the queried objects), "mean_kept"}."""
+    summary = evaluate.summarize(output)
+    per_kind = summary.per_kind or {}
     return {
-        "settings": header,
-        "answered": len(answers),
-        "accuracy": sum(r["correct"] for r in answers) / max(1, len(answers)),
-        "per_kind": per_kind,
-        "queried_recall": sum(recall) / len(recall) if recall else None,
-        "mean_kept": sum(kept) / len(kept) if kept else None,
+        "settings": summary.settings,
+        "answered": summary.answered,
+        "accuracy": summary.accuracy,
+        "per_kind": {kind: per_kind[kind] for kind in scenes.KINDS if kind in per_kind},
+        "queried_recall": summary.object_recall,
+        "mean_kept": summary.mean_kept,
     }
 
 
