@@ -106,3 +106,22 @@ def test_sampler_is_reproducible_per_seed_and_respects_top_p():
     wide = RequestSampler(1.0, 0.9, 7)
     assert {wide.choose(logits) for _ in range(60)} == {0, 1}
     assert RequestSampler(0.0, 1.0, None).choose(logits) == 0  # temperature 0: greedy
+
+
+def test_the_page_examples_follow_the_served_model():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from corematching.serve.examples import example_images
+    from corematching.zoo import scenes
+
+    scene_examples = example_images("scenes-smollm2")
+    expected = scenes.sample(len(scene_examples), scenes.EVAL_SEED)
+    assert len(scene_examples) == 6
+    assert [(e["question"], e["answer"]) for e in scene_examples] == [(i.question, i.answer) for i in expected]
+    picture = Image.open(io.BytesIO(base64.b64decode(scene_examples[0]["url"].split(",", 1)[1])))
+    assert picture.size == (128, 128) and picture.tobytes() == expected[0].image.convert(picture.mode).tobytes()
+    easy = example_images("evqa-smollm2")
+    assert len(easy) == 6 and all(e["id"].startswith("test-") for e in easy)

@@ -100,7 +100,7 @@ def create_app(worker: ModelWorker, limits: Limits, *, max_batch_size: int, max_
     async def examples():
         from .examples import example_images
 
-        return await run_in_threadpool(example_images)
+        return await run_in_threadpool(example_images, limits.model_name)
 
     @app.get("/")
     async def index():
