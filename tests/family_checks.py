@@ -60,6 +60,26 @@ def check_against_oracle(model, language_model, inputs: dict, suppress: list[int
     return record
 
 
+def method_makers(prune_layer: int, neuron_layers: list[int]):
+    """A family's two CoreMatching settings: with_budget(budget, neurons=False) (beta 0.5, core neurons on
+    `neuron_layers` when asked) and keep_all() (every visual token and every neuron kept)."""
+
+    def with_budget(budget, neurons: bool = False) -> cm.CoreMatching:
+        layers = list(neuron_layers) if neurons else []
+        return cm.CoreMatching(prune_layer=prune_layer, token_budget=budget, beta=0.5, neuron_layers=layers)
+
+    def keep_all() -> cm.CoreMatching:
+        return cm.CoreMatching(prune_layer=prune_layer, token_budget=1.0, beta=1.0, neuron_layers=list(neuron_layers))
+
+    return with_budget, keep_all
+
+
+def kept_per_image_run(record, input_ids: torch.Tensor, image_token: int, image_tokens: list[int]) -> list[int]:
+    """Visual tokens kept by each image of sample 0, its images covering image_tokens placeholders each."""
+    kept = record.keep_mask[0][input_ids[0] == image_token]
+    return [int(part.sum()) for part in kept.split(image_tokens)]
+
+
 def kept_per_image(record, layout, row: int = 0) -> list[int]:
     """How many visual tokens of each image of sample `row` went past the prune layer."""
     kept = record.keep_mask[row] & record.visual_mask[row]

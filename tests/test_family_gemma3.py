@@ -9,6 +9,7 @@ from family_checks import (
     check_keep_all_equals_dense,
     check_restored,
     kept_per_image,
+    method_makers,
 )
 from oracle import masked_reference, removed_mask
 
@@ -25,6 +26,7 @@ WINDOW = 6  # shorter than an image: a sliding layer sees only part of it
 LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
 PRUNE_LAYER = 0  # layers 1 (sliding), 2 (global) and 3 (sliding) run on the kept tokens
 NEURON_LAYERS = [0, 2, 3]
+with_budget, keep_all = method_makers(PRUNE_LAYER, NEURON_LAYERS)
 
 
 def build(attn: str = "sdpa", seed: int = 0):
@@ -89,18 +91,11 @@ def batch(samples: list, token_types: bool = True) -> dict:
     return inputs
 
 
-def with_budget(budget, neurons: bool = False) -> cm.CoreMatching:
-    return cm.CoreMatching(
-        prune_layer=PRUNE_LAYER, token_budget=budget, beta=0.5, neuron_layers=NEURON_LAYERS if neurons else []
-    )
-
-
 TWO_IMAGES = sample(2, text_before=3, text_after=5, seed=1)  # 49 tokens: many sliding windows long
 
 
 def test_keep_all_equals_dense():
-    keep_all = cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=1.0, beta=1.0, neuron_layers=NEURON_LAYERS)
-    check_keep_all_equals_dense(model_of(), batch([TWO_IMAGES]), SUPPRESS, keep_all)
+    check_keep_all_equals_dense(model_of(), batch([TWO_IMAGES]), SUPPRESS, keep_all())
 
 
 @pytest.mark.parametrize("attn,budget,kept", [("sdpa", 0.25, [4, 4]), ("eager", 3, [3, 3])])

@@ -9,27 +9,19 @@ from family_checks import (
     check_draws_per_image,
     check_keep_all_equals_dense,
     check_restored,
+    kept_per_image_run,
+    method_makers,
 )
 
 import corematching as cm
 
 PRUNE_LAYER = 1
 NEURON_LAYERS = [0, 2, 3]
-
-
-def with_budget(budget, neurons: bool = False) -> cm.CoreMatching:
-    layers = NEURON_LAYERS if neurons else []
-    return cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=budget, beta=0.5, neuron_layers=layers)
-
-
-def keep_all() -> cm.CoreMatching:
-    return cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=1.0, beta=1.0, neuron_layers=NEURON_LAYERS)
+with_budget, keep_all = method_makers(PRUNE_LAYER, NEURON_LAYERS)
 
 
 def kept_per_image(record, input_ids: torch.Tensor, image_tokens: list[int]) -> list[int]:
-    """Visual tokens kept by each image of sample 0, its images covering image_tokens visual tokens each."""
-    kept = record.keep_mask[0][input_ids[0] == IMAGE]
-    return [int(part.sum()) for part in kept.split(image_tokens)]
+    return kept_per_image_run(record, input_ids, IMAGE, image_tokens)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

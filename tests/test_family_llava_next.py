@@ -12,6 +12,7 @@ from family_checks import (
     check_keep_all_equals_dense,
     check_restored,
     kept_per_image,
+    method_makers,
 )
 from oracle import masked_reference, removed_mask
 
@@ -26,6 +27,7 @@ TILE, PATCH = 12, 4  # a 3 x 3 grid per base view and per tile
 PINPOINTS = [[12, 24], [24, 12], [24, 24]]
 PRUNE_LAYER = 1
 NEURON_LAYERS = [0, 2, 3]
+with_budget, keep_all = method_makers(PRUNE_LAYER, NEURON_LAYERS)
 
 
 def build(kind: str, attn: str = "sdpa", seed: int = 0):
@@ -136,12 +138,6 @@ def newline_positions(model, inputs: dict) -> torch.Tensor:
     return positions
 
 
-def with_budget(budget, neurons: bool = False) -> cm.CoreMatching:
-    return cm.CoreMatching(
-        prune_layer=PRUNE_LAYER, token_budget=budget, beta=0.5, neuron_layers=NEURON_LAYERS if neurons else []
-    )
-
-
 def two_images(kind: str) -> dict:
     """A wide image (base view and 2 tiles) and a tall one (4 tiles, unpadded), for one sample."""
     return sample(kind, [(20, 40), (30, 20)], text_before=3, text_after=4, seed=1)
@@ -149,8 +145,7 @@ def two_images(kind: str) -> dict:
 
 @pytest.mark.parametrize("kind", ["next", "onevision"])
 def test_keep_all_equals_dense(kind):
-    keep_all = cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=1.0, beta=1.0, neuron_layers=NEURON_LAYERS)
-    check_keep_all_equals_dense(model_of(kind), batch(kind, [two_images(kind)]), SUPPRESS, keep_all)
+    check_keep_all_equals_dense(model_of(kind), batch(kind, [two_images(kind)]), SUPPRESS, keep_all())
 
 
 @pytest.mark.parametrize(

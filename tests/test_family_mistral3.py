@@ -9,6 +9,8 @@ from family_checks import (
     check_batch_equals_alone,
     check_keep_all_equals_dense,
     check_restored,
+    kept_per_image_run,
+    method_makers,
 )
 
 import corematching as cm
@@ -24,15 +26,7 @@ MAX_SIZE = 40
 WINDOW = 16  # shorter than the prompts, so that the sliding window matters
 PRUNE_LAYER = 1
 NEURON_LAYERS = [0, 2, 3]
-
-
-def with_budget(budget, neurons: bool = False) -> cm.CoreMatching:
-    layers = NEURON_LAYERS if neurons else []
-    return cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=budget, beta=0.5, neuron_layers=layers)
-
-
-def keep_all() -> cm.CoreMatching:
-    return cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=1.0, beta=1.0, neuron_layers=NEURON_LAYERS)
+with_budget, keep_all = method_makers(PRUNE_LAYER, NEURON_LAYERS)
 
 
 def build(decoder: str, attn: str = "sdpa", seed: int = 0):
@@ -120,9 +114,7 @@ TWO_IMAGES = sample([(16, 24), (24, 32)], text_before=3, text_after=4, seed=1)  
 
 
 def kept_per_image(record, input_ids: torch.Tensor, image_tokens: list[int]) -> list[int]:
-    """Visual tokens kept by each image of sample 0, its images covering image_tokens visual tokens each."""
-    kept = record.keep_mask[0][input_ids[0] == IMAGE]
-    return [int(part.sum()) for part in kept.split(image_tokens)]
+    return kept_per_image_run(record, input_ids, IMAGE, image_tokens)
 
 
 @pytest.mark.parametrize("decoder", ["mistral", "mistral-sliding", "ministral3"])
