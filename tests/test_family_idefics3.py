@@ -160,11 +160,13 @@ def test_each_image_keeps_its_budget_and_decoding_equals_the_oracle(kind, attn, 
     assert kept_per_image(record, inputs["input_ids"], [45, 9]) == kept
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("kind", ["idefics3", "smolvlm"])
-def test_core_neuron_decoding_equals_the_oracle(kind):
+def test_core_neuron_decoding_equals_the_oracle(kind, cache):
     model = model_of(kind)
     inputs = batch([TWO_IMAGES])
-    record = check_against_oracle(model, model.model.text_model, inputs, SUPPRESS, with_budget(0.25, True))
+    record = check_against_oracle(model, model.model.text_model, inputs, SUPPRESS, with_budget(0.25, True),
+                                  cache_implementation=cache)
     assert sorted(record.core_neurons) == NEURON_LAYERS
     assert kept_per_image(record, inputs["input_ids"], [45, 9]) == [12, 3]
 

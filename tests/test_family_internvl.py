@@ -120,10 +120,12 @@ def test_each_image_keeps_its_budget_and_decoding_equals_the_oracle(attn, budget
     assert kept_per_image(record, inputs["input_ids"], [27, 9]) == kept
 
 
-def test_core_neuron_decoding_equals_the_oracle():
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_core_neuron_decoding_equals_the_oracle(cache):
     model = model_of()
     inputs = batch([TWO_IMAGES])
-    record = check_against_oracle(model, model.model.language_model, inputs, SUPPRESS, with_budget(0.25, True))
+    record = check_against_oracle(model, model.model.language_model, inputs, SUPPRESS, with_budget(0.25, True),
+                                  cache_implementation=cache)
     assert sorted(record.core_neurons) == NEURON_LAYERS
     assert kept_per_image(record, inputs["input_ids"], [27, 9]) == [7, 3]
 

@@ -104,9 +104,9 @@ def inputs_of(ids, pixels, grids, extras, pad_to: int | None = None):
     return inputs
 
 
-def generate(model, inputs, steps=STEPS):
+def generate(model, inputs, steps=STEPS, **options):
     out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, suppress_tokens=[IMAGE, VIDEO, START, END])
+                         return_dict_in_generate=True, suppress_tokens=[IMAGE, VIDEO, START, END], **options)
     return out.sequences, torch.stack(out.logits, dim=1)
 
 
@@ -119,9 +119,10 @@ def oracle(model, record, length: int):
     )
 
 
-def check_against_oracle(model, inputs, method):
+def check_against_oracle(model, inputs, method, **options):
+    """options: more generate() arguments for the sparsified run (the oracle runs with a dynamic cache)."""
     with cm.sparsify(model, method) as session:
-        tokens, logits = generate(model, inputs)
+        tokens, logits = generate(model, inputs, **options)
         record = session.last
     with oracle(model, record, inputs["input_ids"].shape[1]):
         expected_tokens, expected_logits = generate(model, inputs)
@@ -154,6 +155,12 @@ def test_each_image_keeps_its_budget_and_decoding_equals_the_oracle(kind):
     kept = record.kept_visual_positions[0]
     assert int(torch.isin(kept, visual[:6]).sum()) == 2  # ceil(0.25 * 6)
     assert int(torch.isin(kept, visual[6:]).sum()) == 3  # ceil(0.25 * 12)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2.5", "qwen3"])
+def test_a_static_cache_equals_the_oracle(kind):
+    method = cm.CoreMatching(prune_layer=1, token_budget=0.25, beta=0.5, neuron_layers=[1, 2, 3])
+    check_against_oracle(model_of(kind), inputs_of(*TWO_IMAGES), method, cache_implementation="static")
 
 
 def test_core_neuron_decoding_equals_the_oracle():
