@@ -7,7 +7,9 @@ bases).
 - Masks: each layer type has its own mask. When the call passes `token_type_ids` (the processor does, and
   generate() passes them to the prefill), the tokens of an image attend to each other both ways; transformers
   composes sliding window AND (causal OR image block), and the layers after the prune layer are masked the same
-  way among the kept tokens. Without `token_type_ids` every layer is causal, as in the dense model.
+  way among the kept tokens. Without `token_type_ids` every layer is causal, as in the dense model. A later turn
+  over a filled cache passes them for the whole sequence (the model reads them by position); its new images'
+  blocks are rebuilt among its kept tokens.
 - Positions are 1-D; the position embeddings of each layer type are gathered at the kept tokens.
 """
 
@@ -52,12 +54,15 @@ class Gemma3Adapter(DecoderLanguageModelAdapter):
         token_type_ids = bind_arguments(self._entry_signature, args, kwargs).get("token_type_ids")
         self.images_bidirectional = token_type_ids is not None
         if token_type_ids is not None and call.image_inputs is not None:
-            if call.cache is not None and int(call.cache.get_seq_length()) > 0:
-                raise UnsupportedModeError(
-                    "Gemma 3: images with token_type_ids after a filled KV cache (a later turn with images): the "
-                    "image blocks of a later turn are not rebuilt after the prune layer; prefill the whole "
-                    "conversation in one call, or pass the later turn without token_type_ids"
-                )
+            past = int(call.cache.get_seq_length()) if call.cache is not None else 0
+            if past:  # a later turn: the model reads token_type_ids by position, from the start of the sequence
+                if token_type_ids.shape[1] != past + call.length:
+                    raise UnsupportedModeError(
+                        f"Gemma 3: a later turn with images passes token_type_ids of {token_type_ids.shape[1]} "
+                        f"tokens over a cache of {past}; the model reads them by position from the start of the "
+                        f"sequence, so they must cover all {past + call.length} tokens (as generate() passes them)"
+                    )
+                token_type_ids = token_type_ids[:, past:]
             if call.input_ids is not None:
                 self._check_image_blocks(call, token_type_ids)
         return call
