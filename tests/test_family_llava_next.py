@@ -278,7 +278,100 @@ def test_an_empty_pixel_batch_runs_like_the_dense_model():
             assert torch.equal(model(**inputs).logits, dense)
 
 
-@pytest.mark.parametrize("kind", ["next", "onevision"])
-def test_methods_ranking_by_the_vision_tower_attention_are_refused(kind):
+def test_methods_ranking_by_the_vision_tower_attention_are_refused_on_onevision():
+    """OneVision resizes the tile features of large images, so its tokens are not tower patches."""
     with pytest.raises(cm.UnsupportedModelError, match="the vision tower's attention are not supported"):
-        cm.sparsify(model_of(kind), cm.VisionZip(dominant=2, contextual=1))
+        cm.sparsify(model_of("onevision"), cm.VisionZip(dominant=2, contextual=1))
+
+
+# ----------------------------------------------------------------------------- VisionZip on tiles
+
+
+def tile_patches(tile_rows: int, tile_cols: int, kept_rows: range | None = None) -> list[tuple[int, int]]:
+    """(tower row, patch) of each visual token of an image, by hand: the base view's patches, then the tiles'
+    patches row by row across the tiles (tile_rows x tile_cols tiles of a 3 x 3 grid each), only `kept_rows` of
+    that combined grid when unpadding crops it (newline tokens are not visual)."""
+    side = TILE // PATCH
+    tokens = [(0, patch) for patch in range(side * side)]
+    for row in kept_rows if kept_rows is not None else range(tile_rows * side):
+        for col in range(tile_cols * side):
+            tile = 1 + (row // side) * tile_cols + col // side
+            tokens.append((tile, (row % side) * side + col % side))
+    return tokens
+
+
+# image size -> its tokens: 24 x 12 is two tiles high; 12 x 24 two tiles wide; 18 x 12 is unpadded to 4 of 6 rows
+TILED_IMAGES = {(24, 12): tile_patches(2, 1), (12, 24): tile_patches(1, 2), (18, 12): tile_patches(2, 1, range(1, 5))}
+
+
+def test_visionzip_ranks_each_token_by_its_own_tile_s_cls_attention():
+    """The tower runs on every image's base view and tiles; each visual token gets the CLS attention of its own
+    tile's patch (mapped by hand here), and the image's dominant tokens are the top of those."""
+    from test_baselines import tower_cls_attention
+
+    sizes = list(TILED_IMAGES)
+    s = sample("next", sizes, text_before=2, text_after=3, seed=4)
+    inputs = batch("next", [s])
+    tiles = torch.cat([pixels for pixels in s["pixels"]])  # every image's tower rows, in order
+    attention = tower_cls_attention(model_of("next", "eager"), tiles)  # [tower rows, 9]
+    dominant = 4
+    with cm.sparsify(model_of("next"), cm.VisionZip(dominant=dominant, contextual=0)) as session:
+        model_of("next")(**inputs)
+    visual = ((inputs["input_ids"][0] == IMAGE) & ~newline_positions(model_of("next"), inputs)[0]).nonzero().flatten()
+    expected, first_token, first_row = [], 0, 0
+    for size in sizes:
+        tokens = TILED_IMAGES[size]
+        scores = [float(attention[first_row + tile, patch]) for tile, patch in tokens]
+        top = sorted(range(len(tokens)), key=lambda i: (-scores[i], i))[:dominant]
+        expected += [int(visual[first_token + i]) for i in sorted(top)]
+        first_token += len(tokens)
+        first_row += 1 + max(tile for tile, _ in tokens)
+    assert first_token == len(visual)  # the hand map covers every visual token
+    assert session.last.kept_visual_positions[0].tolist() == expected
+
+
+def test_visionzip_on_tiles_equals_the_oracle():
+    model = model_of("next")
+    inputs = batch("next", [sample("next", [(18, 12), (12, 24)], text_before=2, text_after=3, seed=5)])
+    record = check_against_oracle(model, model.model.language_model, inputs, SUPPRESS,
+                                  cm.VisionZip(dominant=5, contextual=0))
+    assert record.prune_layer == -1 and len(record.kept_visual_positions[0]) == 10
+
+
+def test_visionzip_merges_tiles_by_their_own_patch_keys():
+    """Contextual tokens on tiles: the layer-0 input under the session holds the kept tokens, each target merged
+    by the documented rule with the tower keys of its own tile's patch (mapped by hand)."""
+    from test_baselines import naive_visionzip, tower_cls_attention, tower_keys
+
+    model = model_of("next")
+    size = (18, 12)
+    s = sample("next", [size], text_before=2, text_after=3, seed=6)
+    inputs = batch("next", [s])
+    tokens = TILED_IMAGES[size]
+    attention = tower_cls_attention(model_of("next", "eager"), s["pixels"][0])
+    keys = tower_keys(model, s["pixels"][0])
+    captured = []
+
+    def layer_input(module, args, kwargs):
+        captured.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+    first_layer = model.model.language_model.layers[0]
+    with torch.no_grad():
+        hook = first_layer.register_forward_pre_hook(layer_input, with_kwargs=True)
+        model(**inputs)  # dense: the input embeddings
+        hook.remove()
+    dominant, contextual = 4, 3
+    with cm.sparsify(model, cm.VisionZip(dominant=dominant, contextual=contextual)) as session, torch.no_grad():
+        hook = first_layer.register_forward_pre_hook(layer_input, with_kwargs=True)  # after the session's hook
+        model(**inputs)
+        hook.remove()
+    embeds, packed = captured[0][0], captured[1][0]
+    visual = ((inputs["input_ids"][0] == IMAGE) & ~newline_positions(model, inputs)[0]).nonzero().flatten()
+    kept, merged = naive_visionzip([float(attention[tile, patch]) for tile, patch in tokens], embeds[visual],
+                                   torch.stack([keys[tile, patch] for tile, patch in tokens]), dominant, contextual)
+    record = session.last
+    assert record.kept_visual_positions[0].tolist() == [int(visual[i]) for i in kept]
+    slot_of = {int(position): slot for slot, position in enumerate(record.kept_positions[0])}
+    slots = packed.shape[0] - len(slot_of)  # packed rows are right-aligned after padding slots
+    for ordinal, embedding in merged.items():
+        torch.testing.assert_close(packed[slots + slot_of[int(visual[ordinal])]], embedding, atol=1e-5, rtol=0)

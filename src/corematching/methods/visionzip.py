@@ -11,6 +11,8 @@ entering the language model:
     to its own (ties: the earlier target), and the target's embedding becomes
         e_target + mean(e_j for j assigned to it)      (e_target alone when none is assigned);
     the other remaining tokens are removed.
+Where the tower runs on tiles (LLaVA-NeXT: a base view and high-resolution tiles per image), each visual token
+takes a_i and k_i of its own tile's patch, and an image's tokens (all its tiles) are ranked together.
 Kept and merged tokens keep their original positions; the removal happens before layer 0 (prune layer -1), so
 the language model runs every layer on the kept tokens only, and layer 0 sees the merged embeddings.
 Simplified: the merge averages the embeddings after the projector, where VisionZip averages the tower's hidden

@@ -190,8 +190,8 @@ class AnyresAdapter(DecoderLanguageModelAdapter):
 
     def vision_attention_module(self) -> nn.Module:
         raise UnsupportedModelError(
-            f"{type(self.model).__name__}: the vision tower runs on each tile of an image, and the image's tokens "
-            "are its base view, its unpadded tiles and newline tokens; methods that rank image tokens by the "
+            f"{type(self.model).__name__}: the features of an image's tiles are resized when it has many of them "
+            "(anyres_max), so a visual token is not one tower patch; methods that rank image tokens by the "
             "vision tower's attention are not supported"
         )
 

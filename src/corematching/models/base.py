@@ -325,6 +325,18 @@ class ModelAdapter:
             raise UnsupportedModelError(f"{self.family}: no vision_tower found")
         return tower
 
+    def feature_tower_module(self) -> nn.Module:
+        """The module whose output object carries what the tower hooks computed for a call's images (the vision
+        tower; the same module as vision_tower_module unless a family splits images into tiles)."""
+        return self.vision_tower_module()
+
+    def feature_packing(self):
+        """Where a family packs the tower's patch features into its visual tokens when they are not one token per
+        patch in order (tiles, unpadding, newline tokens): (owner, method name, sources), where
+        sources(method, args, kwargs) gives, for a call of that method, the flat index (tower row * patches +
+        patch) of the patch each visual token holds, in order. None: one token per patch, in order."""
+        return None
+
     def vision_attention_module(self) -> nn.Module:
         """The vision tower's attention module in the layer whose output becomes the image features."""
         return self._vision_feature_layer()[1]

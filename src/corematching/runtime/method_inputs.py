@@ -24,6 +24,9 @@ from ..models import ModelAdapter
 TOWER_ATTENTION = "_corematching_vision_attention"  # attribute of a tower output: [N images, P] attention received
 TOWER_KEYS = "_corematching_vision_keys"  # attribute of a tower output: [N images, P, d] keys over heads
 TOWER_HASHES = "_corematching_image_hashes"  # attribute of a tower output: [N images] hashes of its pixel inputs
+# attribute of a tower output whose patches are packed into the image tokens (tiles, unpadding, newline tokens):
+# [visual tokens of its images, in order] the flat index (tower row * P + patch) of each token's patch
+TOWER_SOURCES = "_corematching_patch_sources"
 
 
 ONE_PER_PATCH = (
@@ -44,6 +47,9 @@ class MethodInputs:
         self._tower_attention: list[torch.Tensor] = []  # per tower call, until the tower returns
         self._tower_keys: list[torch.Tensor] = []
         self._tower_hooked = False  # whether the tower's output gets what the hooks computed
+        self._last_tower_output = None  # the latest tower output, which the feature packing then describes
+        reads_tower = bool({"vision_attention", "vision_keys"} & self.wanted)
+        self.packing = adapter.feature_packing() if reads_tower else None  # (owner, name, sources) or None
 
     def hooks(self) -> list[tuple[nn.Module, Callable, bool]]:
         """(module, hook with kwargs, after) to install for the session: a forward hook when `after`, else a
@@ -56,7 +62,7 @@ class MethodInputs:
             hooks.append((self.adapter.decoder_layers[0], self._on_first_layer, False))
         if {"vision_attention", "vision_keys"} & self.wanted:
             hooks.append((self.adapter.vision_attention_module(), self._on_vision_attention, False))
-            hooks.append((self.adapter.vision_tower_module(), self._on_tower_done, True))
+            hooks.append((self.adapter.feature_tower_module(), self._on_tower_done, True))
         elif "image_fingerprint" in self.wanted:
             try:  # optional: without it, images encoded before the call (generate) get no fingerprint
                 hooks.append((self.adapter.vision_tower_module(), self._on_tower_done, True))
@@ -107,11 +113,36 @@ class MethodInputs:
         if "image_fingerprint" in self.wanted and isinstance(pixels, torch.Tensor):
             images = self.adapter.tower_images(pixels, kwargs)
             found[TOWER_HASHES] = torch.stack([content_hash(image) for image in images])
+        self._attach(output, found)
+        if self.packing is not None:
+            self._last_tower_output = output
+
+    def _attach(self, output, found: dict) -> None:
+        """What the hooks computed goes onto the tower's output object (generate() passes it back in) and to the
+        running call, if it chooses tokens."""
         for name, value in found.items():
             object.__setattr__(output, name, value)
         call = self._choosing_call()
         if call is not None:
             call.captured.update(found)
+
+    def replacements(self) -> list[tuple[object, str, Callable]]:
+        """(owner, method name, wrapper) to install for the session: the family's feature packing, wrapped to
+        record which tower patch each visual token holds, when the method reads the tower."""
+        if self.packing is None:
+            return []
+        owner, name, sources_of = self.packing
+        original = getattr(owner, name)
+
+        def packed(*args, **kwargs):
+            result = original(*args, **kwargs)
+            if self._last_tower_output is not None:
+                with torch.no_grad():
+                    self._attach(self._last_tower_output, {TOWER_SOURCES: sources_of(original, args, kwargs)})
+                self._last_tower_output = None
+            return result
+
+        return [(owner, name, packed)]
 
     def fill(self, batch: TokenBatch, call, hidden_states: torch.Tensor) -> None:
         """Put what the method asked for into batch; hidden_states [B, T, H]: the input of the layer after the
@@ -125,19 +156,26 @@ class MethodInputs:
         if "last_attention" in self.wanted:
             batch.last_attention = captured["last_attention"]
         if "vision_attention" in self.wanted:
-            per_image = self._from_tower(call, TOWER_ATTENTION, "the vision tower's attention")  # [N images, P]
-            per_image = _rows_of_batch(per_image, batch)
-            if per_image is None:
-                raise UnsupportedModelError("the vision tower ran on other images than the call's: " + ONE_PER_PATCH)
-            batch.vision_attention = _scatter_visual(per_image.reshape(-1), call.visual, "vision attention")
+            per_patch = self._tower_patches(call, batch, TOWER_ATTENTION, "the vision tower's attention")
+            batch.vision_attention = _scatter_visual(per_patch, call.visual, "vision attention")
         if "vision_keys" in self.wanted:
-            per_image = _rows_of_batch(self._from_tower(call, TOWER_KEYS, "the vision tower's keys"), batch)
-            if per_image is None:
-                raise UnsupportedModelError("the vision tower ran on other images than the call's: " + ONE_PER_PATCH)
-            batch.vision_keys = _scatter_visual(per_image.reshape(-1, per_image.shape[-1]), call.visual, "vision keys")
+            per_patch = self._tower_patches(call, batch, TOWER_KEYS, "the vision tower's keys")
+            batch.vision_keys = _scatter_visual(per_patch, call.visual, "vision keys")
         if "image_fingerprint" in self.wanted:
             batch.image_fingerprint = self._fingerprints(call, batch)
         captured.clear()
+
+    def _tower_patches(self, call, batch: TokenBatch, name: str, what: str) -> torch.Tensor:
+        """[V, ...]: what the tower hooks computed per patch ([N tower rows, P, ...]), one row per visual token of
+        the call in order: the patches in order, or, where the family packs them, each token's own patch."""
+        per_row = self._from_tower(call, name, what)
+        if self.packing is None:
+            per_row = _rows_of_batch(per_row, batch)
+            if per_row is None:
+                raise UnsupportedModelError("the vision tower ran on other images than the call's: " + ONE_PER_PATCH)
+            return per_row.flatten(0, 1)
+        sources = self._from_tower(call, TOWER_SOURCES, "which tower patch each visual token holds")
+        return per_row.flatten(0, 1)[sources.to(per_row.device)]
 
     def _fingerprints(self, call, batch: TokenBatch) -> torch.Tensor:
         """[B, T] the hash of each visual token's image input; 0 everywhere when the family's image inputs cannot

@@ -56,9 +56,8 @@ class Session:
         for layer in self.engine.neuron_layers:
             check_sliceable(adapter.ffn(layer), layer)
         self._handles = []
-        self._replaced_forwards = []  # (module, previous instance forward or None)
+        self._replaced = []  # (object, attribute name, its previous instance value or _ABSENT), restored on remove
         self._generation_config = None  # (config, previous disable_compile) while the session overrides it
-        self._mask_builder = None  # (previous instance create_masks_for_generate or None,) while replaced
         try:
             self._install()
         except BaseException:
@@ -103,8 +102,14 @@ class Session:
         for layer in sorted(engine.watched_layers):
             parts = adapter.ffn(layer)
             module = parts.module
-            self._replaced_forwards.append((module, module.__dict__.get("forward")))
-            module.forward = _FFNForward(engine, layer, parts)
+            self._replace(module, "forward", _FFNForward(engine, layer, parts))
+        for owner, name, wrapper in engine.inputs.replacements():  # methods the inputs are read from, wrapped
+            self._replace(owner, name, wrapper)
+
+    def _replace(self, owner, name: str, value) -> None:
+        """Set an instance attribute for the session's lifetime (remove() puts back what was there)."""
+        self._replaced.append((owner, name, owner.__dict__.get(name, _ABSENT)))
+        setattr(owner, name, value)
 
     def remove(self) -> None:
         """Detach: hooks removed, FFN forwards restored, FFN neurons back in their order, decisions and sliced
@@ -112,19 +117,12 @@ class Session:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for module, previous in reversed(self._replaced_forwards):
-            if previous is None:
-                module.__dict__.pop("forward", None)
+        for owner, name, previous in reversed(self._replaced):
+            if previous is _ABSENT:
+                owner.__dict__.pop(name, None)
             else:
-                module.forward = previous
-        self._replaced_forwards.clear()
-        if self._mask_builder is not None:
-            previous = self._mask_builder[0]
-            if previous is None:
-                self.model.__dict__.pop("create_masks_for_generate", None)
-            else:
-                self.model.create_masks_for_generate = previous
-            self._mask_builder = None
+                setattr(owner, name, previous)
+        self._replaced.clear()
         if self._generation_config is not None:
             config, previous = self._generation_config
             config.disable_compile = previous
@@ -146,8 +144,7 @@ class Session:
         layer; when that layer holds only the kept tokens, the mask is over cache slots, not positions. The
         session has generate() pass the 2-D padding mask instead, and the model builds its masks as for any other
         cache (the layers after the prune layer get theirs from the session)."""
-        self._mask_builder = (self.model.__dict__.get("create_masks_for_generate"),)
-        self.model.create_masks_for_generate = _padding_mask_as_is
+        self._replace(self.model, "create_masks_for_generate", _padding_mask_as_is)
 
     def __enter__(self) -> "Session":
         return self
@@ -158,6 +155,9 @@ class Session:
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
         return f"Session({self.method!r}, {self.adapter.family}, {state})"
+
+
+_ABSENT = object()  # an attribute the instance did not have before the session
 
 
 def _padding_mask_as_is(*, attention_mask=None, **_):
