@@ -236,8 +236,11 @@ def test_a_batch_of_different_sizes_equals_each_sample_alone(kind, method):
     check_batch_equals_alone(model_of(kind), batch(kind, [first, second]), alone, SUPPRESS, method)
 
 
-def test_the_model_is_restored_after_the_block_and_after_an_exception():
-    check_restored(model_of("next"), batch("next", [two_images("next")]), SUPPRESS, with_budget(0.25, True))
+@pytest.mark.parametrize("method", [with_budget(0.25, True), cm.VisionZip(dominant=4, contextual=2)],
+                         ids=["corematching", "visionzip"])
+def test_the_model_is_restored_after_the_block_and_after_an_exception(method):
+    """VisionZip also wraps the model's feature packing for the session."""
+    check_restored(model_of("next"), batch("next", [two_images("next")]), SUPPRESS, method)
 
 
 def test_pixels_without_image_sizes_are_named():
