@@ -341,6 +341,15 @@ def test_visionzip_on_tiles_equals_the_oracle():
     assert record.prune_layer == -1 and len(record.kept_visual_positions[0]) == 10
 
 
+def test_visionzip_on_tiles_with_beam_search_over_a_batch_equals_the_oracle():
+    """generate() encodes the images once and expands the rows: each row reads its own sample's patches."""
+    model = model_of("next")
+    inputs = batch("next", [sample("next", [(18, 12), (12, 24)], text_before=2, text_after=3, seed=5),
+                            sample("next", [(24, 12)], text_before=4, text_after=2, seed=7)])
+    check_against_oracle(model, model.model.language_model, inputs, SUPPRESS, cm.VisionZip(dominant=5, contextual=0),
+                         num_beams=2, num_return_sequences=2)
+
+
 def test_visionzip_merges_tiles_by_their_own_patch_keys():
     """Contextual tokens on tiles: the layer-0 input under the session holds the kept tokens, each target merged
     by the documented rule with the tower keys of its own tile's patch (mapped by hand)."""

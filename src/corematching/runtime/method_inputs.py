@@ -175,7 +175,10 @@ class MethodInputs:
                 raise UnsupportedModelError("the vision tower ran on other images than the call's: " + ONE_PER_PATCH)
             return per_row.flatten(0, 1)
         sources = self._from_tower(call, TOWER_SOURCES, "which tower patch each visual token holds")
-        return per_row.flatten(0, 1)[sources.to(per_row.device)]
+        per_token = _expanded(per_row.flatten(0, 1)[sources.to(per_row.device)], call.visual.sum(1).tolist())
+        if per_token is None:
+            raise UnsupportedModelError("the vision tower ran on other images than the call's")
+        return per_token
 
     def _fingerprints(self, call, batch: TokenBatch) -> torch.Tensor:
         """[B, T] the hash of each visual token's image input; 0 everywhere when the family's image inputs cannot
@@ -228,25 +231,27 @@ def _scatter_visual(flat_values: torch.Tensor, visual: torch.Tensor, name: str) 
 
 
 def _rows_of_batch(per_image: torch.Tensor, batch: TokenBatch) -> torch.Tensor | None:
-    """per_image [N, ...] over the images as the tower saw them -> one entry per image of the batch's rows.
+    """per_image [N, ...] over the images as the tower saw them -> one entry per image of the batch's rows."""
+    return _expanded(per_image, (batch.image_index.amax(dim=1) + 1).clamp(min=0).tolist())
 
-    They are the same unless generation expanded the batch (beam search, several return sequences): then each
-    sample's group of images is repeated for its e consecutive rows, as `generate` expands the encoded images.
-    None when the counts do not fit either way."""
-    images_per_row = (batch.image_index.amax(dim=1) + 1).clamp(min=0).tolist()
-    total, count = sum(images_per_row), per_image.shape[0]
+
+def _expanded(values: torch.Tensor, per_row: list[int]) -> torch.Tensor | None:
+    """values [N, ...], `per_row[r]` entries for each row of the batch in order, computed before generation
+    expanded the batch (beam search, several return sequences): then each sample's entries are repeated for its
+    e consecutive rows, as `generate` expands the encoded images. None when the counts do not fit either way."""
+    total, count = sum(per_row), values.shape[0]
     if total == count:
-        return per_image
-    rows = len(images_per_row)
+        return values
+    rows = len(per_row)
     if count == 0 or total % count or rows % (total // count):
         return None
     expand = total // count
     groups, start = [], 0
     for first in range(0, rows, expand):
-        size = images_per_row[first]
-        if any(images_per_row[row] != size for row in range(first, first + expand)):
+        size = per_row[first]
+        if any(per_row[row] != size for row in range(first, first + expand)):
             return None
-        groups += [per_image[start : start + size]] * expand
+        groups += [values[start : start + size]] * expand
         start += size
     return torch.cat(groups) if start == count else None
 
