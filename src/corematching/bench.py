@@ -450,6 +450,7 @@ def main(argv: list[str]) -> int:
                 **measured[spec],
                 "accuracy": summary.accuracy if summary else None,
                 "object_recall": summary.object_recall if summary else None,
+                "accuracy_per_kind": summary.per_kind if summary else None,  # scene questions: {kind: (acc, n)}
                 "answered": summary.answered if summary else 0,
                 "environment": {"device": str(model.device), "dtype": str(model.dtype),
                                 "threads": torch.get_num_threads(), "torch": torch.__version__},
