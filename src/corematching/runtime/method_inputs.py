@@ -175,7 +175,10 @@ class MethodInputs:
                 raise UnsupportedModelError("the vision tower ran on other images than the call's: " + ONE_PER_PATCH)
             return per_row.flatten(0, 1)
         sources = self._from_tower(call, TOWER_SOURCES, "which tower patch each visual token holds")
-        per_token = _expanded(per_row.flatten(0, 1)[sources.to(per_row.device)], call.visual.sum(1).tolist())
+        per_patch = per_row.flatten(0, 1)
+        if sources.numel() and int(sources.max()) >= per_patch.shape[0]:
+            raise UnsupportedModelError("the vision tower ran on other images than the call's packed features")
+        per_token = _expanded(per_patch[sources.to(per_row.device)], call.visual.sum(1).tolist())
         if per_token is None:
             raise UnsupportedModelError("the vision tower ran on other images than the call's")
         return per_token
