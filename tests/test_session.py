@@ -227,3 +227,11 @@ def test_an_unsupported_attention_implementation_is_named(tiny_llava):
     finally:
         language_config._attn_implementation = original
     assert language_config._attn_implementation == original
+
+
+def test_generation_compile_is_switched_off_for_the_session_only(tiny_llava):
+    model = tiny_llava()
+    before = model.generation_config.disable_compile
+    with cm.sparsify(model, cm.CoreMatching(prune_layer=1, token_budget=4)):
+        assert model.generation_config.disable_compile is True
+    assert model.generation_config.disable_compile == before

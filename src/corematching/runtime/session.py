@@ -57,7 +57,6 @@ class Session:
             check_sliceable(adapter.ffn(layer), layer)
         self._handles = []
         self._replaced = []  # (object, attribute name, its previous instance value or _ABSENT), restored on remove
-        self._generation_config = None  # (config, previous disable_compile) while the session overrides it
         try:
             self._install()
         except BaseException:
@@ -112,8 +111,8 @@ class Session:
         setattr(owner, name, value)
 
     def remove(self) -> None:
-        """Detach: hooks removed, FFN forwards restored, FFN neurons back in their order, decisions and sliced
-        weights dropped. Idempotent."""
+        """Detach: hooks removed, replaced attributes (FFN forwards, generation settings, wrapped methods)
+        restored, FFN neurons back in their order, decisions and sliced weights dropped. Idempotent."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -123,10 +122,6 @@ class Session:
             else:
                 setattr(owner, name, previous)
         self._replaced.clear()
-        if self._generation_config is not None:
-            config, previous = self._generation_config
-            config.disable_compile = previous
-            self._generation_config = None
         self.token.active = False  # caches it filled refuse to be continued from now on
         self.engine.reset()
         if _ACTIVE.get(self.adapter.entry_module) is self:
@@ -136,8 +131,7 @@ class Session:
         """generate() compiles the forward on GPUs when the cache is static; a sparsified forward must run eagerly."""
         config = getattr(self.model, "generation_config", None)
         if config is not None and hasattr(config, "disable_compile"):
-            self._generation_config = (config, config.disable_compile)
-            config.disable_compile = True
+            self._replace(config, "disable_compile", True)
 
     def _keep_generation_masks_2d(self) -> None:
         """generate() builds the 4-D masks of a static cache itself, each layer type's from the cache of its first
