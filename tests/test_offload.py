@@ -256,3 +256,58 @@ def test_dat_files_hold_what_the_reader_reads(checkpoint, tmp_path):
     assert torch.equal(slices.up, reference.up_proj.weight[union])
     assert torch.equal(slices.gate, reference.gate_proj.weight[union])
     assert torch.equal(slices.down, reference.down_proj.weight[:, union])
+
+
+# ---------------------------------------------------------------------------------------------- the benchmark's model
+
+
+def bench_offload():
+    """benchmarks/bench_offload.py, imported from its file."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_offload.py"
+    spec = importlib.util.spec_from_file_location("bench_offload", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_model_is_generated_atomically_and_resumed(tmp_path, monkeypatch):
+    bench = bench_offload()
+    config = bench.model_config(scale=1 / 32, layers=4)
+    folder = tmp_path / "model"
+    shards = bench.shard_plan(config)
+    assert len(shards) == 5  # one per decoder layer, one for the rest
+    bench.generate_model(folder, config)
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    assert model.config.text_config.hidden_size == 128 and model.config.text_config.num_hidden_layers == 4
+    norm = model.model.language_model.layers[1].input_layernorm.weight
+    assert torch.equal(norm, torch.ones_like(norm))
+    expected = {name: tensor.clone() for name, tensor in model.state_dict().items()}  # off the memory map
+    del model
+
+    first, second = sorted(shards)[:2]
+    written = (folder / first).stat().st_mtime_ns
+    damaged = (folder / second).read_bytes()[:100]
+    (folder / second).unlink()
+    (folder / second).write_bytes(damaged)  # a damaged shard
+    (folder / "rest.safetensors.partial").write_bytes(b"interrupted")  # an interrupted write
+    bench.generate_model(folder, config)
+    assert (folder / first).stat().st_mtime_ns == written  # complete shards are kept
+    assert not list(folder.glob("*.partial"))
+    reloaded = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    again = reloaded.state_dict()
+    assert all(torch.equal(tensor, again[name]) for name, tensor in expected.items())  # drawn per tensor name
+    del reloaded, again
+
+    (folder / second).unlink()
+    monkeypatch.setattr(bench.shutil, "disk_usage", lambda path: shutil_usage(free=1 << 20))
+    with pytest.raises(SystemExit, match="not enough free disk"):
+        bench.generate_model(folder, config)
+
+
+def shutil_usage(free: int):
+    import shutil
+
+    return shutil._ntuple_diskusage(total=free, used=0, free=free)
