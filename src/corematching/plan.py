@@ -30,7 +30,7 @@ from .methods import CoreMatching
 from .models import adapter_for
 
 BETAS_TRIED = (0.3, 0.2, 0.1)  # smaller betas tried, in order, when the method's does not fit
-RUNTIME_BYTES = 768 << 20  # the process without the model: Python, torch, transformers (peak RSS measured ~0.6 GiB)
+RUNTIME_BYTES = 512 << 20  # the process without the model: Python, torch, transformers (measured ~0.4 GiB RSS)
 SLICE_READ_BLOCK = 64 << 20  # runtime/offload.py reads down_proj in blocks of rows of this size
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}  # fmt: skip
@@ -151,11 +151,12 @@ def plan_memory(
                 return MemoryPlan(budget, True, beta, layers, chosen, device_map, components, dense_bytes, notes)
     smallest, layers, beta, components = min(tried, key=lambda entry: entry[0])
     table = "\n".join(f"  {name:<28}{format_bytes(size):>12}" for name, size in components.items())
+    largest = max(components, key=components.get)
     raise PlanError(
         f"the model does not fit in {format_bytes(budget)}: dense it needs {format_bytes(dense_bytes)}, and the "
         f"smallest plan tried (FFNs of layers {_ranges(layers)} offloaded, core neurons at beta {beta}) needs "
         f"{format_bytes(smallest)}, {format_bytes(smallest - budget)} over:\n{table}\n"
-        "a smaller dtype, fewer text tokens, a smaller token_budget, or a larger budget would help"
+        f"the largest part is the {largest}; a smaller dtype or a larger budget would help"
     )
 
 

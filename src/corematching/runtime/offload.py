@@ -257,6 +257,5 @@ def _device_of(linear) -> torch.device:
     """Where the module computes: its hook's execution device, else where its weight is."""
     hook = offload_hook(linear)
     if hook is not None and getattr(hook, "execution_device", None) is not None:
-        device = hook.execution_device
-        return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+        return torch.device(hook.execution_device)  # accelerate names an accelerator by its index
     return linear.weight.device
