@@ -1,7 +1,7 @@
 """Dense with accelerate's disk offload against CoreMatching, on a model larger than the memory it runs in.
 
 The model has LLaVA-1.5-7B's language model geometry (Vicuna-7B: 32 layers, hidden 4096, FFN 11008, 32 heads,
-vocabulary 32064) with random weights, fp32 (about 27 GB), and a smaller CLIP vision tower (hidden 256, 4 layers,
+vocabulary 32064) with random weights, fp32 (25.2 GiB, 27 GB), and a smaller CLIP vision tower (hidden 256, 4 layers,
 336 px / 14 px patches: the 576 visual tokens of CLIP-L/336, at a fraction of its cost; said in every record).
 `--scale s` narrows hidden and FFN widths by s and `--layers n` keeps n layers, for runs that fit a small machine.
 
@@ -24,7 +24,7 @@ vocabulary 32064) with random weights, fp32 (about 27 GB), and a smaller CLIP vi
    before the run), bytes read from disk (/proc/self/io read_bytes) and bytes the offload store handed out.
    Ratios are medians of the per-repetition ratios, from this one run.
 
-    python benchmarks/bench_offload.py --dir /data/llava7b-random          # full size: 27 GB of disk, 24 GiB budget
+    python benchmarks/bench_offload.py --dir /data/llava7b-random          # full size: 28 GB of disk, 24 GiB budget
     python benchmarks/bench_offload.py --dir /tmp/small --scale 0.125 --layers 8 --memory auto
     python benchmarks/bench_offload.py ... --placement resident            # the same, nothing offloaded
 """
