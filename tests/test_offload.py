@@ -258,6 +258,22 @@ def test_dat_files_hold_what_the_reader_reads(checkpoint, tmp_path):
     assert torch.equal(slices.down, reference.down_proj.weight[:, union])
 
 
+def test_slices_are_converted_to_the_dtype_the_model_loads_in(checkpoint, tmp_path):
+    model = LlavaForConditionalGeneration.from_pretrained(
+        checkpoint, device_map=ffns_on_disk(), offload_folder=tmp_path / "offload", dtype=torch.bfloat16
+    )
+    reference = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    union = torch.tensor([3, 4, 5, 40, 90])
+    slices = offload.read_core_slices(cm.models.adapter_for(model).ffn(3), union)
+    mlp = reference.model.language_model.layers[3].mlp
+    assert slices.up.dtype == torch.bfloat16
+    assert torch.equal(slices.up, mlp.up_proj.weight[union]) and torch.equal(
+        slices.down, mlp.down_proj.weight[:, union]
+    )
+    # read in the checkpoint's fp32: the core rows of gate and up, the whole down_proj
+    assert slices.bytes_read == (2 * len(union) * 64 + 64 * 96) * 4
+
+
 # ---------------------------------------------------------------------------------------------- the benchmark's model
 
 
