@@ -217,6 +217,22 @@ def test_whole_offloaded_layers_and_a_text_only_row_decode_exactly(checkpoint, t
     torch.testing.assert_close(results[0][1], results[1][1], atol=ATOL, rtol=0)
 
 
+def test_a_device_map_chosen_by_accelerate_under_max_memory_decodes_exactly(checkpoint, tmp_path):
+    model = LlavaForConditionalGeneration.from_pretrained(
+        checkpoint, device_map="auto", max_memory={"cpu": 150_000}, offload_folder=tmp_path / "offload",
+        dtype=torch.float32,
+    )  # fmt: skip
+    model.generation_config.eos_token_id = None
+    assert "disk" in model.hf_device_map.values()
+    loaded = build_tiny_llava()
+    results = []
+    for target in (model, loaded):
+        with cm.sparsify(target, method()):
+            results.append(greedy_with_logits(target, padded_pair(), STEPS))
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1], atol=ATOL, rtol=0)
+
+
 def test_every_neuron_core_decodes_through_the_hooks(checkpoint, tmp_path):
     model = offloaded(checkpoint, tmp_path, "safetensors")
     loaded = build_tiny_llava()
