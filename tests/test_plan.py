@@ -65,7 +65,9 @@ def test_the_7b_geometry_offloads_the_ffns_of_the_neuron_layers_at_12_gib_in_flo
     assert result.offload and result.neuron_layers == layers and result.beta == 0.4
     ffn = 3 * 4096 * 11008 * 2  # gate, up, down in fp16
     shared = sum(result.components[name] for name in ("KV cache", "prefill activations", "runtime (Python, torch)"))
-    assert result.dense_bytes - shared - result.components["parameters (resident)"] == len(layers) * ffn
+    assert result.dense_bytes - shared - result.resident_parameters == len(layers) * ffn
+    assert result.components["FFNs (resident)"] == 3 * ffn  # layers 0-2 decode densely
+    assert result.components["embeddings and head"] == 2 * 32064 * 4096 * 2
     assert result.components["core slices"] == len(layers) * 3 * 4096 * math.ceil(0.4 * 11008) * 2
     assert result.total <= 12 * 2**30 < result.dense_bytes
     assert result.method.neuron_layers == list(layers) and result.method.token_budget == 64
@@ -114,7 +116,10 @@ def test_the_plan_matches_a_model_loaded_with_its_device_map(tmp_path):
     )
     model.generation_config.eos_token_id = None
     resident = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
-    assert resident == result.components["parameters (resident)"]
+    assert resident == result.resident_parameters
+    vision = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "language_model" not in name)
+    head, norm = model.lm_head.weight.numel() * 4, model.model.language_model.norm.weight.numel() * 4
+    assert result.components["vision tower, projector, rest"] == vision - head + norm
     try:
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")  # the peak RSS restarts from the current RSS

@@ -82,6 +82,12 @@ class MemoryPlan:
     def total(self) -> int:
         return sum(self.components.values())
 
+    @property
+    def resident_parameters(self) -> int:
+        """Bytes of the parameters that stay resident (everything but the offloaded FFNs)."""
+        parts = ("attention and norms", "FFNs (resident)", "embeddings and head", "vision tower, projector, rest")
+        return sum(self.components[part] for part in parts)
+
     def explain(self) -> str:
         lines = [f"budget {format_bytes(self.budget)}: fits, {format_bytes(self.total)} planned"]
         if self.offload:
@@ -89,7 +95,7 @@ class MemoryPlan:
                          f"{self.beta} resident")  # fmt: skip
         else:
             lines.append("nothing offloaded (the dense model fits)")
-        lines += [f"  {name:<28}{format_bytes(size):>12}" for name, size in self.components.items()]
+        lines += [f"  {name:<32}{format_bytes(size):>12}" for name, size in self.components.items()]
         lines.append(f"  (the dense model, nothing offloaded: {format_bytes(self.dense_bytes)})")
         return "\n".join(lines + self.notes)
 
@@ -131,7 +137,7 @@ def plan_memory(
         "prefill activations": geometry.activation_bytes(text_tokens + visual, visual),
         "runtime (Python, torch)": runtime_bytes,
     }
-    dense = {"parameters": geometry.all_parameters, **shared}
+    dense = {**geometry.parameter_parts(()), **shared}
     dense_bytes = sum(dense.values())
     if dense_bytes <= budget:
         layers = tuple(method.neuron_layer_indices(geometry.num_layers))
@@ -150,7 +156,7 @@ def plan_memory(
                 device_map = geometry.device_map(layers, device, "disk" if device == "cpu" else "cpu")
                 return MemoryPlan(budget, True, beta, layers, chosen, device_map, components, dense_bytes, notes)
     smallest, layers, beta, components = min(tried, key=lambda entry: entry[0])
-    table = "\n".join(f"  {name:<28}{format_bytes(size):>12}" for name, size in components.items())
+    table = "\n".join(f"  {name:<32}{format_bytes(size):>12}" for name, size in components.items())
     largest = max(components, key=components.get)
     raise PlanError(
         f"the model does not fit in {format_bytes(budget)}: dense it needs {format_bytes(dense_bytes)}, and the "
@@ -176,6 +182,12 @@ class _Geometry:
         names = {id(module): name for name, module in model.named_modules()}
         self.ffn_names = {layer: names[id(parts.module)] for layer, parts in self.ffns.items()}
         self.all_parameters = self._bytes(model)
+        self.decoder_bytes = sum(self._bytes(layer) for layer in adapter.decoder_layers)
+        self.ffn_bytes = {layer: self._bytes(parts.module) for layer, parts in self.ffns.items()}
+        embeddings = {id(p): p for p in model.get_input_embeddings().parameters()}
+        head = model.get_output_embeddings()
+        embeddings.update({id(p): p for p in (head.parameters() if head is not None else ())})  # tied: counted once
+        self.embedding_bytes = sum(p.numel() for p in embeddings.values()) * self.size
         text = model.config.get_text_config()
         self.hidden = text.hidden_size
         self.heads = text.num_attention_heads
@@ -191,8 +203,17 @@ class _Geometry:
     def _bytes(self, module: nn.Module) -> int:
         return sum(p.numel() for p in module.parameters()) * self.size
 
+    def parameter_parts(self, offloaded: tuple[int, ...]) -> dict[str, int]:
+        """Resident parameter bytes by part, the FFNs of the `offloaded` layers left out."""
+        ffns = sum(self.ffn_bytes.values())
+        return {
+            "attention and norms": self.decoder_bytes - ffns,
+            "FFNs (resident)": ffns - sum(self.ffn_bytes[layer] for layer in offloaded),
+            "embeddings and head": self.embedding_bytes,
+            "vision tower, projector, rest": self.all_parameters - self.decoder_bytes - self.embedding_bytes,
+        }
+
     def offloaded_components(self, layers: tuple[int, ...], beta: float, shared: dict) -> dict[str, int]:
-        ffn_bytes = sum(self._bytes(self.ffns[layer].module) for layer in layers)
         slices = 0
         transient = 0
         for layer in layers:
@@ -207,7 +228,7 @@ class _Geometry:
             reader = min(SLICE_READ_BLOCK, projection) + hidden * core * self.size  # a block of down rows, the slice
             transient = max(transient, 2 * projection, reader)
         return {
-            "parameters (resident)": self.all_parameters - ffn_bytes,
+            **self.parameter_parts(layers),
             "core slices": slices,
             "streamed FFN (transient)": transient,
             **shared,
