@@ -150,3 +150,5 @@ def test_the_cli_function_prints_the_plan(tmp_path, capsys):
     args = parser.parse_args(["plan", "--model", str(tmp_path), "--memory", "2GiB"])
     assert args.run(args) == 1
     assert "does not fit" in capsys.readouterr().out
+    assert plan.main(["--model", str(tmp_path), "--memory", "40GiB", "--dtype", "float32"]) == 0
+    assert "nothing offloaded" in capsys.readouterr().out

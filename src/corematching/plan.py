@@ -328,8 +328,24 @@ def _ranges(layers) -> str:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """`corematching plan --model PATH --memory 12GiB [--dtype float16] [--beta 0.4] ...`."""
-    parser = subparsers.add_parser("plan", help="say whether a model runs in a memory budget, and how")
+    """`corematching plan --model PATH --memory 12GiB [--dtype float16] [--beta 0.4] ...` as a subcommand."""
+    parser = subparsers.add_parser("plan", help=PLAN_HELP)
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """The subcommand on its own: `main(["--model", PATH, "--memory", "12GiB"])` -> exit status."""
+    parser = argparse.ArgumentParser(prog="corematching plan", description=PLAN_HELP)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+PLAN_HELP = "say whether a model runs in a memory budget, and how"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a local model folder (its config.json is read)")
     parser.add_argument("--memory", required=True, help="the budget: bytes, or a size such as 12GiB")
     parser.add_argument("--dtype", default="float16")
@@ -341,7 +357,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--visual-tokens", type=int, default=None)
     parser.add_argument("--answer-tokens", type=int, default=32)
     parser.set_defaults(run=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:

@@ -213,7 +213,7 @@ class Engine:
         if call.kind == CallKind.FRESH or call.chooses_tokens:
             self.last = self._record(call)
             state = state_of(cache) if cache is not None else None
-            if self.offloaded_ffns and call.kind == CallKind.FRESH and state is not None and state.decision:
+            if self.offloaded_ffns and call.kind == CallKind.FRESH and state is not None and state.decision is not None:
                 self._read_offloaded_slices(state.decision)
 
     def _read_offloaded_slices(self, decision: NeuronDecision) -> None:
