@@ -429,15 +429,16 @@ def print_table(report: dict) -> None:
           f"{format_bytes(report['model_bytes'])}, budget {format_bytes(report['memory_budget'])}, "
           f"{report['placement']}, {report['threads']} threads, {report['reps']} reps")  # fmt: skip
     header = f"{'':<10}{'prefill s':>10}{'decode s/tok':>13}{'e2e s':>9}{'decode x':>9}{'e2e x':>7}"
-    header += f"{'peak RSS':>12}{'disk read':>12}{'store read':>12}{'slices':>11}"
+    header += f"{'peak RSS':>12}{'disk read':>12}{'store read':>12}{'slices':>11}{'slices read':>12}"
     print(header)
     for name, row in report["summary"].items():
         peak = format_bytes(int(row["peak_rss_bytes"])) if "peak_rss_bytes" in row else "-"
         slices = format_bytes(int(row["resident_slice_bytes"])) if "resident_slice_bytes" in row else "-"
+        slices_read = format_bytes(int(row["slice_bytes_read"])) if "slice_bytes_read" in row else "-"
         print(f"{name:<10}{row['prefill_s']:>10.2f}{row['decode_s_per_token']:>13.4f}{row['end_to_end_s']:>9.2f}"
               f"{row.get('decode_s_per_token_speedup', 1):>9.2f}{row.get('end_to_end_s_speedup', 1):>7.2f}"
               f"{peak:>12}{format_bytes(int(row['disk_read_bytes'])):>12}{format_bytes(int(row['store_bytes'])):>12}"
-              f"{slices:>11}")  # fmt: skip
+              f"{slices:>11}{slices_read:>12}")  # fmt: skip
 
 
 if __name__ == "__main__":
