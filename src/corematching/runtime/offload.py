@@ -60,7 +60,7 @@ def readable(linear: torch.nn.Module) -> bool:
         return False
     try:
         return _locate(hook.weights_map, "weight") is not None
-    except KeyError:
+    except (KeyError, OSError, ValueError):  # a store of another kind, or a file that is gone or unreadable
         return False
 
 
