@@ -6,8 +6,9 @@ prompt (text tokens + one image) and a short answer:
     the FFNs of the layers that decode densely;
   - the core-neuron slices of the neuron layers (ceil(beta * F) rows of gate/up and columns of down per layer,
     runtime/offload.py) when their FFN originals are offloaded;
-  - the transient of the streamed prefill: one offloaded projection brought in (twice, for the read and the
-    placed copy), or the slice reader's block of down_proj rows, whichever is larger;
+  - the transient of the streamed prefill: twice one offloaded FFN (its projections brought in, read and placed;
+    a fresh process peaked about six projections above its steady state), or the slice reader's block of
+    down_proj rows, whichever is larger;
   - the KV cache: every token in the layers up to the prune layer K, the kept tokens after it, plus the answer;
   - prefill activations: hidden states, the FFN intermediates, the attention scores, the method's selection
     buffers, the vision tower's and the logits;
@@ -226,7 +227,7 @@ class _Geometry:
             slices += (sum(biased) * core + (hidden if parts.down.bias is not None else 0)) * self.size
             projection = width * hidden * self.size
             reader = min(SLICE_READ_BLOCK, projection) + hidden * core * self.size  # a block of down rows, the slice
-            transient = max(transient, 2 * projection, reader)
+            transient = max(transient, 2 * (projections + 1) * projection, reader)
         return {
             **self.parameter_parts(layers),
             "core slices": slices,
