@@ -5,10 +5,12 @@ with multimodal RoPE (M-RoPE).
   them (the processor wraps each in vision_start / vision_end), with its own grid from `image_grid_thw` /
   `video_grid_thw` after the spatial merge: t x (h / m) x (w / m) tokens; a video's frames are stacked into one
   grid of t * h / m rows, and the budget counts the whole video.
-- Positions: the model computes the 3-D position ids (temporal, height, width) of the whole prompt and caches
-  `rope_deltas`; decoding continues from the cache length of layer 0 (which holds every token) plus those
-  deltas, so generated tokens get exactly their dense positions. The decoder layers receive the position
-  embeddings already composed per token ([B, T, D]); the kept tokens' rows are gathered from them.
+- Positions: the model computes the 3-D position ids (temporal, height, width) of the whole prompt and keeps
+  `rope_deltas` on the model; decoding continues from the cache length of layer 0 (which holds every token) plus
+  those deltas, so generated tokens get exactly their dense positions. The deltas are the conversation's, not the
+  model's: under a session they are saved on the cache after each call and put back before a continuation
+  (runtime/conversation.py), also before generate() reads them to prepare its position ids. The decoder layers
+  receive the position embeddings already composed per token ([B, T, D]); the kept tokens' rows are gathered from them.
 - Qwen3-VL adds DeepStack visual features into the first decoder layers at the visual positions; tokens must
   not be removed before those layers are done, so the prune layer must be at least the last DeepStack layer.
 """
@@ -69,6 +71,18 @@ class QwenVLAdapter(ModelAdapter):
                 f"0..{self.deepstack_layers - 1} at the visual positions, so tokens can be removed only after layer "
                 f"{self.deepstack_layers - 1} (prune_layer >= {self.deepstack_layers - 1})"
             )
+
+    def conversation_state(self) -> dict[str, torch.Tensor | None]:
+        return {"rope_deltas": self.entry_module.rope_deltas}  # [B, 1] M-RoPE position minus token index
+
+    def restore_conversation_state(self, values: dict[str, torch.Tensor | None]) -> None:
+        self.entry_module.rope_deltas = values["rope_deltas"]
+
+    def generation_position_readers(self) -> list[tuple[object, str]]:
+        # generate() computes the position ids of a whole call from rope_deltas before the first forward
+        if self.model is self.entry_module:
+            return []
+        return [(self.model, "_prepare_position_ids_for_generation")]
 
     def ffn(self, layer: int) -> FFNParts:
         return gated_mlp_parts(self.decoder_layers[layer], layer)

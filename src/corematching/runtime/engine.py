@@ -35,6 +35,7 @@ from .cache_state import (
     detach_state,
     state_of,
 )
+from .conversation import ConversationKeeper
 from .ffn import SlicedFFN, dense_ffn, masked_ffn
 from .masks import padding_mask_from_4d, upper_attention_mask
 from .method_inputs import MethodInputs
@@ -122,6 +123,7 @@ class Engine:
         self._sliced: OrderedDict[int, tuple[weakref.ref, dict]] = OrderedDict()
         # neuron_weights="in_place": the layers whose FFN neurons are reordered for a decision (neuron_order.py)
         self.neuron_order = NeuronOrder() if neuron_weights == "in_place" else None
+        self.conversation = ConversationKeeper(adapter)  # the model's state between calls travels with caches
 
     def reset(self) -> None:
         """Drop decisions and sliced weights; FFN neurons back in their original order."""
@@ -157,6 +159,7 @@ class Engine:
                 f"the KV cache holds {past} tokens but its sparsified prefill recorded {state.length}: it was "
                 "changed outside the session"
             )
+        self.conversation.enter(entry.cache, past, entry.batch_size)
         self.adapter.check_attention()
         mask = entry.attention_mask
         if isinstance(mask, dict) and "full_attention" in mask:
@@ -196,6 +199,7 @@ class Engine:
 
     def on_entry_done(self, output) -> None:
         call, self.call = self.call, None
+        self.conversation.leave(self.adapter.output_cache(output))
         if call is None:
             return
         cache = call.entry.cache if call.entry.cache is not None else self.adapter.output_cache(output)

@@ -84,6 +84,8 @@ class Session:
         entry = adapter.entry_module
         self._handles.append(entry.register_forward_pre_hook(on_entry, with_kwargs=True))
         self._handles.append(entry.register_forward_hook(on_entry_done))
+        for owner, name, wrapper in engine.conversation.replacements():  # generate() reads the positions' state
+            self._replace(owner, name, wrapper)
         if not engine.changes_model:
             return
         self._handles.append(adapter.top_module().register_forward_pre_hook(_refuse_labels, with_kwargs=True))
