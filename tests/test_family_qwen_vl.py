@@ -119,11 +119,22 @@ def oracle(model, record, length: int):
     )
 
 
+def assert_pruned(record) -> None:
+    """Tokens really were removed: every sample with images kept some of its visual tokens, not all."""
+    kept = (record.keep_mask & record.visual_mask).sum(1)
+    visual = record.visual_mask.sum(1)
+    with_images = visual > 0
+    assert with_images.any()
+    assert bool((kept[with_images] > 0).all()) and bool((kept[with_images] < visual[with_images]).all()), (kept, visual)
+
+
 def check_against_oracle(model, inputs, method, **options):
-    """options: more generate() arguments for the sparsified run (the oracle runs with a dynamic cache)."""
+    """options: more generate() arguments for the sparsified run (the oracle runs with a dynamic cache). The
+    method must remove visual tokens (checked)."""
     with cm.sparsify(model, method) as session:
         tokens, logits = generate(model, inputs, **options)
         record = session.last
+    assert_pruned(record)
     with oracle(model, record, inputs["input_ids"].shape[1]):
         expected_tokens, expected_logits = generate(model, inputs)
     assert torch.equal(tokens, expected_tokens)
@@ -199,6 +210,7 @@ def test_batch_of_different_image_sizes_equals_each_alone():
     with cm.sparsify(model, method) as session:
         tokens, logits = generate(model, batch)
         kept_in_batch = session.last.kept_positions
+        assert_pruned(session.last)
         for row, sample in enumerate((first, second)):
             alone_tokens, alone_logits = generate(model, inputs_of(*sample))
             offset = width - len(sample[0])
