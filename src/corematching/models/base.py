@@ -283,6 +283,13 @@ class ModelAdapter:
     def restore_conversation_state(self, values: dict[str, torch.Tensor | None]) -> None:
         """Put back into the model what conversation_state() returned."""
 
+    def between_layer_wrappers(self, kept_tokens: Callable[[], tuple | None]) -> list[tuple[object, str, Callable]]:
+        """(owner, method name, wrapper) for methods the language model calls between decoder layers that add
+        per-token inputs over the full sequence (Qwen3-VL's DeepStack features); each wrapper applies them to the
+        tokens the layers hold: kept_tokens() gives (index [B, L] of each held token in the call, valid [B, L]),
+        or None while every token is held in place."""
+        return []
+
     def generation_position_readers(self) -> list[tuple[object, str]]:
         """(owner, method name) of the methods generate() calls before its first forward, with (inputs_tensor,
         model_kwargs), that read the conversation state from the model."""

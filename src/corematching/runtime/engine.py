@@ -125,6 +125,16 @@ class Engine:
         self.neuron_order = NeuronOrder() if neuron_weights == "in_place" else None
         self.conversation = ConversationKeeper(adapter)  # the model's state between calls travels with caches
 
+    def model_replacements(self) -> list[tuple[object, str, object]]:
+        """(owner, method name, wrapper) the session installs on the model: where generate() reads the state a
+        conversation keeps on the model, and per-token inputs added between decoder layers (to the kept tokens)."""
+        return self.conversation.replacements() + self.adapter.between_layer_wrappers(self._held_tokens)
+
+    def _held_tokens(self) -> tuple | None:
+        """(index [B, L] in the call, valid [B, L]) of the call's tokens the current layers hold; None: all."""
+        layout = self.call.layout if self.call is not None else None
+        return None if layout is None else (layout.source_index, layout.slot_valid)
+
     def reset(self) -> None:
         """Drop decisions and sliced weights; FFN neurons back in their original order."""
         self.call = None

@@ -84,7 +84,7 @@ class Session:
         entry = adapter.entry_module
         self._handles.append(entry.register_forward_pre_hook(on_entry, with_kwargs=True))
         self._handles.append(entry.register_forward_hook(on_entry_done))
-        for owner, name, wrapper in engine.conversation.replacements():  # generate() reads the positions' state
+        for owner, name, wrapper in engine.model_replacements():  # conversation state, inputs between layers
             self._replace(owner, name, wrapper)
         if not engine.changes_model:
             return
