@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from family_checks import check_restored
 from oracle import masked_reference, removed_mask
 
 import corematching as cm
@@ -250,3 +251,10 @@ def test_the_model_is_restored_after_an_exception():
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in before.items())
     assert all("forward" not in vars(module) for module in model.modules())
     assert not any(module._forward_pre_hooks for module in model.modules())
+
+
+@pytest.mark.parametrize("kind", ["qwen2.5", "qwen3"])
+def test_the_model_is_restored_with_its_generation_and_deepstack_methods(kind):
+    """The session wraps generate()'s position preparation (and Qwen3-VL's DeepStack step): all put back."""
+    method = cm.CoreMatching(prune_layer=0, token_budget=0.5, beta=0.5, neuron_layers=[2])
+    check_restored(model_of(kind), inputs_of(*TWO_IMAGES), [IMAGE, VIDEO, START, END], method)
