@@ -39,7 +39,7 @@ from .ffn import SlicedFFN, dense_ffn, masked_ffn
 from .masks import padding_mask_from_4d, upper_attention_mask
 from .method_inputs import MethodInputs
 from .neuron_order import NeuronOrder, prefix_ffn
-from .packing import PackedLayout, pack_kept_tokens
+from .packing import PackedLayout, pack_kept_tokens, packed_sequence_ids
 from .records import SparsityRecord
 
 SLICED_DECISIONS_KEPT = 4  # sliced weights of this many recent prefills stay gathered
@@ -84,6 +84,7 @@ class CallState:
     captured: dict = field(default_factory=dict)  # what the method asked for, caught on the way (method_inputs.py)
     merged_hidden: torch.Tensor | None = None  # [B, q', H] new hidden states of kept tokens entering a stage
     stages: list[StageCall] = field(default_factory=list)  # the stages the call has reached so far
+    sequences: torch.Tensor | None = None  # [B, q] packed sequence of each new token (None: one per row)
 
     @property
     def layout(self) -> PackedLayout | None:
@@ -251,8 +252,10 @@ class Engine:
         state = call.state
         if call.kind == CallKind.FRESH:
             decision = None
-            if call.neurons:
-                sparse_rows = call.neuron_rows
+            sparse_rows = call.neuron_rows
+            # no decision when no row decodes with core neurons (no row has a visual token that is not padding):
+            # every row decodes dense, and an empty union of core neurons is never sliced
+            if call.neurons and bool(sparse_rows.any()):
                 decision = NeuronDecision(dict(call.neurons), sparse_rows, all_sparse=bool(sparse_rows.all()))
             rows = torch.arange(call.valid.shape[0], device=call.valid.device)
             state = CacheState(self.token, 0, decision=decision, decision_rows=rows if decision is not None else None)
@@ -346,6 +349,8 @@ class Engine:
         tokens) among those the previous stage kept, and prepare what its layers attend to."""
         previous = call.layout
         stage = StageCall(layout=previous)
+        if stage_index == 0:
+            call.sequences = self._packed_sequences(call, inputs)
         if call.chooses_tokens:
             chosen = self._choose_tokens(call, stage_index, inputs.hidden_states)  # over the current slots
             stage.hidden_index = chosen.source_index
@@ -357,6 +362,28 @@ class Engine:
         call.stages.append(stage)
         self._prepare_stage_keys(call, stage_index, stage, inputs)
         return stage
+
+    def _packed_sequences(self, call: CallState, inputs) -> torch.Tensor | None:
+        """[B, q]: the packed sequence of each of the call's tokens when the model's own masks keep several prompts
+        of a row apart (positions restarting, and neither a 2-D attention mask nor a cache: transformers' rule,
+        runtime/packing.py); None otherwise. The masks after the prune layer then keep each prompt in its block."""
+        if call.past or call.entry.attention_mask is not None or inputs.cache is not None:
+            return None
+        sequences = packed_sequence_ids(inputs.position_ids, call.valid.shape[0])
+        if sequences is None:
+            return None
+        mode = "packed sequences (several prompts in one row, position ids restarting at each, no attention mask)"
+        if "last_attention" in self.inputs.wanted:
+            raise UnsupportedModeError(
+                f"{mode} with {type(self.method).__name__}, which reads the last token's attention row over the "
+                "whole row; pass one prompt per row"
+            )
+        if any(self.adapter.attention_rule(layer).bidirectional_images for layer in self.upper_layers):
+            raise UnsupportedModeError(
+                f"{mode} with images attended both ways ({self.adapter.family}): transformers composes the image "
+                "blocks with packed positions in a way the session does not reproduce; pass one prompt per row"
+            )
+        return sequences
 
     def _choose_tokens(self, call: CallState, stage_index: int, hidden_states: torch.Tensor) -> PackedLayout:
         """hidden_states [B, q', H]: the input of the layer after the stage's layer, over the tokens the previous
@@ -453,6 +480,8 @@ class Engine:
             key_index, key_valid, all_valid, new_group = stage.keys
             num_queries = key_index.shape[1] - _cached_slots(call, stage_index)
             offset, mask_length = self._key_window(call, inputs.cache, layer, num_queries, key_index.shape[1])
+            # packed rows come without a cache: the keys are the call's own tokens
+            key_sequence = None if call.sequences is None else call.sequences.gather(1, key_index[:, offset:])
             stage.masks[rule] = upper_attention_mask(
                 key_index[:, offset:],
                 key_valid[:, offset:],
@@ -463,6 +492,7 @@ class Engine:
                 inputs.hidden_states.dtype,
                 all_valid and offset == 0,
                 mask_length,
+                key_sequence,
             )
         return stage.masks[rule]
 

@@ -11,6 +11,7 @@ from ..models import adapter_for
 from .cache_state import SessionToken
 from .engine import Engine
 from .ffn import check_sliceable
+from .generation_compile import note_generation_compile_off
 from .records import SparsityRecord
 
 NEURON_WEIGHTS = ("copy", "in_place")  # how core-neuron decoding gets its weights (see sparsify)
@@ -131,6 +132,7 @@ class Session:
         """generate() compiles the forward on GPUs when the cache is static; a sparsified forward must run eagerly."""
         config = getattr(self.model, "generation_config", None)
         if config is not None and hasattr(config, "disable_compile"):
+            note_generation_compile_off(self.model, config)
             self._replace(config, "disable_compile", True)
 
     def _keep_generation_masks_2d(self) -> None:

@@ -1,0 +1,156 @@
+"""Generation modes found by running transformers' own generation tests under a session: packed sequences
+(padding-free batching), core-neuron decoding when no row has a visual token, generate()'s compilation, and
+assisted decoding on Idefics3. Each is exact against the dense model / the oracle, or refused by name."""
+
+import logging
+
+import pytest
+import torch
+from oracle import masked_reference, removed_mask
+from tiny_llava import build_pixels, build_prompt
+
+import corematching as cm
+from corematching.runtime import generation_compile
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ATOL = 1e-5
+PRUNE_LAYER = 1
+
+
+# ---------------------------------------------------------------------------------------------- packed sequences
+
+
+def prompt_of(seed: int) -> torch.Tensor:
+    return build_prompt(2 + seed % 3, 3 + seed % 4, seed)
+
+
+def packed_rows(orders: list[list[int]]) -> dict:
+    """Rows each holding several prompts (an image each) one after the other, positions restarting at 0 for each
+    prompt and no attention mask: padding-free batching. orders: per row, the seeds of its prompts."""
+    rows, positions, pixels = [], [], []
+    for seeds in orders:
+        prompts = [prompt_of(seed) for seed in seeds]
+        rows.append(torch.cat(prompts))
+        positions.append(torch.cat([torch.arange(len(prompt)) for prompt in prompts]))
+        pixels += [build_pixels(1, seed) for seed in seeds]
+    assert len({len(row) for row in rows}) == 1, "rows of one batch must have the same length"
+    return dict(input_ids=torch.stack(rows), position_ids=torch.stack(positions), pixel_values=torch.cat(pixels))
+
+
+PACKED = [[0, 1, 2], [2, 0, 1]]  # two rows of the same three prompts in other orders
+
+
+def forward(model, inputs: dict, **options) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs, **options).logits
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_keeping_everything_equal_the_dense_model(tiny_llava, attn):
+    """Without a cache transformers keeps each packed prompt's attention inside its block; a session that removes
+    nothing must give the dense model's logits at every position (not only the first prompt's)."""
+    model, inputs = tiny_llava(attn), packed_rows(PACKED)
+    dense = forward(model, inputs, use_cache=False)
+    keep_all = cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=1.0, neuron_layers=[])
+    with cm.sparsify(model, keep_all) as session:
+        logits = forward(model, inputs, use_cache=False)
+        record = session.last
+    assert record.prune_layer == PRUNE_LAYER  # tokens were chosen (all of them) and the upper layers re-masked
+    torch.testing.assert_close(logits, dense, atol=ATOL, rtol=0)
+    # each prompt of a row sees only itself: the last prompt's logits are those of that prompt alone
+    last = prompt_of(PACKED[0][-1])
+    alone = forward(model, dict(input_ids=last.unsqueeze(0), pixel_values=build_pixels(1, PACKED[0][-1])),
+                    use_cache=False)
+    torch.testing.assert_close(logits[0, -len(last) :], alone[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_with_tokens_removed_equal_the_oracle(tiny_llava, attn):
+    """The oracle starts from the dense model's own (block-diagonal) masks and blocks the removed tokens."""
+    model, inputs = tiny_llava(attn), packed_rows(PACKED)
+    with cm.sparsify(model, cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=6, neuron_layers=[])) as session:
+        logits = forward(model, inputs, use_cache=False)
+        record = session.last
+    length = inputs["input_ids"].shape[1]
+    removed = removed_mask(record.keep_mask, record.visual_mask, length)
+    assert removed.sum(1).tolist() == [3 * 30, 3 * 30]  # 6 of each image's 36 tokens kept
+    with masked_reference(model.model.language_model, {}, removed, record.prune_layer, attn=attn):
+        expected = forward(model, inputs, use_cache=False)
+    for row, kept in enumerate(record.kept_positions):  # a pruned forward returns the kept tokens' logits
+        torch.testing.assert_close(logits[row, -len(kept) :], expected[row, kept], atol=ATOL, rtol=0)
+
+
+def test_packed_positions_with_a_cache_stay_one_sequence(tiny_llava):
+    """With a cache (use_cache on, the default) transformers reads restarting positions as one causal sequence;
+    so does the session."""
+    model, inputs = tiny_llava(), packed_rows(PACKED)
+    dense = forward(model, inputs)
+    with cm.sparsify(model, cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=1.0, neuron_layers=[])):
+        logits = forward(model, inputs)
+    torch.testing.assert_close(logits, dense, atol=ATOL, rtol=0)
+
+
+def test_packed_rows_with_a_method_reading_the_last_token_s_attention_are_refused(tiny_llava):
+    model, inputs = tiny_llava(), packed_rows(PACKED)
+    with cm.sparsify(model, cm.FastV(prune_layer=PRUNE_LAYER, token_budget=6)):
+        with pytest.raises(cm.UnsupportedModeError, match="packed sequences.*FastV"):
+            forward(model, inputs, use_cache=False)
+
+
+# ---------------------------------------------------------------------------------------------- no row decodes sparse
+
+
+def test_core_neurons_when_every_image_token_is_padding_decode_dense():
+    """LLaVA-NeXT, explicit position_ids, a left-padded batch whose image tokens are all masked out: no row has a
+    visual token, so every row decodes dense (it used to reach the FFN gather with an empty core-neuron set)."""
+    from test_family_llava_next import IMAGE, SUPPRESS, batch, model_of, sample
+
+    model = model_of("next")
+    inputs = batch("next", [sample("next", [(12, 24)], 3, 4, seed=1), sample("next", [(24, 12)], 5, 2, seed=2)])
+    attention_mask = inputs["attention_mask"].masked_fill(inputs["input_ids"] == IMAGE, 0)
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    inputs.update(attention_mask=attention_mask, position_ids=position_ids)
+    options = dict(max_new_tokens=4, do_sample=False, suppress_tokens=SUPPRESS, output_logits=True,
+                   return_dict_in_generate=True)
+    dense = model.generate(**inputs, **options)
+    method = cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=4, beta=0.5, neuron_layers=[0, 2, 3])
+    with cm.sparsify(model, method) as session:
+        out = model.generate(**inputs, **options)
+        record = session.last
+    assert not record.visual_mask.any()
+    assert torch.equal(out.sequences, dense.sequences)
+    torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(dense.logits, 1), atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- generate() compile
+
+
+def test_switching_generate_s_compilation_off_is_logged_once(tiny_llava, caplog, monkeypatch):
+    from transformers import CompileConfig
+
+    model = tiny_llava()
+    monkeypatch.setattr(generation_compile, "_noted", set())
+    method = cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=8, neuron_layers=[])
+    caplog.set_level(logging.WARNING, logger="corematching")
+    with cm.sparsify(model, method):  # nothing would compile: nothing to say
+        pass
+    assert not caplog.records
+    monkeypatch.setattr(model.generation_config, "compile_config", CompileConfig())
+    for _ in range(2):
+        with cm.sparsify(model, method):
+            assert model.generation_config.disable_compile is True
+    assert not model.generation_config.disable_compile
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 1 and "disable_compile" in messages[0] and "compile_config" in messages[0]
+
+
+def test_a_static_cache_implementation_is_named_in_the_log(tiny_llava, caplog, monkeypatch):
+    model = tiny_llava()
+    monkeypatch.setattr(generation_compile, "_noted", set())
+    monkeypatch.setattr(model.generation_config, "cache_implementation", "static")
+    caplog.set_level(logging.WARNING, logger="corematching")
+    with cm.sparsify(model, cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=8, neuron_layers=[])):
+        pass
+    assert ["cache_implementation='static'" in record.getMessage() for record in caplog.records] == [True]
+
