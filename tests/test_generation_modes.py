@@ -154,3 +154,40 @@ def test_a_static_cache_implementation_is_named_in_the_log(tiny_llava, caplog, m
         pass
     assert ["cache_implementation='static'" in record.getMessage() for record in caplog.records] == [True]
 
+
+
+# ---------------------------------------------------------------------------------------------- assisted decoding
+
+
+ASSISTED_METHODS = {
+    "tokens": cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=3, beta=0.5, neuron_layers=[]),
+    "tokens and neurons": cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=3, beta=0.5, neuron_layers=[1, 2, 3]),
+    "last match": cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=3, match="last", neuron_layers=[0, 2]),
+    "fastv": cm.FastV(prune_layer=PRUNE_LAYER, token_budget=3),
+    "two stages": cm.PDrop(schedule=((1, 0.5), (2, 0.5))),
+}
+
+
+@pytest.mark.parametrize("name", list(ASSISTED_METHODS))
+def test_assisted_decoding_equals_greedy_search_on_idefics3(name):
+    """Assisted decoding's first call is the prompt followed by the first candidates (the assistant's or prompt
+    lookup's); the decisions must be the prompt's, as in greedy search, and the candidates decoded as greedy
+    search decodes them. A random assistant (candidates rejected), the model itself (accepted), prompt lookup."""
+    from test_family_idefics3 import batch, build, model_of, sample
+
+    model, random_assistant = model_of("idefics3"), build("idefics3", seed=5)
+    for assistant in (model, random_assistant):
+        assistant.generation_config.num_assistant_tokens = 2
+        assistant.generation_config.num_assistant_tokens_schedule = "constant"
+    inputs = batch([sample([None], text_before=3, text_after=4, seed=0)])
+    options = dict(max_new_tokens=4, do_sample=False, eos_token_id=-1, output_logits=True,
+                   return_dict_in_generate=True)
+    with cm.sparsify(model, ASSISTED_METHODS[name]) as session:
+        greedy = model.generate(**inputs, **options)
+        kept = session.last.kept_positions[0]
+        assert len(kept) < inputs["input_ids"].shape[1]  # tokens were removed
+        for assisted in (dict(assistant_model=random_assistant), dict(assistant_model=model),
+                         dict(prompt_lookup_num_tokens=2)):
+            out = model.generate(**inputs, **options, **assisted)
+            assert torch.equal(out.sequences, greedy.sequences)
+            torch.testing.assert_close(torch.stack(out.logits, 1), torch.stack(greedy.logits, 1), atol=1e-4, rtol=0)

@@ -85,6 +85,7 @@ class CallState:
     merged_hidden: torch.Tensor | None = None  # [B, q', H] new hidden states of kept tokens entering a stage
     stages: list[StageCall] = field(default_factory=list)  # the stages the call has reached so far
     sequences: torch.Tensor | None = None  # [B, q] packed sequence of each new token (None: one per row)
+    candidates: torch.Tensor | None = None  # [B, q] bool: assisted decoding's unverified candidates (None: none)
 
     @property
     def layout(self) -> PackedLayout | None:
@@ -96,6 +97,16 @@ class CallState:
         """[B, q'] bool: real tokens among those the current layers see."""
         layout = self.layout
         return self.valid if layout is None else layout.slot_valid
+
+    @property
+    def decision_valid(self) -> torch.Tensor:
+        """[B, q'] bool: the real tokens the method decides on among those the current layers see: all but
+        assisted decoding's candidates, which are decoded, not prefilled."""
+        if self.candidates is None:
+            return self.current_valid
+        layout = self.layout
+        candidates = self.candidates if layout is None else self.candidates.gather(1, layout.source_index)
+        return self.current_valid & ~candidates
 
 
 class Engine:
@@ -123,6 +134,7 @@ class Engine:
         self._sliced: OrderedDict[int, tuple[weakref.ref, dict]] = OrderedDict()
         # neuron_weights="in_place": the layers whose FFN neurons are reordered for a decision (neuron_order.py)
         self.neuron_order = NeuronOrder() if neuron_weights == "in_place" else None
+        self.assisted_prompt: torch.Tensor | None = None  # an assisted generate()'s prompt, until its first call
 
     def reset(self) -> None:
         """Drop decisions and sliced weights; FFN neurons back in their original order."""
@@ -231,6 +243,7 @@ class Engine:
             if applies and self.changes_model:
                 call.kind = CallKind.FRESH
                 call.chooses_tokens = prunes and has_images
+                call.candidates = self._assisted_candidates(entry)
             return call
         if state is None:
             if has_images and prunes:  # a dense cache gets a new image: its tokens are chosen from here on
@@ -245,6 +258,38 @@ class Engine:
         call.kind = CallKind.EXTEND
         call.chooses_tokens = has_images and prunes
         return call
+
+    def watch_assisted_prompt(self, get_candidate_generator):
+        """Wraps generate()'s `_get_candidate_generator`, which assisted decoding calls with the prompt before
+        its first model call; that call is the prompt followed by the first candidates (_assisted_candidates)."""
+
+        def wrapper(*args, **kwargs):
+            input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[1] if len(args) > 1 else None
+            has_prompt = isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] > 0
+            self.assisted_prompt = input_ids if has_prompt else None
+            return get_candidate_generator(*args, **kwargs)
+
+        return wrapper
+
+    def _assisted_candidates(self, entry: EntryCall) -> torch.Tensor | None:
+        """[B, q] bool: the candidates that assisted decoding's first call appends to the prompt (the assistant's
+        or prompt lookup's proposals), None for any other fresh call. Greedy search prefills the prompt and decodes
+        the tokens after it, so the candidates take no part in the decisions (tokens, core neurons), always go on
+        past the prune layer, and compute the FFNs as decode steps do."""
+        prompt, ids = self.assisted_prompt, entry.input_ids
+        if prompt is None:
+            return None
+        length = prompt.shape[1]
+        if ids is None or ids.shape[0] != prompt.shape[0] or ids.shape[1] < length:
+            self.assisted_prompt = None
+            return None
+        if not torch.equal(ids[:, :length], prompt.to(ids.device)):
+            self.assisted_prompt = None
+            return None
+        if ids.shape[1] == length:  # the prompt alone (the assistant's own prefill, when it is this model)
+            return None
+        self.assisted_prompt = None
+        return (torch.arange(ids.shape[1], device=ids.device) >= length).expand_as(ids)
 
     def _update_cache_state(self, call: CallState, cache) -> None:
         """Record in the cache what this call added: its length and the slots of the layers after K."""
@@ -401,19 +446,22 @@ class Engine:
         )
         if previous is not None:
             batch = _tokens_kept_so_far(batch, previous)
+        batch.valid_mask = call.decision_valid  # (without assisted decoding's candidates)
         batch.activations, batch.stage = call.prune_activations, stage_index
         self.inputs.fill(batch, call, hidden_states)
         with torch.no_grad():
             both = stage_index == 0 and call.kind == CallKind.FRESH and self.prune_layer in self.neuron_layers
-            if both and batch.activations is not None:
+            if both and batch.activations is not None and self.prune_layer not in call.neurons:
                 decision, call.neurons[self.prune_layer] = self.method.select_tokens_and_neurons(
-                    batch, call.valid, self.prune_layer
+                    batch, call.decision_valid, self.prune_layer
                 )
             else:
                 decision = self.method.select_tokens(batch)
         call.prune_activations = None
         visual = batch.visual_mask
         keep = batch.valid_mask & (~visual | (decision.keep_visual & visual))  # over the current slots
+        if call.candidates is not None:
+            keep |= call.current_valid & ~batch.valid_mask  # the candidates go on
         call.keep = keep if previous is None else _on_call_tokens(keep, previous, call.valid.shape[1])
         call.stage_keeps.append(call.keep)
         if stage_index == 0:
@@ -534,8 +582,10 @@ class Engine:
             out, activation = dense_ffn(parts, hidden)
             if layer in self.decode_ffn_layers:
                 with torch.no_grad():
-                    self.method.observe_prefill_ffn(layer, parts, hidden, call.current_valid)
+                    self.method.observe_prefill_ffn(layer, parts, hidden, call.decision_valid)
             self._observe(call, layer, activation)
+            if call.candidates is not None:
+                out = self._candidates_decoded(call, layer, parts, hidden, out)
             return out
         decision = call.state.decision if call.state is not None else None
         uses_core = decision is not None and layer in decision.neurons
@@ -581,13 +631,26 @@ class Engine:
         activation = activation.detach()
         if call.chooses_tokens and layer in self.stage_layers and self.method.wants_prune_activations():
             call.prune_activations = activation
-            if layer == self.prune_layer and layer in self.neuron_layers:
+            if layer == self.prune_layer and layer in self.neuron_layers and call.candidates is None:
                 call.neuron_rows = self._neuron_rows(call)
                 return  # its neurons are chosen together with the first stage's tokens
         if layer in self.neuron_layers:
             with torch.no_grad():
-                call.neurons[layer] = self.method.select_neurons(activation, call.current_valid, layer)
+                call.neurons[layer] = self.method.select_neurons(activation, call.decision_valid, layer)
             call.neuron_rows = self._neuron_rows(call)
+
+    def _candidates_decoded(self, call: CallState, layer: int, parts: FFNParts, hidden, out) -> torch.Tensor:
+        """A fresh call's FFN output out [B, q', H] with assisted decoding's candidates computed as decode steps
+        compute them: the method's decode FFN, or the core neurons just chosen (rows that decode with them)."""
+        if layer in self.decode_ffn_layers:
+            decoded = self.method.decode_ffn(layer, parts, hidden)
+        elif layer in call.neurons and bool(call.neuron_rows.any()):
+            decoded = masked_ffn(parts, hidden, call.neurons[layer], call.neuron_rows)[0]
+        else:
+            return out
+        layout = call.layout
+        candidates = call.candidates if layout is None else call.candidates.gather(1, layout.source_index)
+        return torch.where(candidates.unsqueeze(-1), decoded, out)
 
     def _neuron_rows(self, call: CallState) -> torch.Tensor:
         """Rows that decode with core neurons: those with visual tokens (every row for a method that applies to

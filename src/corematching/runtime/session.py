@@ -90,6 +90,9 @@ class Session:
         self._handles.append(adapter.top_module().register_forward_pre_hook(_refuse_labels, with_kwargs=True))
         self._disable_generation_compile()
         self._keep_generation_masks_2d()
+        if hasattr(self.model, "_get_candidate_generator"):  # assisted decoding: its prompt, for the engine
+            self._replace(self.model, "_get_candidate_generator", engine.watch_assisted_prompt(
+                self.model._get_candidate_generator))
         for layer in engine.upper_layers:
 
             def on_layer(module, args, kwargs, layer=layer):
