@@ -98,6 +98,81 @@ def test_packed_rows_with_a_method_reading_the_last_token_s_attention_are_refuse
             forward(model, inputs, use_cache=False)
 
 
+
+def check_packed(model, inputs: dict, keep_all, prune, language_model) -> None:
+    """keep_all: a method keeping every token, equal to the dense model; prune: one that removes tokens, equal to the
+    oracle at the kept positions (the oracle starts from the model's own block-diagonal masks)."""
+    dense = forward(model, inputs, use_cache=False)
+    with cm.sparsify(model, keep_all) as session:
+        logits = forward(model, inputs, use_cache=False)
+        assert session.last.prune_layer is not None
+    torch.testing.assert_close(logits, dense, atol=ATOL, rtol=0)
+    with cm.sparsify(model, prune) as session:
+        logits = forward(model, inputs, use_cache=False)
+        record = session.last
+    length = inputs["input_ids"].shape[1]
+    removed = removed_mask(record.keep_mask, record.visual_mask, length)
+    assert removed.any()
+    with masked_reference(language_model, {}, removed, record.prune_layer):
+        expected = forward(model, inputs, use_cache=False)
+    for row, kept in enumerate(record.kept_positions):
+        torch.testing.assert_close(logits[row, -len(kept) :], expected[row, kept], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2.5", "qwen3"])
+def test_packed_rows_on_qwen_vl_equal_the_dense_model_and_the_oracle(kind):
+    """Qwen-VL takes packed rows as position ids [4, B, T]: the text positions (restarting at each prompt, which
+    the masks read) above each prompt's own M-RoPE positions."""
+    from test_family_qwen_vl import IMAGE, inputs_of, model_of, prompt
+
+    model = model_of(kind)
+    prompts = [prompt([(4, 6)], 3, 5, seed=1), prompt([(6, 8)], 2, 4, seed=2), prompt([(4, 4)], 1, 3, seed=3)]
+    positions = []
+    for ids, pixels, grids, extras in prompts:
+        one = inputs_of(ids, pixels, grids, extras)
+        rope, _ = model.model.get_rope_index(one["input_ids"], mm_token_type_ids=one["mm_token_type_ids"],
+                                             image_grid_thw=grids, attention_mask=one["attention_mask"])
+        positions.append(torch.cat([torch.arange(len(ids)).view(1, 1, -1), rope]))
+    input_ids = torch.cat([ids for ids, *_ in prompts]).unsqueeze(0)
+    inputs = dict(input_ids=input_ids, position_ids=torch.cat(positions, dim=-1),
+                  pixel_values=torch.cat([pixels for _, pixels, *_ in prompts]),
+                  image_grid_thw=torch.cat([grids for _, _, grids, _ in prompts]),
+                  mm_token_type_ids=(input_ids == IMAGE).int())
+    keep_all = cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=1.0, neuron_layers=[])
+    prune = cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=2, neuron_layers=[])
+    check_packed(model, inputs, keep_all, prune, model.model.language_model)
+
+
+def gemma3_packed(token_types: bool) -> tuple:
+    from test_family_gemma3 import IMAGE, model_of, sample
+
+    prompts = [sample(1, 3, 5, seed=1), sample(2, 2, 3, seed=2)]
+    input_ids = torch.cat([ids for ids, _ in prompts]).unsqueeze(0)
+    positions = torch.cat([torch.arange(len(ids)) for ids, _ in prompts]).unsqueeze(0)
+    inputs = dict(input_ids=input_ids, position_ids=positions, pixel_values=torch.cat([px for _, px in prompts]))
+    if token_types:
+        inputs["token_type_ids"] = (input_ids == IMAGE).long()
+    return model_of(), inputs
+
+
+def test_packed_rows_with_sliding_windows_equal_the_dense_model_and_the_oracle():
+    """Gemma 3 without token_type_ids (causal images): sliding-window and global layers after the prune layer."""
+    from test_family_gemma3 import PRUNE_LAYER as GEMMA_PRUNE_LAYER
+
+    model, inputs = gemma3_packed(token_types=False)
+    keep_all = cm.CoreMatching(prune_layer=GEMMA_PRUNE_LAYER, token_budget=1.0, neuron_layers=[])
+    prune = cm.CoreMatching(prune_layer=GEMMA_PRUNE_LAYER, token_budget=4, neuron_layers=[])
+    check_packed(model, inputs, keep_all, prune, model.model.language_model)
+
+
+def test_packed_rows_with_bidirectional_images_are_refused():
+    from test_family_gemma3 import PRUNE_LAYER as GEMMA_PRUNE_LAYER
+
+    model, inputs = gemma3_packed(token_types=True)
+    with cm.sparsify(model, cm.CoreMatching(prune_layer=GEMMA_PRUNE_LAYER, token_budget=4, neuron_layers=[])):
+        with pytest.raises(cm.UnsupportedModeError, match=r"packed sequences .* with images attended both ways"):
+            forward(model, inputs, use_cache=False)
+
 # ---------------------------------------------------------------------------------------------- no row decodes sparse
 
 
