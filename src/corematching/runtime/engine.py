@@ -26,6 +26,7 @@ from transformers.cache_utils import BaseQuantizedLayer
 from ..errors import UnsupportedModeError
 from ..methods import SparsityMethod, TokenBatch
 from ..models import EntryCall, FFNParts, ImageLayout, ModelAdapter
+from .assisted import AssistedPrompt
 from .cache_state import (
     CacheState,
     NeuronDecision,
@@ -134,7 +135,7 @@ class Engine:
         self._sliced: OrderedDict[int, tuple[weakref.ref, dict]] = OrderedDict()
         # neuron_weights="in_place": the layers whose FFN neurons are reordered for a decision (neuron_order.py)
         self.neuron_order = NeuronOrder() if neuron_weights == "in_place" else None
-        self.assisted_prompt: torch.Tensor | None = None  # an assisted generate()'s prompt, until its first call
+        self.assisted = AssistedPrompt()  # an assisted generate()'s prompt, until its first call (assisted.py)
 
     def reset(self) -> None:
         """Drop decisions and sliced weights; FFN neurons back in their original order."""
@@ -243,7 +244,7 @@ class Engine:
             if applies and self.changes_model:
                 call.kind = CallKind.FRESH
                 call.chooses_tokens = prunes and has_images
-                call.candidates = self._assisted_candidates(entry)
+                call.candidates = self.assisted.candidates(entry.input_ids)
             return call
         if state is None:
             if has_images and prunes:  # a dense cache gets a new image: its tokens are chosen from here on
@@ -258,38 +259,6 @@ class Engine:
         call.kind = CallKind.EXTEND
         call.chooses_tokens = has_images and prunes
         return call
-
-    def watch_assisted_prompt(self, get_candidate_generator):
-        """Wraps generate()'s `_get_candidate_generator`, which assisted decoding calls with the prompt before
-        its first model call; that call is the prompt followed by the first candidates (_assisted_candidates)."""
-
-        def wrapper(*args, **kwargs):
-            input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[1] if len(args) > 1 else None
-            has_prompt = isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] > 0
-            self.assisted_prompt = input_ids if has_prompt else None
-            return get_candidate_generator(*args, **kwargs)
-
-        return wrapper
-
-    def _assisted_candidates(self, entry: EntryCall) -> torch.Tensor | None:
-        """[B, q] bool: the candidates that assisted decoding's first call appends to the prompt (the assistant's
-        or prompt lookup's proposals), None for any other fresh call. Greedy search prefills the prompt and decodes
-        the tokens after it, so the candidates take no part in the decisions (tokens, core neurons), always go on
-        past the prune layer, and compute the FFNs as decode steps do."""
-        prompt, ids = self.assisted_prompt, entry.input_ids
-        if prompt is None:
-            return None
-        length = prompt.shape[1]
-        if ids is None or ids.shape[0] != prompt.shape[0] or ids.shape[1] < length:
-            self.assisted_prompt = None
-            return None
-        if not torch.equal(ids[:, :length], prompt.to(ids.device)):
-            self.assisted_prompt = None
-            return None
-        if ids.shape[1] == length:  # the prompt alone (the assistant's own prefill, when it is this model)
-            return None
-        self.assisted_prompt = None
-        return (torch.arange(ids.shape[1], device=ids.device) >= length).expand_as(ids)
 
     def _update_cache_state(self, call: CallState, cache) -> None:
         """Record in the cache what this call added: its length and the slots of the layers after K."""

@@ -91,7 +91,7 @@ class Session:
         self._disable_generation_compile()
         self._keep_generation_masks_2d()
         if hasattr(self.model, "_get_candidate_generator"):  # assisted decoding: its prompt, for the engine
-            self._replace(self.model, "_get_candidate_generator", engine.watch_assisted_prompt(
+            self._replace(self.model, "_get_candidate_generator", engine.assisted.watch(
                 self.model._get_candidate_generator))
         for layer in engine.upper_layers:
 
