@@ -240,6 +240,7 @@ ASSISTED_METHODS = {
     "last match": cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=3, match="last", neuron_layers=[0, 2]),
     "fastv": cm.FastV(prune_layer=PRUNE_LAYER, token_budget=3),
     "two stages": cm.PDrop(schedule=((1, 0.5), (2, 0.5))),
+    "neurons only": cm.CoreInfer(beta=0.5, neuron_layers=[0, 2]),  # also applies to prompts without images
 }
 
 
@@ -259,8 +260,8 @@ def test_assisted_decoding_equals_greedy_search_on_idefics3(name):
                    return_dict_in_generate=True)
     with cm.sparsify(model, ASSISTED_METHODS[name]) as session:
         greedy = model.generate(**inputs, **options)
-        kept = session.last.kept_positions[0]
-        assert len(kept) < inputs["input_ids"].shape[1]  # tokens were removed
+        record = session.last
+        assert len(record.kept_positions[0]) < inputs["input_ids"].shape[1] or record.neurons  # it did something
         for assisted in (dict(assistant_model=random_assistant), dict(assistant_model=model),
                          dict(prompt_lookup_num_tokens=2)):
             out = model.generate(**inputs, **options, **assisted)
