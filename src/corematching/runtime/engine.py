@@ -5,7 +5,10 @@ Every call of the adapter's entry module is classified once, at its start, by th
            the method chooses tokens after the prune layer K and core neurons; layers > K run on the kept
            tokens only, packed per sample; FFNs run densely. A method with several prune stages (K1 < K2 < ...)
            chooses again after each, among the tokens the previous stage kept. The decisions are attached to the
-           cache the call fills (cache_state.py).
+           cache the call fills (cache_state.py). A row packing several prompts (positions restarting, no mask,
+           no cache) keeps each prompt's block in the masks after K (packing.py); assisted decoding's first call,
+           the prompt then candidates, decides on the prompt and computes the candidates as decode steps
+           (assisted.py).
   extend   past tokens in a cache this session filled: its state says which tokens each stage's layers hold.
            The new tokens (one decode step, several verified tokens, or a whole new turn) attend to those plus
            each other; the FFNs of the neuron layers compute only the prefill's core neurons for them. A new
