@@ -155,8 +155,10 @@ def test_assisted_decoding_equals_the_oracle(tiny_llava):
     inputs = inputs_of(prompt, build_pixels(1, seed=9))
     options = {"prompt_lookup_num_tokens": 3, "max_new_tokens": 8}
     with cm.sparsify(model, method()) as session:
+        greedy = model.generate(**inputs, do_sample=False, suppress_tokens=[IMAGE_TOKEN], max_new_tokens=8)
         tokens = model.generate(**inputs, do_sample=False, suppress_tokens=[IMAGE_TOKEN], **options)
         record = session.last
+    assert torch.equal(tokens, greedy)  # the first call's candidates change no decision
     length = prompt.shape[0]
     with oracle(model, record, length + 8, length):
         expected = model.generate(**inputs, do_sample=False, suppress_tokens=[IMAGE_TOKEN], max_new_tokens=8)
