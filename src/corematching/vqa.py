@@ -40,6 +40,7 @@ class BatchAnswers(NamedTuple):
     texts: list[str]  # the answers, stripped
     record: object | None  # what the sparsify session decided at prefill (None without a method)
     input_ids: torch.Tensor  # [B, T] the prompts as the model saw them (left padded)
+    inputs: dict  # everything the processor gave the model (image sizes, grids, ...): see layout.prompt_images
 
 
 @torch.no_grad()
@@ -63,7 +64,7 @@ def answer_batch(model, processor, images, questions, method=None, max_new_token
         record = session.last if method is not None else None
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
     answers = [short_answer(text) for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
-    return BatchAnswers(answers, record, inputs["input_ids"])
+    return BatchAnswers(answers, record, inputs["input_ids"], dict(inputs))
 
 
 def answer(model, processor, image, question: str, method=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> str:
