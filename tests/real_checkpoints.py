@@ -1,0 +1,209 @@
+"""Checkpoints with each family's real geometry and preprocessing, built offline: the real checkpoint's vision
+geometry (image size, patch size, tiles, pooling, merge) and its processor (the family's own image processor class
+with the real settings, a tokenizer with the family's special tokens, a chat template of the family's shape), but
+tiny widths and depths and random weights. `save(family, folder)` writes one with `save_pretrained`, so that
+`cm.load_model(folder)` and `--model folder` load it as they load a downloaded checkpoint.
+
+The tokenizer is byte-level with no merges (every byte one token, ~260 ids plus the special tokens), so that any
+text encodes and decodes; the special tokens are the family's own strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+HALF = [0.5, 0.5, 0.5]
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+
+def byte_tokenizer(specials: list[str], named: dict[str, str] | None = None, bos: str | None = None,
+                   eos: str = "</s>", pad: str = "<pad>", chat_template: str | None = None):
+    """A byte-level tokenizer: the 256 byte symbols, then `specials` (each one token); `named` gives named special
+    tokens (e.g. {"image_token": "<image>"}) that processors read as tokenizer attributes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocab = {symbol: index for index, symbol in enumerate(symbols)}
+    core = tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    named = dict(named or {})
+    ordered = list(dict.fromkeys([pad, eos] + ([bos] if bos else []) + specials + list(named.values())))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        extra_special_tokens=named or None,
+        chat_template=chat_template,
+        padding_side="left",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ordered}, replace_extra_special_tokens=False)
+    return tokenizer
+
+
+def token_id(tokenizer, token: str) -> int:
+    index = tokenizer.convert_tokens_to_ids(token)
+    assert isinstance(index, int) and index >= 0, token
+    return index
+
+
+# ----------------------------------------------------------------------------------------------- tiny parts
+
+
+TEXT_LAYERS = 3  # the default prune layer (1) plus two layers after it
+
+
+def llama_text(tokenizer, **extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=TEXT_LAYERS,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                       bos_token_id=tokenizer.bos_token_id, initializer_range=0.2, **extra)
+
+
+def mistral_text(tokenizer):
+    from transformers import MistralConfig
+
+    return MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=TEXT_LAYERS, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         max_position_embeddings=8192, sliding_window=None, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                         initializer_range=0.2)
+
+
+def qwen2_text(tokenizer):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=TEXT_LAYERS,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                       bos_token_id=tokenizer.bos_token_id, initializer_range=0.2)
+
+
+def clip_tower(image_size: int, patch_size: int):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=image_size, patch_size=patch_size, projection_dim=32)
+
+
+def siglip_tower(image_size: int, patch_size: int):
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=image_size, patch_size=patch_size)
+
+
+def finish(model, tokenizer):
+    """Random weights, seeded; generation ends on the tokenizer's end token (random weights rarely produce it)."""
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------- chat templates
+
+
+def plain_template(user: str, image: str, assistant: str, end: str = "", image_after: str = "") -> str:
+    """A chat template that writes each user turn as `user` + its parts (an image as `image` + `image_after`, text
+    as itself) + `end`, and opens the assistant's turn with `assistant`."""
+    return (
+        "{% for message in messages %}{% if message['role'] == 'user' %}" + user
+        + "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for part in message['content'] %}{% if part['type'] == 'image' %}" + image + image_after
+        + "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}" + end
+        + "{% else %}{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}" + assistant + "{% endif %}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- families
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    real: str  # the real checkpoint whose geometry and preprocessing this one has
+    model_class: str  # the class AutoModelForImageTextToText loads it as
+    build: object  # () -> (model, processor)
+
+
+def llava_1_5():
+    """llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px (24 x 24 = 576 tokens), feature layer -2, CLS dropped;
+    CLIP preprocessing (resize the shorter side to 336, centre crop 336)."""
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    template = plain_template("USER: ", "<image>", " ASSISTANT:", image_after="\n")
+    tokenizer = byte_tokenizer(["<image>"], bos="<s>", chat_template=template)
+    config = LlavaConfig(vision_config=clip_tower(336, 14), text_config=llama_text(tokenizer),
+                         image_token_index=token_id(tokenizer, "<image>"), vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", image_seq_length=576)
+    torch.manual_seed(0)
+    model = finish(LlavaForConditionalGeneration(config), tokenizer)
+    images = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                   do_center_crop=True, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=template)
+    return model, processor
+
+
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def llava_next():
+    """llava-hf/llava-v1.6-mistral-7b-hf: CLIP ViT-L/14 at 336 px, anyres with the 672 px pinpoints (a base view
+    and up to 2 x 2 tiles of 576 tokens, unpadded, a newline token per row), Mistral language model."""
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    template = plain_template("[INST] ", "<image>", " [/INST]", image_after="\n")
+    tokenizer = byte_tokenizer(["<image>"], bos="<s>", chat_template=template)
+    config = LlavaNextConfig(vision_config=clip_tower(336, 14), text_config=mistral_text(tokenizer),
+                             image_token_index=token_id(tokenizer, "<image>"), vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", image_grid_pinpoints=NEXT_PINPOINTS,
+                             image_seq_length=576)
+    torch.manual_seed(0)
+    model = finish(LlavaNextForConditionalGeneration(config), tokenizer)
+    images = LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                        image_grid_pinpoints=NEXT_PINPOINTS, image_mean=CLIP_MEAN,
+                                        image_std=CLIP_STD, do_pad=True)
+    processor = LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=template)
+    return model, processor
+
+
+FAMILIES = {
+    family.name: family
+    for family in (
+        Family("llava-1.5", "llava-hf/llava-1.5-7b-hf", "LlavaForConditionalGeneration", llava_1_5),
+        Family("llava-next", "llava-hf/llava-v1.6-mistral-7b-hf", "LlavaNextForConditionalGeneration", llava_next),
+    )
+}
+
+
+def save(name: str, folder: Path) -> Path:
+    """Build the family's checkpoint and save model and processor into `folder` (created)."""
+    model, processor = FAMILIES[name].build()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

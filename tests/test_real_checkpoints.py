@@ -1,0 +1,135 @@
+"""Every family on its real checkpoint's geometry and processor (tests/real_checkpoints.py: tiny widths, random
+weights, saved and loaded like a downloaded checkpoint): `cm.load_model`, `cm.answer` with the default method, the
+one-question CLI, `corematching eval`, `corematching bench` and the server's worker run and give well-formed
+results, and every image of a batch of two sizes keeps what the budget says, counted on the adapter's layout."""
+
+import json
+import math
+
+import pytest
+import real_checkpoints
+import torch
+from PIL import Image
+
+import corematching as cm
+from corematching import cli, layout
+from corematching.vqa import answer_batch
+
+FAMILIES = sorted(real_checkpoints.FAMILIES)
+_LOADED = {}
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory):
+    """Factory: the saved checkpoint folder of a family (built once per session)."""
+    folders = {}
+
+    def make(name: str):
+        if name not in folders:
+            folders[name] = real_checkpoints.save(name, tmp_path_factory.mktemp(name))
+        return folders[name]
+
+    return make
+
+
+@pytest.fixture
+def loaded(checkpoint_dir):
+    def make(name: str):
+        if name not in _LOADED:
+            _LOADED[name] = cm.load_model(str(checkpoint_dir(name)), device="cpu")
+        return _LOADED[name]
+
+    return make
+
+
+def pictures():
+    """Two pictures of different sizes and shapes (a square and a wide one), each with a coloured object."""
+    square = Image.new("RGB", (64, 64), (240, 240, 240))
+    square.paste((200, 30, 30), (16, 16, 40, 40))
+    wide = Image.new("RGB", (160, 80), (20, 20, 20))
+    wide.paste((30, 200, 30), (100, 10, 150, 70))
+    return square, wide
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_loads_like_a_checkpoint_and_answers(name, loaded, one_thread):
+    model, processor = loaded(name)
+    assert type(model).__name__ == real_checkpoints.FAMILIES[name].model_class
+    square, _ = pictures()
+    dense = cm.answer(model, processor, square, "What colour is the square?", max_new_tokens=3)
+    sparse = cm.answer(model, processor, square, "What colour is the square?", method=cm.CoreMatching(),
+                       max_new_tokens=3)
+    assert isinstance(dense, str) and isinstance(sparse, str)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_image_of_a_batch_keeps_its_budget(name, loaded, one_thread):
+    model, processor = loaded(name)
+    budget = 0.25
+    result = answer_batch(model, processor, list(pictures()), ["What is it?", "What colour is the object?"],
+                          cm.CoreMatching(token_budget=budget), max_new_tokens=2)
+    images = layout.prompt_images(model, result.inputs)
+    counts = [[image.positions.numel() for image in sample] for sample in images]
+    assert all(len(sample) == 1 for sample in counts), counts
+    assert counts[0][0] != counts[1][0] or name in SAME_TOKENS_FOR_EVERY_SIZE, counts
+    for row, sample in enumerate(images):
+        visual = int(result.record.visual_mask[row].sum())
+        assert visual == sum(image.positions.numel() for image in sample)  # the layout covers the visual tokens
+        for image in sample:
+            kept = layout.kept_in(image.positions, result.record.kept_positions[row])
+            assert len(kept) == math.ceil(budget * image.positions.numel()), (row, counts)
+        whole = [view for image in sample for view in image.views if view.region == layout.WHOLE]
+        assert whole and all(view.grid[0] * view.grid[1] == view.positions.numel() for view in whole)
+
+
+SAME_TOKENS_FOR_EVERY_SIZE = {"llava-1.5"}  # every picture becomes one 336 px square: 576 tokens
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cli_eval_and_bench_run_on_the_checkpoint(name, checkpoint_dir, tmp_path, capsys, one_thread):
+    folder = str(checkpoint_dir(name))
+    picture = tmp_path / "wide.png"
+    pictures()[1].save(picture)
+    code = cli.main(["--image", str(picture), "--question", "What colour is the object?", "--model", folder,
+                     "--max-new-tokens", "2", "--out", str(tmp_path / "pictures"), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert list((tmp_path / "pictures").glob("*.png")), out  # the kept patches drawn over the picture
+
+    answers = tmp_path / "eval.jsonl"
+    code = cli.main(["eval", "--model", folder, "--limit", "2", "--batch-size", "2", "--output", str(answers),
+                     "--device", "cpu"])
+    assert code == 0, capsys.readouterr()
+    rows = [json.loads(line) for line in answers.read_text().splitlines()[1:]]
+    assert len(rows) == 2
+    for row in rows:
+        assert isinstance(row["prediction"], str)
+        assert len(row["kept_patches"]) == math.ceil(0.25 * row["n_visual"]) == sum(row["kept_per_image"])
+        assert 0 <= row.get("object_recall", 0) <= 1
+
+    records = tmp_path / "bench.jsonl"
+    code = cli.main(["bench", "--model", folder, "--methods", "dense;corematching", "--questions", "2",
+                     "--timing-prompts", "1", "--reps", "1", "--new-tokens", "2", "--batch-size", "2",
+                     "--output", str(records), "--device", "cpu", "--no-progress"])
+    assert code == 0, capsys.readouterr()
+    bench = [json.loads(line) for line in records.read_text().splitlines()]
+    assert [record["method"] for record in bench] == ["Dense", "CoreMatching"]
+    dense, sparse = bench
+    assert sparse["flops"]["kept_visual_tokens"] < dense["flops"]["kept_visual_tokens"]
+    assert sparse["flops"]["prefill"] < dense["flops"]["prefill"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_server_worker_reports_kept_patches_per_image(name, loaded, one_thread):
+    from corematching.serve.worker import ModelWorker
+
+    model, processor = loaded(name)
+    worker = ModelWorker(model, processor)
+    assert worker.grid is None or worker.grid[0] * worker.grid[1] > 0
+    square, wide = pictures()
+    result = answer_batch(model, processor, [wide], ["What is it?"], cm.CoreMatching(token_budget=8),
+                          max_new_tokens=1)
+    images = layout.prompt_images(model, result.inputs)[0]
+    visual, kept, patches = worker._kept(images, result.record, 0)
+    assert visual == int(result.record.visual_mask[0].sum()) and kept == 8 and [len(p) for p in patches] == [8]
+    assert torch.is_tensor(images[0].positions)
