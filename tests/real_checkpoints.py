@@ -139,6 +139,7 @@ class Family:
     real: str  # the real checkpoint whose geometry and preprocessing this one has
     model_class: str  # the class AutoModelForImageTextToText loads it as
     build: object  # () -> (model, processor)
+    needs_torchvision: bool = False  # its processor has a video processor (transformers requires torchvision)
 
 
 def llava_1_5():
@@ -191,13 +192,163 @@ def llava_next():
     return model, processor
 
 
+def gemma3():
+    """google/gemma-3-4b-it: SigLIP at 896 px, patch 14 (64 x 64 patches) pooled to 256 tokens (16 x 16) per
+    image, pan-and-scan off; each image framed by <start_of_image> / <end_of_image>; Gemma 3 language model with
+    sliding-window and global layers."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+        Gemma3TextConfig,
+    )
+
+    template = plain_template("<start_of_turn>user\n", "<start_of_image>", "<start_of_turn>model\n",
+                              end="<end_of_turn>\n")
+    template = "{{ bos_token }}" + template
+    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tokenizer = byte_tokenizer(["<start_of_turn>", "<end_of_turn>"], named=named, bos="<bos>", eos="<eos>",
+                               chat_template=template)
+    text = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=TEXT_LAYERS, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            query_pre_attn_scalar=8, sliding_window=512,
+                            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                            max_position_embeddings=8192, pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            initializer_range=0.2)
+    config = Gemma3Config(text_config=text, vision_config=siglip_tower(896, 14), mm_tokens_per_image=256,
+                          boi_token_index=token_id(tokenizer, "<start_of_image>"),
+                          eoi_token_index=token_id(tokenizer, "<end_of_image>"),
+                          image_token_index=token_id(tokenizer, "<image_soft_token>"))
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # the projection starts at zero: random features make the images matter
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.5)
+    model = finish(model, tokenizer)
+    images = Gemma3ImageProcessorPil(size={"height": 896, "width": 896}, image_mean=HALF, image_std=HALF,
+                                     do_pan_and_scan=False)
+    processor = Gemma3Processor(image_processor=images, tokenizer=tokenizer, image_seq_length=256,
+                                chat_template=template)
+    return model, processor
+
+
+def idefics3():
+    """HuggingFaceM4/Idefics3-8B-Llama3: SigLIP tiles of 364 px, patch 14 (26 x 26), pixel shuffle by 2 to 169
+    tokens; the picture resized to a longest edge of 4 x 364 and split into up to 4 x 4 tiles plus a global view;
+    tiles framed by <fake_token_around_image> and <row_r_col_c>, the global view by <global-img>."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+    )
+
+    template = plain_template("<|begin_of_text|>User:", "<image>", "Assistant:", end="<end_of_utterance>\n")
+    places = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    tokenizer = byte_tokenizer(["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>",
+                                "<|begin_of_text|>"] + places, eos="<end_of_utterance>", chat_template=template)
+    vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=364, patch_size=14)
+    config = Idefics3Config(vision_config=vision, text_config=llama_text(tokenizer),
+                            image_token_id=token_id(tokenizer, "<image>"), scale_factor=2)
+    torch.manual_seed(0)
+    model = finish(Idefics3ForConditionalGeneration(config), tokenizer)
+    images = Idefics3ImageProcessorPil(size={"longest_edge": 4 * 364}, max_image_size={"longest_edge": 364},
+                                       do_image_splitting=True, image_mean=HALF, image_std=HALF)
+    processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=169,
+                                  chat_template=template)
+    return model, processor
+
+
+def internvl():
+    """OpenGVLab/InternVL3-1B-hf: InternViT at 448 px tiles, patch 14 (32 x 32), pixel shuffle 0.5 to 256 tokens
+    per tile; up to 12 tiles by the picture's aspect ratio plus a thumbnail when there are several; each image
+    framed by <img> / </img>; Qwen2 language model."""
+    from transformers import (
+        GotOcr2ImageProcessorPil,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVisionConfig,
+    )
+
+    template = plain_template("<|im_start|>user\n", "<IMG_CONTEXT>", "<|im_start|>assistant\n",
+                              end="<|im_end|>\n", image_after="\n")
+    named = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+             "video_token": "<video>"}
+    tokenizer = byte_tokenizer(["<|im_start|>", "<|im_end|>"], named=named, eos="<|im_end|>",
+                               chat_template=template)
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=[448, 448], patch_size=[14, 14])
+    config = InternVLConfig(vision_config=vision, text_config=qwen2_text(tokenizer),
+                            image_token_id=token_id(tokenizer, "<IMG_CONTEXT>"), downsample_ratio=0.5,
+                            vision_feature_layer=-1, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    model = finish(InternVLForConditionalGeneration(config), tokenizer)
+    images = GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=1,
+                                      max_patches=12, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+    processor = InternVLProcessor(image_processor=images, tokenizer=tokenizer, image_seq_length=256,
+                                  chat_template=template)
+    return model, processor
+
+
+ONEVISION_PINPOINTS = [[384 * rows, 384 * cols] for rows in range(1, 7) for cols in range(1, 7)]
+
+
+def llava_onevision():
+    """llava-hf/llava-onevision-qwen2-0.5b-ov-hf: SigLIP at 384 px, patch 14 (27 x 27 = 729 tokens), anyres over
+    384 px tiles up to 2304 px, anyres_max_9, all tokens kept (strategy "full"), Qwen2 language model."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionProcessor,
+    )
+
+    template = plain_template("<|im_start|>user\n", "<image>", "<|im_start|>assistant\n", end="<|im_end|>\n",
+                              image_after="\n")
+    tokenizer = byte_tokenizer(["<image>", "<video>", "<|im_start|>", "<|im_end|>"], eos="<|im_end|>",
+                               chat_template=template)
+    config = LlavaOnevisionConfig(vision_config=siglip_tower(384, 14), text_config=qwen2_text(tokenizer),
+                                  image_token_index=token_id(tokenizer, "<image>"),
+                                  video_token_index=token_id(tokenizer, "<video>"), vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+                                  image_grid_pinpoints=ONEVISION_PINPOINTS)
+    torch.manual_seed(0)
+    model = finish(LlavaOnevisionForConditionalGeneration(config), tokenizer)
+    images = LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384},
+                                             image_grid_pinpoints=ONEVISION_PINPOINTS, image_mean=HALF,
+                                             image_std=HALF, do_pad=True)
+    processor = LlavaOnevisionProcessor(image_processor=images, tokenizer=tokenizer, num_image_tokens=729,
+                                        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+                                        chat_template=template)
+    return model, processor
+
+
 FAMILIES = {
     family.name: family
     for family in (
         Family("llava-1.5", "llava-hf/llava-1.5-7b-hf", "LlavaForConditionalGeneration", llava_1_5),
         Family("llava-next", "llava-hf/llava-v1.6-mistral-7b-hf", "LlavaNextForConditionalGeneration", llava_next),
+        Family("gemma3", "google/gemma-3-4b-it", "Gemma3ForConditionalGeneration", gemma3),
+        Family("idefics3", "HuggingFaceM4/Idefics3-8B-Llama3", "Idefics3ForConditionalGeneration", idefics3),
+        Family("internvl", "OpenGVLab/InternVL3-1B-hf", "InternVLForConditionalGeneration", internvl,
+               needs_torchvision=True),
+        Family("llava-onevision", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "LlavaOnevisionForConditionalGeneration",
+               llava_onevision, needs_torchvision=True),
     )
 }
+
+
+def torchvision_missing() -> str | None:
+    """Why processors with a video processor cannot be built here, or None when they can."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception as error:  # ImportError, or a build that does not match this torch (RuntimeError)
+        return f"torchvision does not import ({type(error).__name__}: {str(error).splitlines()[0][:80]})"
+    return None
 
 
 def save(name: str, folder: Path) -> Path:

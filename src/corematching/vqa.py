@@ -54,7 +54,9 @@ def answer_batch(model, processor, images, questions, method=None, max_new_token
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
     images = [check_image(im) for im in images]
-    inputs = processor(images=images, text=prompts_for(processor, questions), return_tensors="pt", padding=True)
+    # one list of images per prompt: processors that batch prompts (Gemma 3, Idefics3, ...) ask for them nested
+    inputs = processor(images=[[image] for image in images], text=prompts_for(processor, questions),
+                       return_tensors="pt", padding=True)
     inputs = inputs.to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
