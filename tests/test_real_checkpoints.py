@@ -143,3 +143,39 @@ def test_server_worker_reports_kept_patches_per_image(name, loaded, one_thread):
     visual, kept, patches = worker._kept(images, result.record, 0)
     assert visual == int(result.record.visual_mask[0].sum()) and kept == 8 and [len(p) for p in patches] == [8]
     assert torch.is_tensor(images[0].positions)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def test_load_model_passes_from_pretrained_options_through(checkpoint_dir, tmp_path, monkeypatch, one_thread):
+    import transformers
+
+    folder = str(checkpoint_dir("llava-1.5"))
+    model, _ = cm.load_model(folder, device="cpu", attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    received = {}
+    original = transformers.AutoModelForImageTextToText.from_pretrained
+
+    def spy(*args, **kwargs):
+        received.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", spy)
+    options = {"device_map": "cpu", "max_memory": {"cpu": "2GiB"}, "offload_folder": str(tmp_path / "offload"),
+               "local_files_only": True}
+    model, _ = cm.load_model(folder, dtype=torch.bfloat16, **options)
+    assert received == {"dtype": torch.bfloat16, **options}
+    assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
+    with cm.sparsify(model, cm.CoreMatching()):  # what sparsify needs survives the options
+        pass
+
+
+def test_load_model_refuses_remote_code_and_unknown_options(checkpoint_dir):
+    folder = str(checkpoint_dir("llava-1.5"))
+    with pytest.raises(ValueError, match="trust_remote_code=True is not supported"):
+        cm.load_model(folder, trust_remote_code=True)
+    with pytest.raises(TypeError, match="unexpected options torch_dtyp"):
+        cm.load_model(folder, torch_dtyp=torch.float16)
+    with pytest.raises(ValueError, match="bundled model built in place"):
+        cm.load_model("evqa-smollm2", device_map="auto")
