@@ -179,3 +179,50 @@ def test_load_model_refuses_remote_code_and_unknown_options(checkpoint_dir):
         cm.load_model(folder, torch_dtyp=torch.float16)
     with pytest.raises(ValueError, match="bundled model built in place"):
         cm.load_model("evqa-smollm2", device_map="auto")
+
+
+# ----------------------------------------------------------------------------------------------- object recall
+
+
+def test_a_mask_is_laid_over_a_grid_that_does_not_divide_it():
+    from corematching.evaluate import covered_patches
+
+    mask = torch.zeros(64, 64, dtype=torch.bool)
+    mask[:32, :32] = True  # the top-left quarter: 12 x 12 of LLaVA-1.5's 24 x 24 patches
+    covered = covered_patches(mask, (24, 24)).view(24, 24)
+    assert covered[:12, :12].all() and covered.sum() == 144
+    one_pixel = torch.zeros(3, 3)
+    one_pixel[0, 0] = 1  # a 2 x 2 grid over 3 x 3 pixels: the first cell holds 1 of its 2.25 pixels
+    assert torch.allclose(layout.cell_coverage(one_pixel, (2, 2)), torch.tensor([[1 / 2.25, 0], [0, 0]]))
+
+
+def test_object_recall_maps_the_mask_onto_every_tile_and_the_global_view(loaded):
+    """Idefics3 splits a square picture into 4 x 4 tiles plus a global view (13 x 13 tokens each). An object in the
+    top-left 19 x 19 pixels of a 64 px picture (tiles of 16 px, tokens of 16 / 13 px; global tokens of 64 / 13 px)
+    fills tile 0 (169 patches), 3 columns of tile 1, 3 rows of tile 4 (the third 0.44 covered: a patch counts from
+    a quarter), 8 of tile 5's top-left 3 x 3 (not the corner, 0.44 x 0.44 covered) and 4 x 4 patches of the global
+    view."""
+    from corematching.evaluate import object_recall
+    from corematching.vqa import prompts_for
+
+    model, processor = loaded("idefics3")
+    picture = Image.new("RGB", (64, 64))
+    inputs = processor(images=[[picture]], text=prompts_for(processor, ["Where?"]), return_tensors="pt")
+    images = layout.prompt_images(model, inputs)[0]
+    assert [view.grid for view in images[0].views] == [(13, 13)] * 17
+    mask = torch.zeros(64, 64, dtype=torch.bool)
+    mask[:19, :19] = True
+    covered = 169 + 39 + 39 + 8 + 16
+    assert object_recall(images, images[0].positions, mask) == 1.0
+    assert object_recall(images, images[0].views[0].positions, mask) == pytest.approx(169 / covered)
+    corner = images[0].views[-1].positions.view(13, 13)[:4, :4].flatten()  # the global view's top-left patches
+    assert object_recall(images, corner, mask) == pytest.approx(16 / covered)
+    right = images[0].views[1].positions.view(13, 13)[:, :3].flatten()  # tile 1's left columns
+    assert object_recall(images, right, mask) == pytest.approx(39 / covered)
+
+
+def test_tiles_follow_the_shape_of_the_picture():
+    assert layout.tile_arrangement(16, 1.0) == (4, 4)
+    assert layout.tile_arrangement(8, 2.0) == (2, 4)  # a wide picture: 2 rows of 4 tiles
+    assert layout.tile_arrangement(8, 0.5) == (4, 2)
+    assert layout.tile_arrangement(6, 1.0) == (2, 3)  # equally close: fewer rows
