@@ -226,3 +226,43 @@ def test_tiles_follow_the_shape_of_the_picture():
     assert layout.tile_arrangement(8, 2.0) == (2, 4)  # a wide picture: 2 rows of 4 tiles
     assert layout.tile_arrangement(8, 0.5) == (4, 2)
     assert layout.tile_arrangement(6, 1.0) == (2, 3)  # equally close: fewer rows
+
+
+# ----------------------------------------------------------------------------------------------- the default method
+
+
+def _family_models():
+    """(model, inputs of a prompt with two images of different sizes) of the tiny models of the family tests for
+    the families whose real processor needs torchvision (Qwen3-VL's default prune layer is its own issue)."""
+    import test_family_idefics3 as idefics3
+    import test_family_internvl as internvl
+    import test_family_llava_next as anyres
+    import test_family_mistral3 as mistral3
+    import test_family_qwen_vl as qwen
+
+    return {
+        "qwen2-vl": lambda: (qwen.model_of("qwen2"), qwen.inputs_of(*qwen.TWO_IMAGES)),
+        "qwen2.5-vl": lambda: (qwen.model_of("qwen2.5"), qwen.inputs_of(*qwen.TWO_IMAGES)),
+        "mistral3": lambda: (mistral3.model_of("mistral"), mistral3.batch([mistral3.TWO_IMAGES])),
+        "internvl": lambda: (internvl.model_of(), internvl.batch([internvl.TWO_IMAGES])),
+        "llava-onevision": lambda: (anyres.model_of("onevision"),
+                                    anyres.batch("onevision", [anyres.two_images("onevision")])),
+        "smolvlm": lambda: (idefics3.model_of("smolvlm"), idefics3.batch([idefics3.TWO_IMAGES])),
+    }
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "mistral3", "internvl", "llava-onevision", "smolvlm"])
+def test_the_default_method_runs_on_every_family(family, one_thread):
+    """cm.CoreMatching() with every default (prune layer 1, a quarter of each image's tokens) on the families the
+    real checkpoints above cannot cover here; those they cover run it in test_loads_like_a_checkpoint_and_answers."""
+    model, inputs = _family_models()[family]()
+    method = cm.CoreMatching()
+    with cm.sparsify(model, method) as session, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        record = session.last
+    assert record.prune_layer == method.prune_layer
+    images = layout.prompt_images(model, inputs)[0]
+    assert len(images) == 2
+    for image in images:
+        kept = layout.kept_in(image.positions, record.kept_positions[0])
+        assert len(kept) == math.ceil(method.token_budget * image.positions.numel())
