@@ -289,8 +289,10 @@ def internvl():
     model = finish(InternVLForConditionalGeneration(config), tokenizer)
     images = GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=1,
                                       max_patches=12, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
-    processor = InternVLProcessor(image_processor=images, tokenizer=tokenizer, image_seq_length=256,
-                                  chat_template=template)
+    from transformers import InternVLVideoProcessor
+
+    processor = InternVLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=InternVLVideoProcessor(),
+                                  image_seq_length=256, chat_template=template)
     return model, processor
 
 
@@ -321,9 +323,103 @@ def llava_onevision():
     images = LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384},
                                              image_grid_pinpoints=ONEVISION_PINPOINTS, image_mean=HALF,
                                              image_std=HALF, do_pad=True)
-    processor = LlavaOnevisionProcessor(image_processor=images, tokenizer=tokenizer, num_image_tokens=729,
+    from transformers import LlavaOnevisionVideoProcessor
+
+    processor = LlavaOnevisionProcessor(image_processor=images, tokenizer=tokenizer,
+                                        video_processor=LlavaOnevisionVideoProcessor(), num_image_tokens=729,
                                         vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
                                         chat_template=template)
+    return model, processor
+
+
+QWEN_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_TEMPLATE = plain_template("<|im_start|>user\n", "<|vision_start|><|image_pad|><|vision_end|>",
+                               "<|im_start|>assistant\n", end="<|im_end|>\n")
+
+
+def qwen_vl(version: str):
+    """Qwen/Qwen2-VL-2B-Instruct and Qwen/Qwen2.5-VL-3B-Instruct: native resolution, patch 14, temporal patch 2,
+    2 x 2 merge (one token per 28 x 28 pixels), min_pixels 56 x 56, max_pixels 12845056; M-RoPE."""
+    import transformers
+    from transformers import Qwen2VLImageProcessorPil
+
+    tokenizer = byte_tokenizer(QWEN_TOKENS, eos="<|im_end|>", pad="<|endoftext|>", chat_template=QWEN_TEMPLATE)
+    ids = {name: token_id(tokenizer, token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=TEXT_LAYERS,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1000000.0},
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+                initializer_range=0.2)
+    if version == "2":
+        vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, in_channels=3, mlp_ratio=2)
+        config = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+        model = transformers.Qwen2VLForConditionalGeneration(config)
+    else:
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=112,
+                      fullatt_block_indexes=[1])
+        config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+        model = transformers.Qwen2_5_VLForConditionalGeneration(config)
+    model = finish(model, tokenizer)
+    images = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2,
+                                      merge_size=2, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    processor_class = transformers.Qwen2VLProcessor if version == "2" else transformers.Qwen2_5_VLProcessor
+    processor = processor_class(image_processor=images, tokenizer=tokenizer,
+                                video_processor=transformers.Qwen2VLVideoProcessor(), chat_template=QWEN_TEMPLATE)
+    return model, processor
+
+
+def mistral3():
+    """mistralai/Mistral-Small-3.1-24B-Instruct-2503: Pixtral at native resolution up to a longest edge of 1540 px,
+    patch 14, 2 x 2 merge; an [IMG_BREAK] token after each row of tokens and [IMG_END] after the image."""
+    from transformers import (
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        PixtralImageProcessorPil,
+        PixtralProcessor,
+        PixtralVisionConfig,
+    )
+
+    template = "{{ bos_token }}" + plain_template("[INST]", "[IMG]", "", end="[/INST]")
+    tokenizer = byte_tokenizer(["[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"], bos="<s>",
+                               chat_template=template)
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 head_dim=16, image_size=1540, patch_size=14)
+    config = Mistral3Config(vision_config=vision, text_config=mistral_text(tokenizer),
+                            image_token_index=token_id(tokenizer, "[IMG]"), spatial_merge_size=2,
+                            vision_feature_layer=-1)
+    torch.manual_seed(0)
+    model = finish(Mistral3ForConditionalGeneration(config), tokenizer)
+    images = PixtralImageProcessorPil(size={"longest_edge": 1540}, patch_size={"height": 14, "width": 14},
+                                      image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    processor = PixtralProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14, spatial_merge_size=2,
+                                 chat_template=template)
+    return model, processor
+
+
+def smolvlm():
+    """HuggingFaceTB/SmolVLM-256M-Instruct: SigLIP tiles of 512 px, patch 16 (32 x 32), pixel shuffle by 4 to 64
+    tokens; the picture resized to a longest edge of 2048 px and split into 512 px tiles plus a global view."""
+    import transformers
+
+    template = plain_template("<|im_start|>User:", "<image>", "Assistant:", end="<end_of_utterance>\n")
+    places = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    tokenizer = byte_tokenizer(["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>",
+                                "<|im_start|>"] + places, eos="<end_of_utterance>", chat_template=template)
+    vision = transformers.SmolVLMVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=2, image_size=512, patch_size=16)
+    config = transformers.SmolVLMConfig(vision_config=vision, text_config=llama_text(tokenizer),
+                                        image_token_id=token_id(tokenizer, "<image>"), scale_factor=4)
+    torch.manual_seed(0)
+    model = finish(transformers.SmolVLMForConditionalGeneration(config), tokenizer)
+    images = transformers.SmolVLMImageProcessorPil(size={"longest_edge": 2048}, max_image_size={"longest_edge": 512},
+                                                   do_image_splitting=True, image_mean=HALF, image_std=HALF)
+    processor = transformers.SmolVLMProcessor(image_processor=images, tokenizer=tokenizer,
+                                              video_processor=transformers.SmolVLMVideoProcessor(), image_seq_len=64,
+                                              chat_template=template)
     return model, processor
 
 
@@ -338,6 +434,14 @@ FAMILIES = {
                needs_torchvision=True),
         Family("llava-onevision", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "LlavaOnevisionForConditionalGeneration",
                llava_onevision, needs_torchvision=True),
+        Family("qwen2-vl", "Qwen/Qwen2-VL-2B-Instruct", "Qwen2VLForConditionalGeneration", lambda: qwen_vl("2"),
+               needs_torchvision=True),
+        Family("qwen2.5-vl", "Qwen/Qwen2.5-VL-3B-Instruct", "Qwen2_5_VLForConditionalGeneration",
+               lambda: qwen_vl("2.5"), needs_torchvision=True),
+        Family("mistral3", "mistralai/Mistral-Small-3.1-24B-Instruct-2503", "Mistral3ForConditionalGeneration",
+               mistral3, needs_torchvision=True),
+        Family("smolvlm", "HuggingFaceTB/SmolVLM-256M-Instruct", "SmolVLMForConditionalGeneration", smolvlm,
+               needs_torchvision=True),
     )
 }
 
