@@ -40,7 +40,7 @@ class BatchAnswers(NamedTuple):
     texts: list[str]  # the answers, stripped
     record: object | None  # what the sparsify session decided at prefill (None without a method)
     input_ids: torch.Tensor  # [B, T] the prompts as the model saw them (left padded)
-    inputs: dict  # everything the processor gave the model (image sizes, grids, ...): see layout.prompt_images
+    inputs: dict | None = None  # what the processor gave the model (image sizes, grids, ...): layout.prompt_images
 
 
 @torch.no_grad()
