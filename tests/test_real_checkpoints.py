@@ -266,3 +266,23 @@ def test_the_default_method_runs_on_every_family(family, one_thread):
     for image in images:
         kept = layout.kept_in(image.positions, record.kept_positions[0])
         assert len(kept) == math.ceil(method.token_budget * image.positions.numel())
+
+
+def test_a_centre_cropping_processor_shows_the_middle_of_a_wide_picture(loaded):
+    """LLaVA-1.5's CLIP preprocessing resizes the shorter side to 336 px and cuts the middle 336 x 336: of a
+    160 x 80 picture its 24 x 24 grid shows the middle half; an object in the left quarter is not in it."""
+    from corematching.evaluate import object_recall
+    from corematching.vqa import prompts_for
+
+    model, processor = loaded("llava-1.5")
+    assert layout.centre_crop_region(processor.image_processor, 160, 80) == (0.0, 0.25, 1.0, 0.75)
+    inputs = processor(images=[[pictures()[1]]], text=prompts_for(processor, ["Where?"]), return_tensors="pt")
+    images = layout.prompt_images(model, inputs)[0]
+    layout.place_for_picture(images, 160, 80, processor.image_processor)
+    assert [view.region for view in images[0].views] == [(0.0, 0.25, 1.0, 0.75)]
+    left, middle = torch.zeros(80, 160, dtype=torch.bool), torch.zeros(80, 160, dtype=torch.bool)
+    left[:, :40] = True
+    middle[:, 40:80] = True  # the left half of what the grid shows: 12 of its 24 columns
+    assert object_recall(images, images[0].positions, left) is None
+    kept_left_columns = images[0].positions.view(24, 24)[:, :6].flatten()
+    assert object_recall(images, kept_left_columns, middle) == pytest.approx(6 / 12)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import layout
 from .errors import UnsupportedModelError
 from .models import adapter_for
 
@@ -160,7 +161,7 @@ def answer_jobs(args: argparse.Namespace, method, model_name: str, jobs: list[tu
     """Answer each (name, image, question, truth) dense and under `method`; print a table, save kept-patch pictures."""
     import corematching as cm
 
-    from . import layout, viz
+    from . import viz
     from .vqa import answer_batch
 
     print(f"loading {model_name} ...", flush=True)
@@ -191,6 +192,7 @@ def answer_jobs(args: argparse.Namespace, method, model_name: str, jobs: list[tu
             correct["sparse"] += sparse.texts[0] == truth
         print(f"{name:<12} {question[:48]:<48} {truth or '':<10} {dense.texts[0][:10]:<10} {1e3 * (t1 - t0):>6.0f} "
               f"{sparse.texts[0][:10]:<10} {len(kept):>3}/{positions.numel():<3} {1e3 * (t2 - t1):>6.0f}")
+        layout.place_for_picture(images, *image.size, getattr(processor, "image_processor", None))
         panel = kept_patches_panel(image, images, kept_positions, f"{question[:40]} -> {sparse.texts[0][:12]}")
         if panel is not None:
             viz.save_side_by_side([panel], out_dir / f"{number:02d}-{name}.png")
@@ -203,18 +205,26 @@ OVERLAY_SIDE = 384  # pixels of the longer side of a kept-patch picture
 
 
 def kept_patches_panel(image, images, kept_positions, title: str):
-    """The kept patches of the prompt's first image drawn over it, on the largest grid of tokens that shows the
-    whole picture (its only grid, its global view or base view); None when no grid shows the whole picture."""
+    """The kept patches of the prompt's first image drawn over it, on the largest grid of tokens that shows all of
+    the picture the model saw (its only grid, its global view or base view; a centre crop where the processor cut
+    one); None when no grid does."""
     from PIL import Image
 
-    from . import layout, viz
+    from . import viz
     from .vqa import check_image
 
-    whole = [view for view in (images[0].views if images else []) if view.region == layout.WHOLE]
-    if not whole:
+    views = images[0].views if images else []
+    if len(views) == 1:
+        seen = [view for view in views if view.region is not None]
+    else:
+        seen = [view for view in views if view.region == layout.WHOLE]
+    if not seen:
         return None
-    view = max(whole, key=lambda view: view.grid[0] * view.grid[1])
+    view = max(seen, key=lambda view: view.grid[0] * view.grid[1])
     picture = check_image(image)
+    top, left, bottom, right = view.region
+    picture = picture.crop((round(left * picture.width), round(top * picture.height), round(right * picture.width),
+                            round(bottom * picture.height)))
     ratio = OVERLAY_SIDE / max(picture.size)
     size = (max(1, round(picture.width * ratio)), max(1, round(picture.height * ratio)))
     picture = picture.resize(size, Image.NEAREST if ratio > 1 else Image.BICUBIC)  # enlarged: pixels stay sharp

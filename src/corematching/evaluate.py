@@ -230,13 +230,14 @@ def run_eval(model, processor, method, items: list, output: Path, batch_size: in
             answers = answer_batch(model, processor, images, questions, method, max_new_tokens)
             predictions, record = answers.texts, answers.record
             prompt_images = layout.prompt_images(model, answers.inputs) if record is not None else None
+            image_processor = getattr(processor, "image_processor", None)
             for row, k in enumerate(chunk):
                 item = items[k]
                 result = {"index": k, **_item_fields(item), "question": item.question, "answer": item.answer,
                           "prediction": predictions[row], "correct": predictions[row] == item.answer}
                 if record is not None and record.kept_positions is not None:
                     sample_images = prompt_images[row]
-                    layout.place_for_picture(sample_images, *images[row].size)
+                    layout.place_for_picture(sample_images, *images[row].size, image_processor)
                     kept_positions = record.kept_positions[row]
                     result.update(image_tokens(sample_images, kept_positions))
                     recall = object_recall(sample_images, kept_positions, item_object_mask(item, images[row]))

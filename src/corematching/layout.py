@@ -117,12 +117,33 @@ def tile_arrangement(count: int, aspect: float) -> tuple[int, int]:
     return min(pairs, key=lambda pair: (abs(math.log(pair[1] / pair[0]) - math.log(aspect)), pair[0]))
 
 
-def place_for_picture(images: list[PromptImage], width: int, height: int) -> None:
-    """Re-arrange the tiles of `images` for a picture of width x height (the default assumes a square one)."""
+def place_for_picture(images: list[PromptImage], width: int, height: int, image_processor=None) -> None:
+    """Regions of `images` for a picture of width x height: tiles arranged to its shape (the default assumes a
+    square picture), and, where `image_processor` centre-crops (CLIP's: the shorter side resized, then a square
+    cut from the middle, as LLaVA-1.5's), a grid that showed the whole picture shows that middle part only."""
+    crop = centre_crop_region(image_processor, width, height)
     for image in images:
-        if len(image.views) > 1 and all(view.grid != (0, 0) for view in image.views):
-            if len({view.grid for view in image.views}) == 1:
-                _place_views(image.views, width / height)
+        views = image.views
+        if len(views) > 1 and all(view.grid != (0, 0) for view in views) and len({view.grid for view in views}) == 1:
+            _place_views(views, width / height)
+        elif len(views) == 1 and views[0].region == WHOLE:
+            views[0].region = crop
+
+
+def centre_crop_region(image_processor, width: int, height: int) -> Region:
+    """The part of a width x height picture an image processor keeps: all of it, unless it resizes the shorter
+    side to `size["shortest_edge"]` and then centre-crops `crop_size` (CLIP's preprocessing)."""
+    if image_processor is None or not getattr(image_processor, "do_center_crop", False):
+        return WHOLE
+    size, crop = getattr(image_processor, "size", None) or {}, getattr(image_processor, "crop_size", None) or {}
+    shortest = size.get("shortest_edge") if hasattr(size, "get") else None
+    if not shortest or not hasattr(crop, "get") or not crop.get("height") or not crop.get("width"):
+        return WHOLE
+    scale = shortest / min(width, height)
+    resized_height, resized_width = height * scale, width * scale
+    top = max(0.0, (resized_height - crop["height"]) / 2 / resized_height)
+    left = max(0.0, (resized_width - crop["width"]) / 2 / resized_width)
+    return (top, left, 1 - top, 1 - left)
 
 
 def kept_in(positions: torch.Tensor, kept_positions: torch.Tensor) -> list[int]:
