@@ -130,19 +130,47 @@ def test_cli_eval_and_bench_run_on_the_checkpoint(name, checkpoint_dir, tmp_path
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_server_worker_reports_kept_patches_per_image(name, loaded, one_thread):
+def test_the_server_worker_answers_a_batch_of_two_requests(name, loaded, one_thread):
+    """Two requests (pictures of two sizes) in one batch of the server's worker: each gets its answer, its visual
+    tokens and kept tokens in `usage`, and its kept patches per image, counted on the adapter's layout."""
+    import asyncio
+
+    from corematching.serve.images import LoadedImage
+    from corematching.serve.jobs import Job
+    from corematching.serve.protocol import ChatRequest
     from corematching.serve.worker import ModelWorker
 
     model, processor = loaded(name)
     worker = ModelWorker(model, processor)
-    assert worker.grid is None or worker.grid[0] * worker.grid[1] > 0
-    square, wide = pictures()
-    result = answer_batch(model, processor, [wide], ["What is it?"], cm.CoreMatching(token_budget=8),
-                          max_new_tokens=1)
-    images = layout.prompt_images(model, result.inputs)[0]
-    visual, kept, patches = worker._kept(images, result.record, 0)
-    assert visual == int(result.record.visual_mask[0].sum()) and kept == 8 and [len(p) for p in patches] == [8]
-    assert torch.is_tensor(images[0].positions)
+    loop = asyncio.new_event_loop()
+    jobs, method = [], cm.CoreMatching(token_budget=8)
+    for number, picture in enumerate(pictures()):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+        request = ChatRequest(messages=messages, images=[LoadedImage(picture, f"picture-{number}")], max_tokens=2,
+                              temperature=0.0, top_p=1.0, seed=None, stop=[], stream=False, include_usage=True,
+                              method=method, ignore_eos=True)
+        jobs.append(Job(request, worker.prompt_text(messages), 0, loop))
+    worker.run(jobs)
+
+    async def done(job):
+        while True:
+            kind, payload = await job.events.get()
+            assert kind != "error", payload
+            if kind == "done":
+                return payload
+
+    outcomes = [loop.run_until_complete(done(job)) for job in jobs]
+    worker.close()
+    loop.close()
+    alone = answer_batch(model, processor, list(pictures()), ["What is it?"] * 2, None, max_new_tokens=1)
+    expected_visual = [sum(image.positions.numel() for image in sample)
+                       for sample in layout.prompt_images(model, alone.inputs)]
+    for outcome, visual in zip(outcomes, expected_visual):
+        assert isinstance(outcome.text, str) and outcome.usage.completion_tokens == 2
+        assert outcome.usage.batch_size == 2
+        assert outcome.usage.visual_tokens == visual and outcome.usage.visual_tokens_kept == 8
+        assert [len(kept) for kept in outcome.kept_patches] == [8]
+        assert outcome.grid == worker.adapter.image_grid
 
 
 # ----------------------------------------------------------------------------------------------- loading

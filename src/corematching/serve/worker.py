@@ -59,9 +59,11 @@ class ModelWorker:
     def prompt_text(self, messages: list[dict]) -> str:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
-    def encode(self, prompts: list[str], images: list) -> dict:
+    def encode(self, prompts: list[str], images: list[list]) -> dict:
+        """images: each prompt's images (processors that batch prompts, as Gemma 3's, ask for them per prompt)."""
         with self.processor_lock:
-            inputs = self.processor(images=images or None, text=prompts, padding=True, return_tensors="pt")
+            inputs = self.processor(images=images if any(images) else None, text=prompts, padding=True,
+                                    return_tensors="pt")
         inputs = inputs.to(self.model.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
@@ -70,7 +72,7 @@ class ModelWorker:
     def count_prompt_tokens(self, prompt: str, images: list) -> int:
         """Tokens the model sees for this prompt, each image's tokens included."""
         try:
-            return int(self.encode([prompt], images)["input_ids"].shape[1])
+            return int(self.encode([prompt], [images])["input_ids"].shape[1])
         except ValueError as error:  # e.g. image placeholders and images that do not match
             raise bad_request(f"the prompt cannot be encoded: {error}", param="messages") from None
 
@@ -146,7 +148,7 @@ class ModelWorker:
 
     def _run_batch(self, jobs: list[Job]) -> None:
         started = time.perf_counter()
-        images = [image.image for job in jobs for image in job.request.images]
+        images = [[image.image for image in job.request.images] for job in jobs]
         inputs = self.encode([job.prompt for job in jobs], images)
         texts, samplers, follower = self._texts_and_samplers(jobs)
         cache = DynamicCache(config=self.model.config.get_text_config())
