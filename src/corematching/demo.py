@@ -156,7 +156,8 @@ def example_lines(results: list[MethodResult], items: list, count: int) -> list[
 
 def save_pictures(results: list[MethodResult], items: list, grid: tuple[int, int], count: int,
                   out_dir: Path) -> list[Path]:
-    """For the first `count` questions: the patches CoreMatching and random tokens kept, side by side."""
+    """For the first `count` questions: the patches CoreMatching and random tokens kept, side by side, under the
+    question and its answer."""
     from . import viz
     from .evaluate import item_image
 
@@ -167,8 +168,21 @@ def save_pictures(results: list[MethodResult], items: list, grid: tuple[int, int
         panels = [viz.kept_patches_overlay(image, r.answers[index]["kept_patches"], grid, scale=scale,
                                            title=f"{r.label}: {r.answers[index]['prediction'][:14]}")
                   for r in results if "kept_patches" in r.answers[index]]
-        paths.append(viz.save_side_by_side(panels, out_dir / f"{index:02d}.png"))
+        path = viz.save_side_by_side(panels, out_dir / f"{index:02d}.png")
+        with_question(path, f"{items[index].question} (truth: {items[index].answer})")
+        paths.append(path)
     return paths
+
+
+def with_question(path: Path, question: str) -> None:
+    """Write the question above the picture at `path`."""
+    from PIL import Image, ImageDraw
+
+    picture = Image.open(path)
+    sheet = Image.new("RGB", (picture.width, picture.height + 20), (255, 255, 255))
+    ImageDraw.Draw(sheet).text((4, 4), question, fill=(0, 0, 0))
+    sheet.paste(picture, (0, 20))
+    sheet.save(path)
 
 
 # ----------------------------------------------------------------------------- entry point
