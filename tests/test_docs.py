@@ -104,10 +104,20 @@ def command_help(subcommand: str, capsys) -> str:
     return out
 
 
-def test_the_readme_command_lines_use_options_the_commands_have(capsys):
-    lines = [line.split(" #")[0].strip() for line in readme_block("Command line", "bash").splitlines()]
-    commands = [shlex.split(line) for line in lines if line.startswith("corematching")]
-    assert len(commands) >= 5
+def command_lines(text: str) -> list[list[str]]:
+    """The `corematching ...` command lines of the bash blocks of a page, continuation lines joined, comments cut."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if line.startswith("corematching"):
+                commands.append(shlex.split(line))
+    return commands
+
+
+def test_the_command_lines_of_the_docs_use_options_the_commands_have(capsys):
+    commands = [words for page in PAGES for words in command_lines(page.read_text())]
+    assert len(commands) >= 15
     helps = {}
     for words in commands:
         sub = words[1] if len(words) > 1 and words[1] in ("demo", "eval", "bench", "serve") else ""
@@ -116,6 +126,20 @@ def test_the_readme_command_lines_use_options_the_commands_have(capsys):
         options = [word.split("=")[0] for word in words if word.startswith("--")]
         missing = [option for option in options if option not in helps[sub]]
         assert missing == [], f"{' '.join(words)}: the command does not have {missing}"
+
+
+def test_the_scripts_and_modules_the_docs_name_exist():
+    import importlib.util
+
+    missing = []
+    for page in PAGES:
+        for module in re.findall(r"python -m (corematching[\w.]*)", page.read_text()):
+            if importlib.util.find_spec(module) is None:
+                missing.append(f"{page.name}: python -m {module}")
+        for script in re.findall(r"python ((?:studies|benchmarks)/[\w/]+\.py)", page.read_text()):
+            if not (ROOT / script).is_file():
+                missing.append(f"{page.name}: python {script}")
+    assert missing == []
 
 
 # ----------------------------------------------------------------------------- the demo
