@@ -27,7 +27,7 @@ DEMO_MODELS = ("evqa-smollm2", "scenes-smollm2")
 # points above random tokens at 12.5% on all 700: 180 questions resolve that); on easy-vqa every method is within
 # noise of dense whatever the number of questions.
 DEFAULT_QUESTIONS = {"evqa-smollm2": 60, "scenes-smollm2": 180}
-SET_NAMES = {"test-2000": "easy-vqa test-2000", "scenes": "scene questions, sample(700, seed=1)"}
+SET_NAMES = {"test-2000": "easy-vqa test-2000", "scenes": "scenes.sample(700, seed=1)"}
 
 
 def wants_demo(argv: list[str]) -> bool:
