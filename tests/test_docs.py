@@ -187,6 +187,13 @@ def test_the_demo_prints_what_its_run_measured(tmp_path, capsys):
     assert [p.name for p in pictures] == ["00.png", "01.png"] and all(p.exists() for p in pictures)
 
 
+def test_python_m_corematching_is_the_demo_without_arguments_or_after_the_word_demo():
+    from corematching.demo import wants_demo
+
+    assert wants_demo([]) and wants_demo(["demo", "--questions", "20"])
+    assert not wants_demo(["--image", "x.png", "--question", "q"]) and not wants_demo(["eval", "--output", "a"])
+
+
 def test_the_demo_refuses_bad_settings(capsys):
     from corematching import demo
 
