@@ -317,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         from .serve.cli import main as serve_main
 
         return serve_main(argv[1:])
+    if not argv or argv[0] == "demo":  # the demo (corematching.demo): its own arguments
+        from .demo import main as demo_main
+
+        return demo_main(argv)
     command = argv[0] if argv[:1] in (["eval"], ["bench"]) else "run"
     try:
         if command == "bench":
