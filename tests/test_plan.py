@@ -206,3 +206,13 @@ def test_the_cli_function_prints_the_plan(tmp_path, capsys):
     assert "does not fit" in capsys.readouterr().out
     assert plan.main(["--model", str(tmp_path), "--memory", "40GiB", "--dtype", "float32"]) == 0
     assert "nothing offloaded" in capsys.readouterr().out
+
+
+def test_corematching_plan_is_a_subcommand(tmp_path, capsys):
+    from corematching.cli import main
+
+    llava_7b_config().save_pretrained(tmp_path)
+    assert main(["plan", "--model", str(tmp_path), "--memory", "12GiB", "--token-budget", "64"]) == 0
+    assert "core neurons at beta 0.4" in capsys.readouterr().out
+    assert main(["plan", "--model", str(tmp_path), "--memory", "12 parsecs"]) == 2
+    assert "12 parsecs" in capsys.readouterr().err

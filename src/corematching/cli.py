@@ -321,12 +321,16 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(argv)
-    command = argv[0] if argv[:1] in (["eval"], ["bench"]) else "run"
+    command = argv[0] if argv[:1] in (["eval"], ["bench"], ["plan"]) else "run"
     try:
         if command == "bench":
             from . import bench
 
             return bench.main(argv[1:])
+        if command == "plan":  # what fits in a memory budget (corematching.plan)
+            from . import plan
+
+            return plan.main(argv[1:])
         args = make_parser(command).parse_args(argv[1:] if command == "eval" else argv)
         return evaluate(args) if command == "eval" else run(args)
     except (FileNotFoundError, ValueError, TypeError, UnsupportedModelError) as error:
