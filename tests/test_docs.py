@@ -120,7 +120,7 @@ def test_the_command_lines_of_the_docs_use_options_the_commands_have(capsys):
     assert len(commands) >= 15
     helps = {}
     for words in commands:
-        sub = words[1] if len(words) > 1 and words[1] in ("demo", "eval", "bench", "serve") else ""
+        sub = words[1] if len(words) > 1 and words[1] in ("demo", "eval", "bench", "serve", "plan") else ""
         if sub not in helps:
             helps[sub] = command_help(sub, capsys)
         options = [word.split("=")[0] for word in words if word.startswith("--")]
