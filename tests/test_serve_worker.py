@@ -51,7 +51,17 @@ def job(prompt: str, loop, method=METHOD, temperature=0.0, seed=None, max_tokens
     request = ChatRequest(messages=[], images=[LoadedImage(None, prompt)], max_tokens=max_tokens,
                           temperature=temperature, top_p=0.95, seed=seed, stop=[], stream=False, include_usage=False,
                           method=method, ignore_eos=True)
-    return Job(request, prompt, 0, loop)
+    return Job(request, prompt, encoding(prompt), loop)
+
+
+def encoding(prompt: str) -> dict:
+    """What the server makes of a request on arrival; "bad": one image's tokens with two images' pixels (the model
+    refuses it)."""
+    if prompt == "bad":
+        inputs = dict(PromptProcessor()(text=["p1:5"]))
+        inputs["pixel_values"] = inputs["pixel_values"].repeat(2, 1, 1, 1)
+        return inputs
+    return dict(PromptProcessor()(text=[prompt]))
 
 
 def outcome(loop, one: Job):
