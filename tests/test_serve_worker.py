@@ -142,3 +142,32 @@ def test_a_failing_request_fails_alone(tiny_llava, loop, one_thread):
     assert loop.run_until_complete(first_event(bad))[0] == "error"
     assert outcome(loop, good).usage.completion_tokens == 3
     worker.close()
+
+
+class CountingProcessor(PromptProcessor):
+    calls = 0
+
+    def __call__(self, *args, **kwargs):
+        CountingProcessor.calls += 1
+        return super().__call__(*args, **kwargs)
+
+
+def test_each_request_is_preprocessed_once_and_batches_pad_like_the_processor(tiny_llava, loop, one_thread):
+    """The encoding made when a request arrives is the one the model runs on: a batch is padded from those,
+    exactly as the processor pads a batch itself, and the processor is not called again."""
+    from corematching.serve.collate import collate
+
+    prompts = ["p1:5", "p2:9", "p3:2"]
+    own = [dict(PromptProcessor()(text=[prompt])) for prompt in prompts]
+    together = dict(PromptProcessor()(text=prompts))
+    collated = collate(own, pad_id=0, padding_side="left")
+    assert collated.keys() == together.keys()
+    assert all(torch.equal(collated[key], together[key]) for key in together)
+
+    worker = ModelWorker(tiny_llava(), CountingProcessor())
+    jobs = [job(prompt, loop, max_tokens=3) for prompt in prompts]
+    CountingProcessor.calls = 0
+    worker.run(jobs)
+    assert [outcome(loop, one).usage.completion_tokens for one in jobs] == [3, 3, 3]
+    assert CountingProcessor.calls == 0
+    worker.close()
