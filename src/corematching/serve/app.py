@@ -81,11 +81,7 @@ def create_app(worker: ModelWorker, limits: Limits, *, max_batch_size: int, max_
     async def chat_completions(request: Request):
         body = await run_in_threadpool(parse_json, await read_body(request, max_body_bytes))
         chat = await run_in_threadpool(parse_chat_request, body, limits)  # decoding images is not free
-        try:
-            prompt = worker.prompt_text(chat.messages)
-        except Exception as error:  # the model's chat template refuses this conversation (roles, order, ...)
-            raise bad_request(f"the chat template cannot render these messages: {error}", param="messages") from None
-        inputs = await run_in_threadpool(worker.encode_request, prompt, [image.image for image in chat.images])
+        prompt, inputs = await run_in_threadpool(prepare, worker, chat)  # the template and the processor: once
         prompt_tokens = int(inputs["input_ids"].shape[1])
         room = limits.max_model_len - prompt_tokens
         if room < 1 or (chat.max_tokens_given and chat.max_tokens > room):
@@ -115,6 +111,15 @@ def create_app(worker: ModelWorker, limits: Limits, *, max_batch_size: int, max_
     if api_key is not None or allowed_hosts is not None:
         app.add_middleware(Guard, api_key=api_key, allowed_hosts=allowed_hosts)
     return app
+
+
+def prepare(worker: ModelWorker, chat) -> tuple[str, dict]:
+    """The prompt text and the request's encoding (its only preprocessing), or a 400."""
+    try:
+        prompt = worker.prompt_text(chat.messages)
+    except Exception as error:  # the model's chat template refuses this conversation (roles, order, ...)
+        raise bad_request(f"the chat template cannot render these messages: {error}", param="messages") from None
+    return prompt, worker.encode_request(prompt, [image.image for image in chat.images])
 
 
 async def read_body(request: Request, limit: int) -> bytes:
