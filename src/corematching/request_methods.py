@@ -36,7 +36,7 @@ class Setting:
 
     name: str
     check: Callable[[object], None]
-    describe: str  # the type and range, for error messages and docs
+    describe: str  # the type and range, as clients are told (GET /v1/models)
 
 
 def is_int(value) -> bool:
@@ -106,6 +106,12 @@ REQUEST_SETTINGS: dict[str, tuple[type, tuple[Setting, ...]]] = {
                               Setting("seed", int_in(0, MAX_SEED, "an int in [0, 2**63 - 1]"), "an int >= 0"))),
     "uniform": (UniformTokens, (TOKEN_BUDGET, PRUNE_LAYER)),
 }
+
+
+def documented() -> dict:
+    """{method name: {setting: its type and range}}: what a request may ask for (shown by GET /v1/models)."""
+    return {name: {setting.name: setting.describe for setting in settings}
+            for name, (_, settings) in REQUEST_SETTINGS.items()}
 
 
 def request_name(method) -> str:

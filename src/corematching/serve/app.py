@@ -21,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..request_methods import documented
 from .errors import APIError, bad_request
 from .guard import Guard
 from .jobs import Job, Outcome
@@ -75,7 +76,8 @@ def create_app(worker: ModelWorker, limits: Limits, *, max_batch_size: int, max_
             {"id": limits.model_name, "object": "model", "created": started, "owned_by": "corematching",
              "max_model_len": limits.max_model_len,
              "default_method": {"method": method_name(limits.default_method),
-                                **method_settings(limits.default_method)}}]}
+                                **method_settings(limits.default_method)},
+             "request_methods": documented()}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
