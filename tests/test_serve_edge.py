@@ -213,6 +213,7 @@ def test_prefix_cache_is_bounded_in_bytes():
 MODEL = "evqa-smollm2"
 KEY = "s3cret-key-for-tests"
 BODY_LIMIT = 200_000
+BODY_TIMEOUT = 3
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +224,7 @@ def server(tmp_path_factory):
     allowed = tmp_path_factory.mktemp("allowed")
     (allowed / "shape.png").write_bytes(Path(data.image_paths("test")[0]).read_bytes())
     arguments = ["--allowed-image-dir", str(allowed), "--default-max-tokens", "4", "--threads", "1",
-                 "--max-body-bytes", str(BODY_LIMIT), "--max-wait-ms", "5"]
+                 "--max-body-bytes", str(BODY_LIMIT), "--max-wait-ms", "5", "--body-timeout", str(BODY_TIMEOUT)]
     process = ServerProcess(arguments, env={"COREMATCHING_API_KEY": KEY}).start()  # the key from the environment
     yield process
     process.stop()
@@ -339,3 +340,16 @@ def test_a_body_over_the_limit_is_refused_as_it_arrives_chunked_or_not(server):
         time.sleep(0.1)
     assert call(server, "GET", "/health", key=None)[1]["unfinished_requests"] == 0
     assert "Traceback" not in server.log()
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_is_closed(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as raw:
+        started = time.monotonic()
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+                    + KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n{\"model\": ")  # then nothing more
+        reply = b""
+        while piece := raw.recv(65536):  # ends when the server closes the connection
+            reply += piece
+        waited = time.monotonic() - started
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert BODY_TIMEOUT - 0.5 < waited < BODY_TIMEOUT + 20

@@ -34,11 +34,12 @@ log = logging.getLogger("corematching.serve")
 STATIC_DIR = Path(__file__).parent / "static"
 DISCONNECT_POLL_S = 0.5
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a few images as data: URLs
+BODY_TIMEOUT_S = 60.0
 
 
 def create_app(worker: ModelWorker, limits: Limits, *, max_batch_size: int, max_wait_s: float, max_pending: int,
                shutdown_timeout_s: float = 60.0, max_body_bytes: int = MAX_BODY_BYTES, api_key: str | None = None,
-               allowed_hosts: frozenset[str] | None = None) -> FastAPI:
+               allowed_hosts: frozenset[str] | None = None, body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
     scheduler = Scheduler(worker.run, max_batch_size, max_wait_s, max_pending)
     worker.on_finished = scheduler.finished
     started = int(time.time())
@@ -81,7 +82,7 @@ def create_app(worker: ModelWorker, limits: Limits, *, max_batch_size: int, max_
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await run_in_threadpool(parse_json, await read_body(request, max_body_bytes))
+        body = await run_in_threadpool(parse_json, await read_body(request, max_body_bytes, body_timeout_s))
         chat = await run_in_threadpool(parse_chat_request, body, limits)  # decoding images is not free
         prompt, inputs = await run_in_threadpool(prepare, worker, chat)  # the template and the processor: once
         prompt_tokens = int(inputs["input_ids"].shape[1])
@@ -124,19 +125,29 @@ def prepare(worker: ModelWorker, chat) -> tuple[str, dict]:
     return prompt, worker.encode_request(prompt, [image.image for image in chat.images])
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float = BODY_TIMEOUT_S) -> bytes:
     """The body, or 413 as soon as more than `limit` bytes arrived (the rest is never read); a declared
-    Content-Length over the limit is refused before reading anything."""
+    Content-Length over the limit is refused before reading anything. A body still incomplete after timeout_s
+    gets 408 (a client that sends slowly does not hold a connection for ever)."""
     declared = request.headers.get("content-length")
     too_large = APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
     if declared is not None and declared.strip().isdigit() and int(declared) > limit:
         raise too_large
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    pieces = request.stream().__aiter__()
     received = bytearray()
-    async for piece in request.stream():
+    while True:
+        try:
+            piece = await asyncio.wait_for(pieces.__anext__(), max(0.0, deadline - loop.time()))
+        except StopAsyncIteration:
+            return bytes(received)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {timeout_s:g} s",
+                           code="request_timeout") from None
         received += piece
         if len(received) > limit:
             raise too_large
-    return bytes(received)
 
 
 async def whole_answer(job: Job, request: Request, scheduler: Scheduler, model_name: str):

@@ -61,6 +61,10 @@ def make_parser() -> argparse.ArgumentParser:
                         help="bytes of KV caches and logits kept by --prefix-cache (default 1G; e.g. 512M, 8G)")
     parser.add_argument("--max-body-bytes", type=byte_count, default=64 * 2**20,
                         help="largest request body (default 64M): counted as it arrives, chunked or not (413)")
+    parser.add_argument("--body-timeout", type=float, default=60.0,
+                        help="seconds a request body may take to arrive (408 after)")
+    parser.add_argument("--max-connections", type=int, default=None,
+                        help="open connections at most; more get 503 (uvicorn's limit_concurrency; default: none)")
     parser.add_argument("--api-key", default=None,
                         help=f"require `Authorization: Bearer KEY` on every route but /health (401 otherwise); "
                              f"default: the {API_KEY_VARIABLE} environment variable, else no key")
@@ -98,6 +102,8 @@ def build(args: argparse.Namespace):
         raise FileNotFoundError(f"--allowed-image-dir is not a directory: {args.allowed_image_dir}")
     if args.prefix_cache_size < 1:
         raise ValueError("--prefix-cache-size must be >= 1")
+    if args.body_timeout <= 0 or (args.max_connections is not None and args.max_connections < 1):
+        raise ValueError("--body-timeout must be > 0 and --max-connections >= 1")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_VARIABLE) or None
     if api_key is not None and not api_key.strip():
         raise ValueError("--api-key is empty")
@@ -122,7 +128,8 @@ def build(args: argparse.Namespace):
     worker = ModelWorker(model, processor, prefix_cache)
     return create_app(worker, limits, max_batch_size=args.max_batch_size, max_wait_s=args.max_wait_ms / 1000,
                       max_pending=args.max_queue, shutdown_timeout_s=args.shutdown_timeout,
-                      max_body_bytes=args.max_body_bytes, api_key=api_key, allowed_hosts=allowed_hosts)
+                      max_body_bytes=args.max_body_bytes, api_key=api_key, allowed_hosts=allowed_hosts,
+                      body_timeout_s=args.body_timeout)
 
 
 def main(argv: list[str]) -> int:
@@ -144,5 +151,5 @@ def main(argv: list[str]) -> int:
         print("corematching serve: warning: listening beyond loopback without --api-key: anyone who reaches this "
               "port can use the model", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=int(args.shutdown_timeout))
+                timeout_graceful_shutdown=int(args.shutdown_timeout), limit_concurrency=args.max_connections)
     return 0

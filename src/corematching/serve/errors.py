@@ -26,7 +26,9 @@ class APIError(Exception):
         """The JSON response, ASCII-escaped (a lone surrogate a client sent cannot break its encoding)."""
         from starlette.responses import Response
 
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        if self.status in (408, 413):  # the rest of the body is never read: the connection cannot be reused
+            headers["Connection"] = "close"
         return Response(json.dumps(self.body()), status_code=self.status, media_type="application/json",
                         headers=headers)
 
