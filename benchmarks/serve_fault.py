@@ -8,11 +8,11 @@ on a free loopback port. First every good request is sent alone, one after the o
 reference. Then `--rounds` rounds, each a shuffled mix sent by `--clients` concurrent clients: good requests
 (plain, streamed, and with a chunked body; under several methods) and hostile ones: malformed JSON, bodies over
 the limit (declared or chunked without a length), bad images, forbidden or unknown fields (a file path, a module
-name), NUL bytes in a path, missing or wrong API keys, a foreign Host header, clients that disconnect mid-stream
-or before their answer. After each round the queue must drain to empty and the server's resident memory is
-sampled. It passes when every good request got its reference answer, every hostile one a 4xx of its kind, no
-answer was lost, no status was 5xx, and the resident memory of the last round is within `--rss-tolerance-mib`
-of the first.
+name), NUL bytes in a path, missing or wrong API keys, a foreign Host header, a body that stops arriving (408
+after `--body-timeout`), clients that disconnect mid-stream or before their answer. After each round the queue
+must drain to empty and the server's resident memory is sampled. It passes when every good request got its
+reference answer, every hostile one a 4xx of its kind, no answer was lost, no status was 5xx, and the resident
+memory of the last round is within `--rss-tolerance-mib` of the first.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ GOOD_KINDS = ("good", "good_stream", "good_chunked")
 DISCONNECT_KINDS = ("disconnect_mid_stream", "disconnect_before_answer")
 EXPECTED = {  # hostile kind -> the statuses it may get
     "malformed_json": {400}, "oversized_declared": {413}, "oversized_chunked": {413}, "bad_image": {400},
-    "forbidden_field": {400}, "nul_path": {400}, "wrong_key": {401}, "foreign_host": {400},
+    "forbidden_field": {400}, "nul_path": {400}, "wrong_key": {401}, "foreign_host": {400}, "slow_body": {408},
 }
+BODY_TIMEOUT_S = 2
 
 
 class Harness:
@@ -178,6 +179,9 @@ class Harness:
             return self.request(self.good_body(0), key=key)[0], None
         if kind == "foreign_host":
             return self.request(self.good_body(0), headers={"Host": "rebound.example"})[0], None
+        if kind == "slow_body":  # announces a body, sends a part, then nothing: 408 after --body-timeout
+            head = self.head(chunked=False).replace(b"\r\n\r\n", b"\r\nContent-Length: 500\r\n\r\n")
+            return self.raw(head, [b'{"model": "evqa-smollm2", '])[0], None
         if kind == "disconnect_mid_stream":
             body = json.dumps({"model": MODEL, "stream": True, "max_tokens": 64, "ignore_eos": True,
                                "messages": [{"role": "user", "content": "Tell a long story."}]}).encode()
@@ -224,6 +228,7 @@ def run(rounds: int = 3, per_kind: int = 4, good_per_round: int = 8, clients: in
     items = test_images(goods)
     (allowed / "shape.png").write_bytes(base64.b64decode(items[0]["url"].split(",", 1)[1]))
     arguments = ["--api-key", KEY, "--max-body-bytes", str(BODY_LIMIT), "--allowed-image-dir", str(allowed),
+                 "--body-timeout", str(BODY_TIMEOUT_S),
                  "--max-batch-size", "4", "--max-wait-ms", "20", "--max-queue", str(4 * clients), "--threads", "1"]
     server = ServerProcess(arguments).start()
     figures = {"rounds": [], "sent": Counter(), "expected_status": Counter(), "statuses": defaultdict(Counter),
