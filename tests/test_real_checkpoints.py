@@ -149,7 +149,8 @@ def test_the_server_worker_answers_a_batch_of_two_requests(name, loaded, one_thr
         request = ChatRequest(messages=messages, images=[LoadedImage(picture, f"picture-{number}")], max_tokens=2,
                               temperature=0.0, top_p=1.0, seed=None, stop=[], stream=False, include_usage=True,
                               method=method, ignore_eos=True)
-        jobs.append(Job(request, worker.prompt_text(messages), 0, loop))
+        prompt = worker.prompt_text(messages)
+        jobs.append(Job(request, prompt, worker.encode_request(prompt, [picture]), loop))  # encoded on arrival
     worker.run(jobs)
 
     async def done(job):

@@ -14,84 +14,13 @@ from pathlib import Path
 
 import torch
 
-from . import layout
+from . import layout, method_spec
 from .errors import UnsupportedModelError
+from .method_spec import add_method_arguments, parse_budget, parse_layers  # noqa: F401  (the CLI's names)
 from .models import adapter_for
 
-METHOD_NAMES = ("dense", "corematching", "random", "uniform")
-
-
-def parse_budget(text: str):
-    """'64' -> 64 tokens, '0.25' -> a quarter, 'adaptive' -> None (elbow rule)."""
-    if text.lower() in ("adaptive", "none", "auto"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be an int, a fraction or 'adaptive', got {text!r}") from None
-
-
-def parse_layers(text: str):
-    if text.lower() in ("none", "default"):
-        return None
-    if text.lower() == "":
-        return []
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"layers must be comma-separated ints, got {text!r}") from None
-
-
-def add_method_arguments(parser: argparse.ArgumentParser, default_method: str) -> None:
-    group = parser.add_argument_group("method")
-    group.add_argument("--method", default=default_method,
-                       help=f"{', '.join(METHOD_NAMES)}, any method spec (name:field=value,...; see "
-                            "corematching.method_spec) or package.module:Class")
-    group.add_argument("--budget", type=parse_budget, default=argparse.SUPPRESS,
-                       help="visual tokens kept per image: count, fraction, or 'adaptive'")
-    group.add_argument("--prune-layer", type=int, default=argparse.SUPPRESS)
-    group.add_argument("--rho", type=float, default=argparse.SUPPRESS)
-    group.add_argument("--beta", type=float, default=argparse.SUPPRESS)
-    group.add_argument("--match", default=argparse.SUPPRESS, help="match set: all, text or last")
-    group.add_argument("--neuron-layers", type=parse_layers, default=argparse.SUPPRESS,
-                       help="comma-separated layers decoding with core neurons ('' for none)")
-    group.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed of --method random")
-
-
-def build_method(args: argparse.Namespace):
-    """The method object named by --method, with the fields given on the command line (others default)."""
-    import corematching as cm
-
-    fields = {
-        "token_budget": getattr(args, "budget", "unset"),
-        "prune_layer": getattr(args, "prune_layer", "unset"),
-        "rho": getattr(args, "rho", "unset"),
-        "beta": getattr(args, "beta", "unset"),
-        "match": getattr(args, "match", "unset"),
-        "neuron_layers": getattr(args, "neuron_layers", "unset"),
-        "seed": getattr(args, "seed", "unset"),
-    }
-    accepted = {
-        "dense": (cm.Dense, ()),
-        "corematching": (cm.CoreMatching, ("token_budget", "prune_layer", "rho", "beta", "match", "neuron_layers")),
-        "random": (cm.RandomTokens, ("token_budget", "prune_layer", "seed")),
-        "uniform": (cm.UniformTokens, ("token_budget", "prune_layer")),
-    }
-    if args.method not in accepted:  # any other public method, or a user's package.module:Class
-        from . import method_spec
-
-        overrides = {name: value for name, value in fields.items() if value != "unset"}
-        return method_spec.build(args.method, **overrides)
-    cls, names = accepted[args.method]
-    given = {name: value for name, value in fields.items() if value != "unset"}
-    extra = sorted(set(given) - set(names))
-    if extra:
-        raise ValueError(f"--method {args.method} does not take {', '.join(extra)}")
-    return cls(**given)
+# the method options and building live in the library (method_spec); kept here under their old names
+build_method = method_spec.from_args
 
 
 # ----------------------------------------------------------------------------- run / demo

@@ -22,6 +22,7 @@ import corematching as cm
 
 from .. import layout
 from ..models import adapter_for
+from .collate import collate
 from .decoding import BatchFollower, RequestText
 from .errors import APIError, bad_request
 from .jobs import Job, Outcome, Usage
@@ -60,21 +61,30 @@ class ModelWorker:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
     def encode(self, prompts: list[str], images: list[list]) -> dict:
-        """images: each prompt's images (processors that batch prompts, as Gemma 3's, ask for them per prompt)."""
+        """The processor's output (on the CPU): token ids, attention mask, pixel values, ...
+        images: each prompt's images (processors that batch prompts, as Gemma 3's, ask for them per prompt)."""
         with self.processor_lock:
-            inputs = self.processor(images=images if any(images) else None, text=prompts, padding=True,
-                                    return_tensors="pt")
-        inputs = inputs.to(self.model.device)
+            return dict(self.processor(images=images if any(images) else None, text=prompts, padding=True,
+                                       return_tensors="pt"))
+
+    def encode_request(self, prompt: str, images: list) -> dict:
+        """One request's encoding, made once when it arrives; its length is the prompt's token count (each image's
+        tokens included)."""
+        try:
+            return self.encode([prompt], [images])
+        except (ValueError, TypeError) as error:  # e.g. image placeholders and images that do not match
+            raise bad_request(f"the prompt cannot be encoded: {error}", param="messages") from None
+
+    def batch_inputs(self, jobs: list[Job]) -> dict:
+        """The model inputs of a batch, on the model's device: the jobs' own encodings, padded together."""
+        inputs = collate([job.inputs for job in jobs], self.pad_id, getattr(self.tokenizer, "padding_side", "left"))
+        if inputs is None:  # a processor that pads more than token rows: let it encode the batch
+            inputs = self.encode([job.prompt for job in jobs],
+                                 [[image.image for image in job.request.images] for job in jobs])
+        inputs = {name: value.to(self.model.device) for name, value in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
-
-    def count_prompt_tokens(self, prompt: str, images: list) -> int:
-        """Tokens the model sees for this prompt, each image's tokens included."""
-        try:
-            return int(self.encode([prompt], [images])["input_ids"].shape[1])
-        except ValueError as error:  # e.g. image placeholders and images that do not match
-            raise bad_request(f"the prompt cannot be encoded: {error}", param="messages") from None
 
     # ------------------------------------------------------------------------------------------ sessions
 
@@ -148,8 +158,7 @@ class ModelWorker:
 
     def _run_batch(self, jobs: list[Job]) -> None:
         started = time.perf_counter()
-        images = [[image.image for image in job.request.images] for job in jobs]
-        inputs = self.encode([job.prompt for job in jobs], images)
+        inputs = self.batch_inputs(jobs)
         texts, samplers, follower = self._texts_and_samplers(jobs)
         cache = DynamicCache(config=self.model.config.get_text_config())
         snapshot = {}
