@@ -1,4 +1,4 @@
-"""The shared math of CoreMatching (DESIGN.md section 2): core neurons, match scores, token budgets.
+"""The shared math of CoreMatching: core neurons, match scores, token budgets (each rule stated below).
 
 Everything here is batched tensor code on the input's device. Shapes:
   B batch, T tokens, F FFN width (d_ff).
@@ -231,18 +231,6 @@ def select_by_score(
     else:
         count = budget_counts(order, token_budget, min_tokens)
     return keep_top(order, count)
-
-
-# ---------------------------------------------------------------------------------------------- CoreMatching
-
-
-def core_matching_scores(
-    activations: torch.Tensor, match_mask: torch.Tensor, rho: float, beta: float
-) -> torch.Tensor:
-    """score(x) for every token [B, T] against the core neurons of the match set match_mask [B, T]."""
-    token_core = token_core_neurons(activations, rho)
-    match_core = sentence_core_neurons(token_core, activations, match_mask, beta)
-    return match_scores(token_core, neuron_mask(match_core, activations.shape[-1]))
 
 
 # ---------------------------------------------------------------------------------------------- hashing

@@ -1,11 +1,10 @@
-"""CoreMatching: the neurons choose the tokens, the kept tokens choose the neurons (DESIGN.md section 2)."""
+"""CoreMatching: the neurons choose the tokens, the kept tokens choose the neurons (the rules: selection.py)."""
 
 from dataclasses import dataclass
 
 import torch
 
 from .. import neuron_rules, selection
-from ..calibrate import read_budgets
 from . import defaults
 from .base import (
     SparsityMethod,
@@ -17,6 +16,7 @@ from .base import (
     check_ratio,
     check_token_budget,
 )
+from .neuron_budgets import read_budgets
 
 
 @dataclass
@@ -26,8 +26,8 @@ class CoreMatching(SparsityMethod):
     prune_layer: tokens are scored from this layer's FFN activations and removed after it.
     token_budget: visual tokens kept per image: an int, a fraction in (0, 1], or None for the elbow rule.
     rho, beta: token-wise and sentence-wise core neuron ratios, in (0, 1].
-    neuron_layers: layers that decode with core neurons; None means the measured default
-        (defaults.default_neuron_layers: none on the bundled model, where core-neuron decoding cost too much).
+    neuron_layers: layers that decode with core neurons; None means the measured default: none (or the layers
+        neuron_budgets name), as core-neuron decoding cost too much accuracy on the bundled model (defaults.py).
     match: the match set whose core neurons score the visual tokens: "all", "text" or "last".
     min_tokens: the fewest visual tokens an image keeps.
     neuron_rule: how the decode neurons are chosen from a layer's prefill activations (corematching.
@@ -72,7 +72,7 @@ class CoreMatching(SparsityMethod):
         if self.neuron_layers is None and self._budgets is not None:
             return tuple(layer for layer, share in self._budgets.items() if share < 1)
         if self.neuron_layers is None:
-            return defaults.default_neuron_layers(self.prune_layer, num_layers)
+            return ()
         return check_layer_list("neuron_layers", self.neuron_layers)
 
     def check_layers(self, num_layers: int) -> None:
