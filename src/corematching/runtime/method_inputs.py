@@ -16,10 +16,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .. import selection
 from ..errors import UnsupportedModeError, UnsupportedModelError
 from ..methods import SparsityMethod, TokenBatch
 from ..models import ModelAdapter
+from ..selection import HASH_MODULUS, hash_mix
 
 TOWER_ATTENTION = "_corematching_vision_attention"  # attribute of a tower output: [N images, P] attention received
 TOWER_KEYS = "_corematching_vision_keys"  # attribute of a tower output: [N images, P, d] keys over heads
@@ -215,9 +215,9 @@ class MethodInputs:
 def content_hash(values: torch.Tensor) -> torch.Tensor:
     """A hash in [0, 2**31) of a tensor's exact bytes (long scalar): equal inputs give equal hashes."""
     data = values.detach().contiguous().reshape(-1).view(torch.uint8).long()
-    weights = selection.hash_mix(torch.arange(1, data.numel() + 1, device=data.device))
-    total = (data * weights).sum() % selection.HASH_MODULUS  # wraps (deterministically) past 2**24 bytes
-    return selection.hash_mix(total + data.numel())
+    weights = hash_mix(torch.arange(1, data.numel() + 1, device=data.device))
+    total = (data * weights).sum() % HASH_MODULUS  # wraps (deterministically) past 2**24 bytes
+    return hash_mix(total + data.numel())
 
 
 def _scatter_visual(flat_values: torch.Tensor, visual: torch.Tensor, name: str) -> torch.Tensor:
