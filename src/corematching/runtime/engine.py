@@ -15,6 +15,7 @@ Hooks call in here: `on_entry` / `on_entry_done` around the entry module, `on_la
 after K, `ffn_forward` in place of the FFN forward of the watched layers.
 """
 
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -115,13 +116,25 @@ class Engine:
             self.watched_layers.update(self.stage_layers)
         self.upper_layers = range(self.prune_layer + 1, num_layers) if self.prune_layer is not None else range(0)
         self.changes_model = self.prune_layer is not None or bool(self.neuron_layers) or bool(self.decode_ffn_layers)
+        self._running = threading.local()  # the call in progress is the calling thread's (see `call`)
         self.inputs = MethodInputs(adapter, method, self.stage_layers, lambda: self.call)
-        self.call: CallState | None = None
+        self.call = None
         self.last: SparsityRecord | None = None
         # id(decision) -> (weak reference to it, {layer: SlicedFFN or None}); most recent last
         self._sliced: OrderedDict[int, tuple[weakref.ref, dict]] = OrderedDict()
         # neuron_weights="in_place": the layers whose FFN neurons are reordered for a decision (neuron_order.py)
         self.neuron_order = NeuronOrder() if neuron_weights == "in_place" else None
+
+    @property
+    def call(self) -> CallState | None:
+        """The entry call the calling thread is inside (None: none). Per thread, so that hooks run by another
+        thread (a vision tower encoding images before its own call) never see it; calls themselves are serialized
+        by the session."""
+        return getattr(self._running, "call", None)
+
+    @call.setter
+    def call(self, value: CallState | None) -> None:
+        self._running.call = value
 
     def reset(self) -> None:
         """Drop decisions and sliced weights; FFN neurons back in their original order."""

@@ -1,6 +1,9 @@
 """`sparsify(model, method)`: attach a method to a model for a while, and detach it without a trace."""
 
+import functools
+import threading
 import weakref
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -51,6 +54,8 @@ class Session:
         self.model = model
         self.method = method
         self.adapter = adapter
+        self._lock = threading.RLock()  # one model call at a time (see sparsify: shared use)
+        self._thread = threading.local()  # per thread: calls it is inside, the record of its latest prefill
         self.token = SessionToken(f"{type(method).__name__} on {type(model).__name__}")
         self.engine = Engine(adapter, method, self.token, neuron_weights)
         for layer in self.engine.neuron_layers:
@@ -66,7 +71,12 @@ class Session:
 
     @property
     def last(self) -> SparsityRecord | None:
-        return self.engine.last
+        """The record of the calling thread's latest prefill (a thread that has not called the model under the
+        session: the session's latest)."""
+        own = self._thread
+        if getattr(own, "depth", 0) or not hasattr(own, "last"):
+            return self.engine.last
+        return own.last
 
     @property
     def active(self) -> bool:
@@ -74,16 +84,10 @@ class Session:
 
     def _install(self) -> None:
         engine, adapter = self.engine, self.adapter
-
-        def on_entry(module, args, kwargs):
-            engine.on_entry(args, kwargs)
-
-        def on_entry_done(module, args, output):
-            engine.on_entry_done(output)
-
-        entry = adapter.entry_module
-        self._handles.append(entry.register_forward_pre_hook(on_entry, with_kwargs=True))
-        self._handles.append(entry.register_forward_hook(on_entry_done))
+        entry, top = adapter.entry_module, adapter.top_module()
+        self._replace(entry, "forward", self._entry_forward(entry.forward))
+        if top is not entry:
+            self._replace(top, "forward", self._serialized(top.forward))
         if not engine.changes_model:
             return
         self._handles.append(adapter.top_module().register_forward_pre_hook(_refuse_labels, with_kwargs=True))
@@ -105,6 +109,50 @@ class Session:
         for owner, name, wrapper in engine.inputs.replacements():  # methods the inputs are read from, wrapped
             self._replace(owner, name, wrapper)
 
+    @contextmanager
+    def _one_call_at_a_time(self):
+        """Hold the session's lock for a model call (re-entered by the calls nested in it); remember the record of
+        a prefill it made as the calling thread's latest."""
+        own = self._thread
+        with self._lock:
+            own.depth = getattr(own, "depth", 0) + 1
+            before = self.engine.last
+            try:
+                yield
+            finally:
+                own.depth -= 1
+                if self.engine.last is not before:
+                    own.last = self.engine.last
+
+    def _serialized(self, forward):
+        """A forward that runs under the session's lock (same signature, for generate()'s inspection)."""
+
+        @functools.wraps(forward)
+        def serialized(*args, **kwargs):
+            with self._one_call_at_a_time():
+                return forward(*args, **kwargs)
+
+        return serialized
+
+    def _entry_forward(self, forward):
+        """The entry module's forward under the session: the engine classifies the call before it and records its
+        decisions in the cache after it, all under the lock. A forward that raises leaves no call behind (hooks
+        would not run on an exception; this does)."""
+        engine = self.engine
+
+        @functools.wraps(forward)
+        def entry_forward(*args, **kwargs):
+            with self._one_call_at_a_time():
+                try:
+                    engine.on_entry(args, kwargs)
+                    output = forward(*args, **kwargs)
+                    engine.on_entry_done(output)
+                finally:
+                    engine.call = None
+                return output
+
+        return entry_forward
+
     def _replace(self, owner, name: str, value) -> None:
         """Set an instance attribute for the session's lifetime (remove() puts back what was there)."""
         self._replaced.append((owner, name, owner.__dict__.get(name, _ABSENT)))
@@ -112,7 +160,12 @@ class Session:
 
     def remove(self) -> None:
         """Detach: hooks removed, replaced attributes (FFN forwards, generation settings, wrapped methods)
-        restored, FFN neurons back in their order, decisions and sliced weights dropped. Idempotent."""
+        restored, FFN neurons back in their order, decisions and sliced weights dropped. Idempotent. Waits for a
+        call in progress in another thread to finish."""
+        with self._lock:
+            self._remove()
+
+    def _remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

@@ -1,0 +1,84 @@
+"""Shared use of one sparsified model: threads generating at once get what each call gets alone; a method's
+input-dependent state (TEAL's thresholds) is set explicitly and kept per method and model."""
+
+import threading
+
+import pytest
+import torch
+from test_baselines import generate
+from tiny_llava import build_pixels, build_prompt, left_pad
+
+import corematching as cm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ATOL = 1e-5
+THREADS = 4
+ROUNDS = 3
+
+
+def prompt_inputs(seed: int, batch: int = 1):
+    """A prompt (or a left-padded batch) with its own image(s), text lengths and seed."""
+    prompts = [
+        build_prompt(2 + (seed + row) % 4, 3 + (seed * 3 + row) % 5, seed=seed * 10 + row) for row in range(batch)
+    ]
+    input_ids, attention_mask = left_pad(prompts)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": build_pixels(batch, seed=seed)}
+
+
+def requests():
+    """One request per thread: other prompts, images, batch sizes and lengths."""
+    return [(prompt_inputs(seed, batch=1 + seed % 2), 3 + seed % 3) for seed in range(THREADS)]
+
+
+def run_threads(model, session, work):
+    """Run every (inputs, steps) in its own thread at once, released together; per thread (tokens, logits, record)
+    or the exception it raised."""
+    start = threading.Barrier(len(work))
+    results = [None] * len(work)
+
+    def one(index, inputs, steps):
+        start.wait()
+        try:
+            tokens, logits = generate(model, inputs, steps)
+            results[index] = (tokens, logits, session.last)
+        except Exception as error:  # noqa: BLE001 - reported by the test
+            results[index] = error
+
+    threads = [threading.Thread(target=one, args=(i, *job)) for i, job in enumerate(work)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a thread never finished"
+    return results
+
+
+METHODS = {
+    "coreMatching-copy": (lambda: cm.CoreMatching(prune_layer=1, token_budget=None, beta=0.5,
+                                                  neuron_layers=[0, 1, 2, 3]), "copy"),
+    "coreMatching-in-place": (lambda: cm.CoreMatching(prune_layer=1, token_budget=0.3, beta=0.4,
+                                                      neuron_layers=[1, 2, 3]), "in_place"),
+    "visionzip": (lambda: cm.VisionZip(dominant=6, contextual=2), "copy"),  # reads the vision tower
+}
+
+
+@pytest.mark.parametrize("which", list(METHODS))
+def test_threads_generating_at_once_get_what_each_gets_alone(tiny_llava, which):
+    make, weights = METHODS[which]
+    model = tiny_llava()
+    work = requests()
+    with cm.sparsify(model, make(), neuron_weights=weights) as session:
+        alone = []
+        for inputs, steps in work:
+            tokens, logits = generate(model, inputs, steps)
+            alone.append((tokens, logits, session.last))
+        for _ in range(ROUNDS):
+            for result, expected in zip(run_threads(model, session, work), alone):
+                if isinstance(result, Exception):
+                    raise AssertionError(f"a thread failed: {result!r}") from result
+                tokens, logits, record = result
+                expected_tokens, expected_logits, expected_record = expected
+                assert torch.equal(tokens, expected_tokens)
+                torch.testing.assert_close(logits, expected_logits, atol=ATOL, rtol=0)
+                assert torch.equal(record.keep_mask, expected_record.keep_mask)  # each thread reads its own record
