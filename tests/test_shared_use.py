@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 from test_baselines import generate
-from tiny_llava import build_pixels, build_prompt, left_pad
+from tiny_llava import build_pixels, build_prompt, build_tiny_llava, left_pad
 
 import corematching as cm
 
@@ -82,3 +82,43 @@ def test_threads_generating_at_once_get_what_each_gets_alone(tiny_llava, which):
                 assert torch.equal(tokens, expected_tokens)
                 torch.testing.assert_close(logits, expected_logits, atol=ATOL, rtol=0)
                 assert torch.equal(record.keep_mask, expected_record.keep_mask)  # each thread reads its own record
+
+
+# ---------------------------------------------------------------------------------------------- TEAL's thresholds
+
+
+def test_teal_refuses_to_decode_before_it_is_calibrated():
+    model = build_tiny_llava(seed=21)  # a model no TEAL instance has seen
+    with cm.sparsify(model, cm.TEAL(sparsity=0.5)):
+        with pytest.raises(cm.UnsupportedModeError, match=r"TEAL decoding before calibration.*session\.calibrate"):
+            generate(model, prompt_inputs(1), 2)
+
+
+def test_teal_thresholds_are_set_by_calibrate_only_and_kept_per_instance():
+    """A request's answer does not depend on which request came first; another instance starts uncalibrated."""
+    model = build_tiny_llava(seed=22)
+    calibration, first, second = prompt_inputs(5, batch=2), prompt_inputs(6), prompt_inputs(7)
+    teal = cm.TEAL(sparsity=0.5)
+    with cm.sparsify(model, teal) as session:
+        session.calibrate(**calibration)
+        calibrated = [teal.thresholds(layer.mlp) for layer in model.model.language_model.layers]
+        generate(model, first, 3)
+        after_another = generate(model, second, 3)
+    assert [teal.thresholds(layer.mlp) for layer in model.model.language_model.layers] == calibrated
+    other = cm.TEAL(sparsity=0.5)
+    assert other.thresholds(model.model.language_model.layers[0].mlp) is None
+    with cm.sparsify(model, other) as session:
+        session.calibrate(**calibration)
+        alone = generate(model, second, 3)
+    assert torch.equal(after_another[0], alone[0])
+    torch.testing.assert_close(after_another[1], alone[1], atol=ATOL, rtol=0)
+    with cm.sparsify(model, teal):  # the instance keeps its thresholds for this model in a later session
+        again = generate(model, second, 3)
+    torch.testing.assert_close(again[1], alone[1], atol=ATOL, rtol=0)
+
+
+def test_calibrate_is_refused_for_a_method_without_input_dependent_state(tiny_llava):
+    model = tiny_llava()
+    with cm.sparsify(model, cm.CoreMatching(prune_layer=1, token_budget=8)) as session:
+        with pytest.raises(ValueError, match="CoreMatching has no input-dependent state to calibrate"):
+            session.calibrate(**prompt_inputs(1))

@@ -119,6 +119,7 @@ class Engine:
         self._running = threading.local()  # the call in progress is the calling thread's (see `call`)
         self.inputs = MethodInputs(adapter, method, self.stage_layers, lambda: self.call)
         self.call = None
+        self.calibrating = False  # the running prefill calibrates the method (Session.calibrate)
         self.last: SparsityRecord | None = None
         # id(decision) -> (weak reference to it, {layer: SlicedFFN or None}); most recent last
         self._sliced: OrderedDict[int, tuple[weakref.ref, dict]] = OrderedDict()
@@ -515,9 +516,9 @@ class Engine:
             return dense_ffn(parts, hidden)[0]
         if call.kind == CallKind.FRESH:
             out, activation = dense_ffn(parts, hidden)
-            if layer in self.decode_ffn_layers:
+            if self.calibrating and layer in self.decode_ffn_layers:  # Session.calibrate's prefill
                 with torch.no_grad():
-                    self.method.observe_prefill_ffn(layer, parts, hidden, call.current_valid)
+                    self.method.calibrate_ffn(layer, parts, hidden, call.current_valid)
             self._observe(call, layer, activation)
             return out
         decision = call.state.decision if call.state is not None else None

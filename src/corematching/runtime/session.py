@@ -153,6 +153,26 @@ class Session:
 
         return entry_forward
 
+    def calibrate(self, **inputs) -> None:
+        """Set the method's input-dependent state from one prefill of `inputs` (the model's keyword arguments:
+        input_ids, attention_mask, pixel_values, ...; a few representative prompts as one batch). TEAL's per-layer
+        thresholds come from the real tokens each of its layers sees in that prefill (after token pruning, for a
+        composed method) and stay with the method instance, for this model, until it is calibrated again. Nothing
+        else sets them: a method that needs calibration refuses to decode without it. Runs under the session's
+        lock, so calls from other threads see the state before or after, never half of it."""
+        if not self.active:
+            raise RuntimeError("this session has been removed; calibrate inside an active session")
+        if not self.engine.decode_ffn_layers:
+            raise ValueError(f"{type(self.method).__name__} has no input-dependent state to calibrate")
+        if inputs.get("past_key_values") is not None or inputs.get("cache") is not None:
+            raise ValueError("calibrate runs a fresh prefill: pass the prompts without a KV cache")
+        with self._lock, torch.no_grad():
+            self.engine.calibrating = True
+            try:
+                self.model(**{**inputs, "use_cache": False})
+            finally:
+                self.engine.calibrating = False
+
     def _replace(self, owner, name: str, value) -> None:
         """Set an instance attribute for the session's lifetime (remove() puts back what was there)."""
         self._replaced.append((owner, name, owner.__dict__.get(name, _ABSENT)))
