@@ -17,7 +17,6 @@ after K, `ffn_forward` in place of the FFN forward of the watched layers.
 
 import threading
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -42,8 +41,6 @@ from .method_inputs import MethodInputs
 from .neuron_order import NeuronOrder, prefix_ffn
 from .packing import PackedLayout, pack_kept_tokens
 from .records import SparsityRecord
-
-SLICED_DECISIONS_KEPT = 4  # sliced weights of this many recent prefills stay gathered
 
 
 class CallKind(Enum):
@@ -121,8 +118,10 @@ class Engine:
         self.call = None
         self.calibrating = False  # the running prefill calibrates the method (Session.calibrate)
         self.last: SparsityRecord | None = None
-        # id(decision) -> (weak reference to it, {layer: SlicedFFN or None}); most recent last
-        self._sliced: OrderedDict[int, tuple[weakref.ref, dict]] = OrderedDict()
+        # id(decision) -> (weak reference to it, {layer: SlicedFFN or None}): the core-neuron FFNs of a prefill's
+        # decision, built at its first decode step; the entry goes when the decision does, that is with the last
+        # KV cache (or copy of one) that holds it
+        self._sliced: dict[int, tuple[weakref.ref, dict]] = {}
         # neuron_weights="in_place": the layers whose FFN neurons are reordered for a decision (neuron_order.py)
         self.neuron_order = NeuronOrder() if neuron_weights == "in_place" else None
 
@@ -580,17 +579,27 @@ class Engine:
             return torch.ones_like(call.visual[:, 0])
         return call.visual.any(1)
 
+    def sliced_bytes(self) -> int:
+        """Bytes held beside the model's weights for core-neuron decoding: the sliced FFNs of the decisions whose
+        caches are alive (gathered weights, row masks, swap indices), and the swap indices of layers still in
+        another neuron order (in place)."""
+        swaps = {} if self.neuron_order is None else self.neuron_order.swaps()
+        total = 0
+        for _, per_layer in list(self._sliced.values()):
+            for sliced in list(per_layer.values()):
+                if sliced is not None:
+                    total += sliced.extra_bytes
+                    swaps.pop(id(sliced.swap), None)  # counted with its FFN
+        return total + sum(swap.nbytes for swap in swaps.values())
+
     def _sliced_ffn(self, decision: NeuronDecision, layer: int, parts: FFNParts) -> SlicedFFN | None:
         """The layer's core-neuron FFN for a prefill's decision, built on first use (None: all neurons): a gathered
         copy, or in place, views of the model's tensors with the union's neurons moved first."""
         key = id(decision)
         entry = self._sliced.get(key)
         if entry is None or entry[0]() is not decision:
-            entry = (weakref.ref(decision), {})
+            entry = (weakref.ref(decision, _forget_entry(self._sliced, key)), {})
             self._sliced[key] = entry
-            while len(self._sliced) > SLICED_DECISIONS_KEPT:
-                self._sliced.popitem(last=False)
-        self._sliced.move_to_end(key)
         per_layer = entry[1]
         if layer not in per_layer:
             build = SlicedFFN.gather if self.neuron_order is None else prefix_ffn
@@ -599,6 +608,17 @@ class Engine:
         if sliced is not None and sliced.swap is not None:
             self.neuron_order.arrange(layer, parts, decision, sliced.swap)
         return sliced
+
+
+def _forget_entry(sliced: dict, key: int):
+    """The callback of a decision's weak reference: drop its sliced FFNs from `sliced` when it goes."""
+
+    def forget(reference: weakref.ref) -> None:
+        entry = sliced.get(key)
+        if entry is not None and entry[0] is reference:
+            sliced.pop(key, None)
+
+    return forget
 
 
 def _cache_length(cache, layer: int) -> int:

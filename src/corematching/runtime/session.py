@@ -14,6 +14,7 @@ from ..models import adapter_for
 from .cache_state import SessionToken
 from .engine import Engine
 from .ffn import check_sliceable
+from .neuron_order import check_untied
 from .records import SparsityRecord
 
 NEURON_WEIGHTS = ("copy", "in_place")  # how core-neuron decoding gets its weights (see sparsify)
@@ -60,6 +61,9 @@ class Session:
         self.engine = Engine(adapter, method, self.token, neuron_weights)
         for layer in self.engine.neuron_layers:
             check_sliceable(adapter.ffn(layer), layer)
+        if neuron_weights == "in_place":
+            every_ffn = {layer: adapter.ffn(layer).module for layer in range(adapter.num_layers)}
+            check_untied(model, {layer: adapter.ffn(layer) for layer in self.engine.neuron_layers}, every_ffn)
         self._handles = []
         self._replaced = []  # (object, attribute name, its previous instance value or _ABSENT), restored on remove
         try:
@@ -77,6 +81,13 @@ class Session:
         if getattr(own, "depth", 0) or not hasattr(own, "last"):
             return self.engine.last
         return own.last
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes the session holds beside the model's weights now for core-neuron decoding: the sliced FFNs of the
+        conversations whose KV caches (or copies) are alive, and, in place, swap indices of reordered layers (see
+        sparsify). 0 when no such conversation is alive and no layer is reordered."""
+        return self.engine.sliced_bytes()
 
     @property
     def active(self) -> bool:
@@ -102,9 +113,16 @@ class Session:
         for module, hook, after in engine.inputs.hooks():  # what the method asked for, caught on the way
             register = module.register_forward_hook if after else module.register_forward_pre_hook
             self._handles.append(register(hook, with_kwargs=True))
+        layer_of_module = {}
         for layer in sorted(engine.watched_layers):
             parts = adapter.ffn(layer)
             module = parts.module
+            if id(module) in layer_of_module:
+                raise UnsupportedModelError(
+                    f"decoder layers {layer_of_module[id(module)]} and {layer} share one FFN module: the session "
+                    "computes each layer's FFN with that layer's own core neurons; untie the layers' FFN modules"
+                )
+            layer_of_module[id(module)] = layer
             self._replace(module, "forward", _FFNForward(engine, layer, parts))
         for owner, name, wrapper in engine.inputs.replacements():  # methods the inputs are read from, wrapped
             self._replace(owner, name, wrapper)
@@ -265,7 +283,8 @@ def sparsify(model: nn.Module, method: SparsityMethod, neuron_weights: str = "co
 
     `neuron_weights` says where core-neuron decoding (a method with neuron layers) gets the core neurons' weights:
       - "copy" (default): a gathered copy per layer of the union of the batch's core neurons, made at the first
-        decode step of a prompt and kept beside the model's weights (up to one FFN per layer of extra memory);
+        decode step of a prompt and kept beside the model's weights while the prompt's KV cache lives (see
+        "Memory" below);
       - "in_place": no copy. Each layer's FFN neurons are reordered in place (rows of gate/up and their biases,
         columns of down, which leaves the FFN's function unchanged) so that the core neurons come first, and
         decoding uses views of those first rows and columns. What stays resident beside the model is two index
@@ -275,6 +294,31 @@ def sparsify(model: nn.Module, method: SparsityMethod, neuron_weights: str = "co
         use of the layer's FFN (a prefill, a dense call, another conversation's decode step: conversations
         decoded in alternation swap at every step) and when the session is removed, which gives back the
         original tensors bit for bit. While the session is active, the FFN parameters of the neuron layers may
-        be in that other order: do not read or save them from inside it.
+        be in that other order: do not read or save them from inside it. Tied FFN weights (a tensor shared with
+        another layer or module) are refused for "in_place" (cm.UnsupportedModeError): use "copy".
+
+    Memory. Beside the model's weights a session holds, at most:
+      - per conversation whose KV cache (or a copy of it: beam search, a prefix cache) is alive and has decoded at
+        least one step with core neurons: for each neuron layer, with "copy", the gathered rows of gate/up and
+        columns of down of the union U of its batch's core neurons (|U| <= the FFN width: at most one FFN per
+        layer per such conversation) and, for a batch, a [batch, |U|] bool row mask; with "in_place", only the
+        row masks and two index vectors (at most the FFN width) per layer. They are freed when the last cache or
+        copy that uses them is dropped, whichever thread drops it; `session.held_bytes` reports them;
+      - with "in_place", for each layer still in the reordered order, its two swap index vectors (at most one
+        arrangement per layer), until the layer's next use or the session's end;
+      - the record of the latest prefill per calling thread (`session.last`: masks over the prompt and the core
+        neuron indices), and a method's calibrated state (TEAL: two floats per layer, on the method instance).
+    A call's own activations and masks are transient: they go when the call returns (or raises).
+
+    Shared use. A session serializes the model's calls: each call of the model (its forward, and the language
+    model's entry when called directly) runs under a per-session lock, so several threads (a web app's workers)
+    may call `generate` on the model at once and each gets exactly what its call gets alone; a forward that
+    raises releases the lock. Conversations interleave between calls as they do in one thread, each continuing
+    from its own cache. What a vision tower run outside a call passes on (generate() encodes images first) is kept
+    per thread. `session.last` is the calling thread's latest record. `remove()` waits for a call in progress.
+    Calls run one at a time, not in parallel: batch requests to use the hardware (the server does).
+
+    Calibration. A method with input-dependent state (TEAL's magnitude thresholds) gets it only from
+    `session.calibrate(**inputs)`, one prefill of representative prompts, and refuses to decode before it.
     """
     return Session(model, method, neuron_weights)
