@@ -2,6 +2,7 @@
 input-dependent state (TEAL's thresholds) is set explicitly and kept per method and model."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from test_baselines import generate
 from tiny_llava import build_pixels, build_prompt, build_tiny_llava, left_pad
 
 import corematching as cm
+from corematching.runtime import session as session_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,3 +124,70 @@ def test_calibrate_is_refused_for_a_method_without_input_dependent_state(tiny_ll
     with cm.sparsify(model, cm.CoreMatching(prune_layer=1, token_budget=8)) as session:
         with pytest.raises(ValueError, match="CoreMatching has no input-dependent state to calibrate"):
             session.calibrate(**prompt_inputs(1))
+
+
+# ---------------------------------------------------------------------------------------------- sessions and threads
+
+
+def test_a_call_waiting_while_the_session_is_removed_runs_as_the_plain_model(tiny_llava):
+    """A thread's call that reached the model before remove() but got its turn after it is a plain call: its
+    cache carries no session state, so the plain model continues it. (The language model's entry module called
+    directly, whose session forward is the one that waits.)"""
+    model = tiny_llava()
+    entry, inputs = model.model, prompt_inputs(3)
+    follow = {"input_ids": torch.tensor([[7]]),
+              "attention_mask": torch.ones(1, inputs["input_ids"].shape[1] + 1, dtype=torch.long)}
+    with torch.no_grad():
+        dense = entry(**inputs, use_cache=True)
+        expected = entry(**follow, cache=dense.cache).last_hidden_state
+    session = cm.sparsify(model, cm.CoreMatching(prune_layer=1, token_budget=8, neuron_layers=[1, 2]))
+    entered, result = threading.Event(), {}
+    handle = entry.register_forward_pre_hook(lambda module, args: entered.set())
+
+    def call():
+        with torch.no_grad():
+            result["out"] = entry(**inputs, use_cache=True)
+
+    with session._lock:  # the session is busy: the thread's call waits for its turn
+        thread = threading.Thread(target=call)
+        thread.start()
+        assert entered.wait(timeout=30)
+        thread.join(timeout=0.2)
+        session.remove()
+    thread.join(timeout=60)
+    handle.remove()
+    out = result["out"]
+    torch.testing.assert_close(out.last_hidden_state, dense.last_hidden_state, atol=ATOL, rtol=0)
+    with torch.no_grad():
+        continued = entry(**follow, cache=out.cache).last_hidden_state
+    torch.testing.assert_close(continued, expected, atol=ATOL, rtol=0)
+
+
+def test_two_threads_sparsifying_one_model_leave_one_session(tiny_llava, monkeypatch):
+    model = tiny_llava()
+    start, outcomes = threading.Barrier(2), []
+    check = session_module.check_sliceable
+
+    def slow_check(*args):  # a slow attach: the other thread runs in between
+        time.sleep(0.05)
+        check(*args)
+
+    monkeypatch.setattr(session_module, "check_sliceable", slow_check)
+
+    def attach():
+        start.wait()
+        try:
+            outcomes.append(cm.sparsify(model, cm.CoreMatching(prune_layer=1, token_budget=8, neuron_layers=[1])))
+        except RuntimeError as error:
+            outcomes.append(error)
+
+    threads = [threading.Thread(target=attach) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    sessions = [outcome for outcome in outcomes if not isinstance(outcome, Exception)]
+    errors = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
+    assert len(sessions) == 1 and len(errors) == 1
+    assert "already inside a corematching session" in str(errors[0])
+    sessions[0].remove()

@@ -21,6 +21,7 @@ NEURON_WEIGHTS = ("copy", "in_place")  # how core-neuron decoding gets its weigh
 
 # Entry modules currently under a session, so that two sessions never stack on one model.
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, Session]" = weakref.WeakKeyDictionary()
+_ACTIVE_LOCK = threading.Lock()
 
 
 class _FFNForward:
@@ -36,7 +37,7 @@ class _FFNForward:
 class Session:
     """A method attached to a model. Use as a context manager, or call remove() when done.
 
-    `last` is the record of the latest prefill (None before the first one).
+    `last` is the record of the calling thread's latest prefill (None before the first one).
     """
 
     def __init__(self, model: nn.Module, method: SparsityMethod, neuron_weights: str = "copy"):
@@ -50,8 +51,13 @@ class Session:
         adapter = adapter_for(model)
         method.check_layers(adapter.num_layers)
         adapter.check_prune_layer(method.prune_layer_index())
-        if adapter.entry_module in _ACTIVE:
-            raise RuntimeError("this model is already inside a corematching session; remove that one first")
+        with _ACTIVE_LOCK:  # two threads sparsifying one model: one of them is refused
+            if adapter.entry_module in _ACTIVE:
+                raise RuntimeError("this model is already inside a corematching session; remove that one first")
+            self._attach(model, method, adapter, neuron_weights)
+            _ACTIVE[adapter.entry_module] = self
+
+    def _attach(self, model: nn.Module, method: SparsityMethod, adapter, neuron_weights: str) -> None:
         self.model = model
         self.method = method
         self.adapter = adapter
@@ -71,7 +77,6 @@ class Session:
         except BaseException:
             self.remove()
             raise
-        _ACTIVE[adapter.entry_module] = self
 
     @property
     def last(self) -> SparsityRecord | None:
@@ -88,6 +93,12 @@ class Session:
         conversations whose KV caches (or copies) are alive, and, in place, swap indices of reordered layers (see
         sparsify). 0 when no such conversation is alive and no layer is reordered."""
         return self.engine.sliced_bytes()
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the method has input-dependent state that `calibrate` sets (TEAL) and refuses to decode
+        without."""
+        return bool(self.engine.decode_ffn_layers)
 
     @property
     def active(self) -> bool:
@@ -161,6 +172,8 @@ class Session:
         @functools.wraps(forward)
         def entry_forward(*args, **kwargs):
             with self._one_call_at_a_time():
+                if not self.token.active:  # removed while this call waited for the lock: the plain model's call
+                    return forward(*args, **kwargs)
                 try:
                     engine.on_entry(args, kwargs)
                     output = forward(*args, **kwargs)
@@ -180,7 +193,7 @@ class Session:
         lock, so calls from other threads see the state before or after, never half of it."""
         if not self.active:
             raise RuntimeError("this session has been removed; calibrate inside an active session")
-        if not self.engine.decode_ffn_layers:
+        if not self.needs_calibration:
             raise ValueError(f"{type(self.method).__name__} has no input-dependent state to calibrate")
         if inputs.get("past_key_values") is not None or inputs.get("cache") is not None:
             raise ValueError("calibrate runs a fresh prefill: pass the prompts without a KV cache")
