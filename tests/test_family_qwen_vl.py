@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from family_checks import check_restored
 from oracle import masked_reference, removed_mask
 
 import corematching as cm
@@ -49,10 +50,11 @@ def build(kind: str, seed: int = 0):
                       window_size=8, fullatt_block_indexes=[1])
         config = transformers.Qwen2_5_VLConfig(text_config=text_config(), vision_config=vision, **ids)
         model_class = transformers.Qwen2_5_VLForConditionalGeneration
-    else:
+    else:  # "qwen3": DeepStack features into decoder layers 0 and 1; "qwen3-deep": 0, 1 and 2 (as the real ones)
+        deepstack = [0, 1, 2] if kind == "qwen3-deep" else [0, 1]
         vision = dict(depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2,
                       patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL, in_channels=3,
-                      num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+                      num_position_embeddings=64, deepstack_visual_indexes=deepstack)
         text = text_config()
         text.update(head_dim=16, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
                                                   "rope_theta": 10000.0, "mrope_interleaved": True})
@@ -119,11 +121,22 @@ def oracle(model, record, length: int):
     )
 
 
+def assert_pruned(record) -> None:
+    """Tokens really were removed: every sample with images kept some of its visual tokens, not all."""
+    kept = (record.keep_mask & record.visual_mask).sum(1)
+    visual = record.visual_mask.sum(1)
+    with_images = visual > 0
+    assert with_images.any()
+    assert bool((kept[with_images] > 0).all()) and bool((kept[with_images] < visual[with_images]).all()), (kept, visual)
+
+
 def check_against_oracle(model, inputs, method, **options):
-    """options: more generate() arguments for the sparsified run (the oracle runs with a dynamic cache)."""
+    """options: more generate() arguments for the sparsified run (the oracle runs with a dynamic cache). The
+    method must remove visual tokens (checked)."""
     with cm.sparsify(model, method) as session:
         tokens, logits = generate(model, inputs, **options)
         record = session.last
+    assert_pruned(record)
     with oracle(model, record, inputs["input_ids"].shape[1]):
         expected_tokens, expected_logits = generate(model, inputs)
     assert torch.equal(tokens, expected_tokens)
@@ -199,6 +212,7 @@ def test_batch_of_different_image_sizes_equals_each_alone():
     with cm.sparsify(model, method) as session:
         tokens, logits = generate(model, batch)
         kept_in_batch = session.last.kept_positions
+        assert_pruned(session.last)
         for row, sample in enumerate((first, second)):
             alone_tokens, alone_logits = generate(model, inputs_of(*sample))
             offset = width - len(sample[0])
@@ -207,11 +221,24 @@ def test_batch_of_different_image_sizes_equals_each_alone():
             assert torch.equal(kept_in_batch[row] - offset, session.last.kept_positions[0])
 
 
-def test_qwen3_deepstack_layers_come_before_the_prune_layer():
-    model = model_of("qwen3")  # DeepStack features go into layers 0 and 1
-    with pytest.raises(ValueError, match="DeepStack"):
-        cm.sparsify(model, cm.CoreMatching(prune_layer=0))
-    cm.sparsify(model, cm.CoreMatching(prune_layer=1)).remove()
+@pytest.mark.parametrize("method", [
+    cm.CoreMatching(prune_layer=0, token_budget=0.25, beta=0.5, neuron_layers=[2]),
+    cm.DivPrune(prune_layer=-1, token_budget=0.5),
+], ids=["after-layer-0", "before-layer-0"])
+def test_qwen3_deepstack_features_reach_the_kept_tokens_only(method):
+    """Tokens removed before the last DeepStack layer (features into layers 0 and 1): the kept visual tokens get
+    their own features, as in the oracle."""
+    record = check_against_oracle(model_of("qwen3"), inputs_of(*TWO_IMAGES), method)
+    assert record.prune_layer == method.prune_layer
+
+
+def test_qwen3_runs_the_default_corematching():
+    """The default prune layer (1) comes before the last DeepStack layer (2) of a Qwen3-VL with three levels."""
+    model = model_of("qwen3-deep")
+    method = cm.CoreMatching()
+    assert method.prune_layer < 2
+    record = check_against_oracle(model, inputs_of(*TWO_IMAGES), method)
+    assert record.prune_layer == method.prune_layer
 
 
 def test_the_model_is_restored_after_an_exception():
@@ -224,3 +251,10 @@ def test_the_model_is_restored_after_an_exception():
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in before.items())
     assert all("forward" not in vars(module) for module in model.modules())
     assert not any(module._forward_pre_hooks for module in model.modules())
+
+
+@pytest.mark.parametrize("kind", ["qwen2.5", "qwen3"])
+def test_the_model_is_restored_with_its_generation_and_deepstack_methods(kind):
+    """The session wraps generate()'s position preparation (and Qwen3-VL's DeepStack step): all put back."""
+    method = cm.CoreMatching(prune_layer=0, token_budget=0.5, beta=0.5, neuron_layers=[2])
+    check_restored(model_of(kind), inputs_of(*TWO_IMAGES), [IMAGE, VIDEO, START, END], method)

@@ -155,8 +155,10 @@ def test_assisted_decoding_equals_the_oracle(tiny_llava):
     inputs = inputs_of(prompt, build_pixels(1, seed=9))
     options = {"prompt_lookup_num_tokens": 3, "max_new_tokens": 8}
     with cm.sparsify(model, method()) as session:
+        greedy = model.generate(**inputs, do_sample=False, suppress_tokens=[IMAGE_TOKEN], max_new_tokens=8)
         tokens = model.generate(**inputs, do_sample=False, suppress_tokens=[IMAGE_TOKEN], **options)
         record = session.last
+    assert torch.equal(tokens, greedy)  # the first call's candidates change no decision
     length = prompt.shape[0]
     with oracle(model, record, length + 8, length):
         expected = model.generate(**inputs, do_sample=False, suppress_tokens=[IMAGE_TOKEN], max_new_tokens=8)
@@ -348,10 +350,12 @@ def test_one_sliced_copy_serves_the_whole_batch(tiny_llava):
     width = model.config.text_config.intermediate_size
     hidden = model.config.text_config.hidden_size
     one_ffn = 3 * width * hidden * 4  # bytes of one layer's gate, up, down in fp32
+    assert sorted(sliced[0]) == NEURON_LAYERS  # every neuron layer decoded from one FFN for the whole batch
     for layer, ffn in sliced[0].items():
         union = torch.unique(record.neurons[layer]).numel()
-        assert ffn is None or ffn.up.shape[0] == union
-        assert ffn is None or ffn.extra_bytes <= one_ffn + 4 * width  # never one copy per sample
+        assert ffn is not None  # (None: the layer fell back to the dense FFN, as only beta 1 may)
+        assert ffn.up.shape[0] == union
+        assert ffn.extra_bytes <= one_ffn + 4 * width  # never one copy per sample
     for row, (alone_tokens, alone_logits) in enumerate(alone):
         offset = input_ids.shape[1] - len(prompts[row])
         assert torch.equal(tokens[row, offset:], alone_tokens[0])

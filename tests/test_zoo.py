@@ -3,6 +3,8 @@
 import json
 
 import pytest
+import torch
+from family_checks import _assert_same, _snapshot
 from PIL import Image
 
 import corematching as cm
@@ -36,15 +38,38 @@ def test_bundled_model_answers_test_questions(bundled):
         assert cm.answer(model, processor, image, q.question) == batched
 
 
-def test_answer_under_a_method_restores_the_model(bundled):
+def test_answer_under_a_method_restores_the_model(bundled, monkeypatch):
+    """cm.answer under a method that removes tokens and decodes with core neurons: inside, the session has
+    replaced FFN forwards, added hooks and switched generate()'s compilation off (checked, so that the comparison
+    can fail); after it, the same weights, modules, attributes, hooks, generation settings and logits."""
     model, processor = bundled
-    before = {k: v.clone() for k, v in model.state_dict().items() if "layers.3." in k}
     q = fixed_questions()[0]
-    text = cm.answer(model, processor, Image.open(data.image_paths("test")[q.image_id]), q.question,
-                     method=cm.CoreMatching(token_budget=16))
+    image = Image.open(data.image_paths("test")[q.image_id])
+    method = cm.CoreMatching(token_budget=16, neuron_layers=[2, 3])
+    inside, before = {}, {}
+    real_generate = model.generate
+
+    def generate_and_look(*args, **kwargs):
+        if before:  # the call under the method
+            now = _snapshot(model)
+            inside.update(changed=[key for key in ("attributes", "hooks") if now[key] != before[key]],
+                          compile_off=model.generation_config.disable_compile)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", generate_and_look)
+    cm.answer(model, processor, image, q.question)  # transformers adds its own hooks lazily on a first call
+    inputs = processor(images=[image], text=vqa.prompts_for(processor, [q.question]), return_tensors="pt")
+    settings = model.generation_config.to_dict()
+    with torch.no_grad():
+        dense_logits = model(**inputs).logits
+    before.update(_snapshot(model))
+    text = cm.answer(model, processor, image, q.question, method=method)
     assert isinstance(text, str) and text
-    after = model.state_dict()
-    assert all((after[k] == v).all() for k, v in before.items())
+    assert inside == {"changed": ["attributes", "hooks"], "compile_off": True}
+    _assert_same(model, before)
+    assert model.generation_config.to_dict() == settings
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, dense_logits)
 
 
 def test_eval_resumes_without_loss_or_duplicates(bundled, tmp_path, monkeypatch):

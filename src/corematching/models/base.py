@@ -275,6 +275,30 @@ class ModelAdapter:
         """The module users call (it takes `labels`)."""
         return self.model
 
+    # ------------------------------------------------------------------------------------------ conversation state
+    # State the model keeps between the calls of one conversation, on the model rather than on the KV cache
+    # (runtime/conversation.py saves it on the cache after each call and puts it back before a continuation).
+
+    def conversation_state(self) -> dict[str, torch.Tensor | None] | None:
+        """What the model holds now of the current conversation: {name: None or a tensor whose first dim is the
+        batch}; None for a family that keeps nothing between calls."""
+        return None
+
+    def restore_conversation_state(self, values: dict[str, torch.Tensor | None]) -> None:
+        """Put back into the model what conversation_state() returned."""
+
+    def between_layer_wrappers(self, kept_tokens: Callable[[], tuple | None]) -> list[tuple[object, str, Callable]]:
+        """(owner, method name, wrapper) for methods the language model calls between decoder layers that add
+        per-token inputs over the full sequence (Qwen3-VL's DeepStack features); each wrapper applies them to the
+        tokens the layers hold: kept_tokens() gives (index [B, L] of each held token in the call, valid [B, L]),
+        or None while every token is held in place."""
+        return []
+
+    def generation_position_readers(self) -> list[tuple[object, str]]:
+        """(owner, method name) of the methods generate() calls before its first forward, with (inputs_tensor,
+        model_kwargs), that read the conversation state from the model."""
+        return []
+
     # ------------------------------------------------------------------------------------------ method inputs
     # What a method may ask for beside the FFN activations (methods.base.METHOD_INPUTS). The defaults serve
     # Llama-like attention (q_proj / k_proj, 1-D RoPE from the attention module's own modeling file) and

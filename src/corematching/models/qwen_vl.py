@@ -5,12 +5,16 @@ with multimodal RoPE (M-RoPE).
   them (the processor wraps each in vision_start / vision_end), with its own grid from `image_grid_thw` /
   `video_grid_thw` after the spatial merge: t x (h / m) x (w / m) tokens; a video's frames are stacked into one
   grid of t * h / m rows, and the budget counts the whole video.
-- Positions: the model computes the 3-D position ids (temporal, height, width) of the whole prompt and caches
-  `rope_deltas`; decoding continues from the cache length of layer 0 (which holds every token) plus those
-  deltas, so generated tokens get exactly their dense positions. The decoder layers receive the position
-  embeddings already composed per token ([B, T, D]); the kept tokens' rows are gathered from them.
-- Qwen3-VL adds DeepStack visual features into the first decoder layers at the visual positions; tokens must
-  not be removed before those layers are done, so the prune layer must be at least the last DeepStack layer.
+- Positions: the model computes the 3-D position ids (temporal, height, width) of the whole prompt and keeps
+  `rope_deltas` on the model; decoding continues from the cache length of layer 0 (which holds every token) plus
+  those deltas, so generated tokens get exactly their dense positions. The deltas are the conversation's, not the
+  model's: under a session they are saved on the cache after each call and put back before a continuation
+  (runtime/conversation.py), also before generate() reads them to prepare its position ids. The decoder layers
+  receive the position embeddings already composed per token ([B, T, D]); the kept tokens' rows are gathered from them.
+- Qwen3-VL adds DeepStack visual features after each of its first decoder layers at the visual positions (one
+  level per layer); after the prune layer they are added to the kept visual tokens only (the removed ones are no
+  longer there), so any prune layer works, the default one (1) included, as in the oracle, where a removed
+  token's features no longer reach anything.
 """
 
 import inspect
@@ -62,13 +66,33 @@ class QwenVLAdapter(ModelAdapter):
         self._entry_signature = inspect.signature(self.entry_module.forward)
         self.check_attention()
 
-    def check_prune_layer(self, prune_layer: int | None) -> None:
-        if prune_layer is not None and self.deepstack_layers and prune_layer < self.deepstack_layers - 1:
-            raise ValueError(
-                f"prune_layer={prune_layer}: this model adds DeepStack visual features into decoder layers "
-                f"0..{self.deepstack_layers - 1} at the visual positions, so tokens can be removed only after layer "
-                f"{self.deepstack_layers - 1} (prune_layer >= {self.deepstack_layers - 1})"
-            )
+    def between_layer_wrappers(self, kept_tokens) -> list[tuple[object, str, object]]:
+        """Qwen3-VL adds DeepStack level l's features to the visual tokens after decoder layer l; after the prune
+        layer only the kept visual tokens are there to receive theirs."""
+        text_model = self.language_model
+        if not self.deepstack_layers or not hasattr(text_model, "_deepstack_process"):
+            return []
+        original = text_model._deepstack_process
+
+        def deepstack_on_held_tokens(hidden_states, visual_pos_masks, visual_embeds):
+            held = kept_tokens()
+            if held is not None and visual_pos_masks is not None:
+                visual_pos_masks, visual_embeds = _held_visual_features(held, visual_pos_masks, visual_embeds)
+            return original(hidden_states, visual_pos_masks, visual_embeds)
+
+        return [(text_model, "_deepstack_process", deepstack_on_held_tokens)]
+
+    def conversation_state(self) -> dict[str, torch.Tensor | None]:
+        return {"rope_deltas": self.entry_module.rope_deltas}  # [B, 1] M-RoPE position minus token index
+
+    def restore_conversation_state(self, values: dict[str, torch.Tensor | None]) -> None:
+        self.entry_module.rope_deltas = values["rope_deltas"]
+
+    def generation_position_readers(self) -> list[tuple[object, str]]:
+        # generate() computes the position ids of a whole call from rope_deltas before the first forward
+        if self.model is self.entry_module:
+            return []
+        return [(self.model, "_prepare_position_ids_for_generation")]
 
     def ffn(self, layer: int) -> FFNParts:
         return gated_mlp_parts(self.decoder_layers[layer], layer)
@@ -119,6 +143,17 @@ class QwenVLAdapter(ModelAdapter):
                     sizes.append(size)
                 previous = token
         return sizes
+
+
+def _held_visual_features(held: tuple, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor):
+    """The DeepStack inputs restricted to the held tokens: visual_pos_masks [B, T] (visual tokens of the call) and
+    visual_embeds [N, H] (one row per visual token, row-major) -> the held visual slots [B, L] and their rows."""
+    index, valid = held
+    visual = visual_pos_masks.to(index.device)
+    row_of_token = visual.reshape(-1).long().cumsum(0).view_as(visual) - 1  # [B, T] its row of visual_embeds
+    held_visual = visual.gather(1, index) & valid  # [B, L]
+    rows = row_of_token.gather(1, index)[held_visual]  # row-major, as the model indexes hidden_states[mask]
+    return held_visual, visual_embeds[rows.to(visual_embeds.device)]
 
 
 def _sizes_of(features, grid_thw: torch.Tensor | None, merge: int) -> list[tuple[int, int, int]]:

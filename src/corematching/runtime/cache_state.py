@@ -6,6 +6,11 @@ sequence is, and the core neurons chosen from the prefill. A later call reads th
 so interleaved conversations, deep copies of a cache (prefix caching) and beam search each continue from their
 own state.
 
+Beside it, a cache carries a `ConversationState`: what the model itself keeps between the calls of one
+conversation (Qwen-VL's `rope_deltas`, kept on the model by transformers), as the model held it after the
+conversation's latest call under a session, so that a continuation puts it back first (runtime/conversation.py).
+It binds the cache to no session: a cache where nothing was removed stays usable anywhere.
+
 The cache's class is swapped for a subclass (same data, same behaviour) that
   - keeps the state in step when generation edits the cache: `crop` (assisted decoding), `reorder_cache`
     (beam search), `batch_select_indices` and `batch_repeat_interleave`;
@@ -20,6 +25,7 @@ import torch
 from ..errors import UnsupportedModeError
 
 STATE_ATTRIBUTE = "_corematching_state"
+CONVERSATION_ATTRIBUTE = "_corematching_conversation"
 
 
 class SessionToken:
@@ -95,6 +101,24 @@ class CacheState:
         return None if self.decision_rows is None else self.decision_rows.shape[0]
 
 
+@dataclass
+class ConversationState:
+    """The model-level state of one conversation, per cache row; copied with the cache, rows follow its rows."""
+
+    values: dict[str, torch.Tensor | None]  # name -> None, or a tensor whose first dim is the cache's rows
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.values = {
+            name: None if value is None else value.index_select(0, rows.to(value.device))
+            for name, value in self.values.items()
+        }
+
+    @property
+    def rows(self) -> int | None:
+        """Rows the state holds (None: it holds no tensor)."""
+        return next((value.shape[0] for value in self.values.values() if value is not None), None)
+
+
 def stage_of_layer(stage_layers: tuple[int, ...], layer: int) -> int:
     """Which stage's slots decoder layer `layer` holds: -1 up to the first prune layer (the full sequence), s for
     the layers after stage s's layer up to the next one's."""
@@ -118,6 +142,22 @@ def attach_state(cache, state: CacheState, stage_layers: tuple[int, ...]) -> Non
     if not getattr(cls, "_corematching_tracked", False):
         cache.__class__ = _tracked_class(cls)
     cache._corematching_stage_layers = tuple(stage_layers)
+
+
+def conversation_of(cache) -> ConversationState | None:
+    if cache is None:
+        return None
+    return getattr(cache, CONVERSATION_ATTRIBUTE, None)
+
+
+def attach_conversation(cache, values: dict[str, torch.Tensor | None]) -> None:
+    """Give the cache the model-level state of its conversation (replacing any older one), kept in step with the
+    cache's rows."""
+    setattr(cache, CONVERSATION_ATTRIBUTE, ConversationState(dict(values)))
+    if not getattr(type(cache), "_corematching_tracked", False):
+        cache.__class__ = _tracked_class(type(cache))
+    if not hasattr(cache, "_corematching_stage_layers"):
+        cache._corematching_stage_layers = ()  # nothing removed (attach_state sets the real ones)
 
 
 def detach_state(cache) -> None:
@@ -189,11 +229,18 @@ def _get_seq_length(self, layer_idx: int = 0) -> int:
     return state.length + held - state.stages[stage_of_layer(stage_layers, layer_idx)].width
 
 
+def _select_conversation_rows(cache, rows: torch.Tensor) -> None:
+    conversation = conversation_of(cache)
+    if conversation is not None:
+        conversation.select_rows(rows)
+
+
 def _reorder_cache(self, beam_idx: torch.LongTensor):
     state = _check_owner(self)
     super(type(self), self).reorder_cache(beam_idx)
     if state is not None:
         state.select_rows(beam_idx)
+    _select_conversation_rows(self, beam_idx)
 
 
 def _batch_select_indices(self, indices: torch.Tensor):
@@ -201,6 +248,7 @@ def _batch_select_indices(self, indices: torch.Tensor):
     super(type(self), self).batch_select_indices(indices)
     if state is not None:
         state.select_rows(torch.as_tensor(indices).flatten())
+    _select_conversation_rows(self, torch.as_tensor(indices).flatten())
 
 
 def _batch_repeat_interleave(self, repeats: int):
@@ -208,6 +256,9 @@ def _batch_repeat_interleave(self, repeats: int):
     super(type(self), self).batch_repeat_interleave(repeats)
     if state is not None and state.rows is not None:
         state.select_rows(torch.arange(state.rows).repeat_interleave(repeats))
+    conversation = conversation_of(self)
+    if conversation is not None and conversation.rows is not None:
+        conversation.select_rows(torch.arange(conversation.rows).repeat_interleave(repeats))
 
 
 _TRACKED_METHODS = {

@@ -5,7 +5,10 @@ Every call of the adapter's entry module is classified once, at its start, by th
            the method chooses tokens after the prune layer K and core neurons; layers > K run on the kept
            tokens only, packed per sample; FFNs run densely. A method with several prune stages (K1 < K2 < ...)
            chooses again after each, among the tokens the previous stage kept. The decisions are attached to the
-           cache the call fills (cache_state.py).
+           cache the call fills (cache_state.py). A row packing several prompts (positions restarting, no mask,
+           no cache) keeps each prompt's block in the masks after K (packing.py); assisted decoding's first call,
+           the prompt then candidates, decides on the prompt and computes the candidates as decode steps
+           (assisted.py).
   extend   past tokens in a cache this session filled: its state says which tokens each stage's layers hold.
            The new tokens (one decode step, several verified tokens, or a whole new turn) attend to those plus
            each other; the FFNs of the neuron layers compute only the prefill's core neurons for them. A new
@@ -26,6 +29,7 @@ from transformers.cache_utils import BaseQuantizedLayer
 from ..errors import UnsupportedModeError
 from ..methods import SparsityMethod, TokenBatch
 from ..models import EntryCall, FFNParts, ImageLayout, ModelAdapter
+from .assisted import AssistedPrompt
 from .cache_state import (
     CacheState,
     NeuronDecision,
@@ -35,11 +39,12 @@ from .cache_state import (
     detach_state,
     state_of,
 )
+from .conversation import ConversationKeeper
 from .ffn import SlicedFFN, dense_ffn, masked_ffn
 from .masks import padding_mask_from_4d, upper_attention_mask
 from .method_inputs import MethodInputs
 from .neuron_order import NeuronOrder, prefix_ffn
-from .packing import PackedLayout, pack_kept_tokens
+from .packing import PackedLayout, pack_kept_tokens, packed_sequence_ids
 from .records import SparsityRecord
 
 
@@ -82,6 +87,8 @@ class CallState:
     captured: dict = field(default_factory=dict)  # what the method asked for, caught on the way (method_inputs.py)
     merged_hidden: torch.Tensor | None = None  # [B, q', H] new hidden states of kept tokens entering a stage
     stages: list[StageCall] = field(default_factory=list)  # the stages the call has reached so far
+    sequences: torch.Tensor | None = None  # [B, q] packed sequence of each new token (None: one per row)
+    candidates: torch.Tensor | None = None  # [B, q] bool: assisted decoding's unverified candidates (None: none)
 
     @property
     def layout(self) -> PackedLayout | None:
@@ -93,6 +100,16 @@ class CallState:
         """[B, q'] bool: real tokens among those the current layers see."""
         layout = self.layout
         return self.valid if layout is None else layout.slot_valid
+
+    @property
+    def decision_valid(self) -> torch.Tensor:
+        """[B, q'] bool: the real tokens the method decides on among those the current layers see: all but
+        assisted decoding's candidates, which are decoded, not prefilled."""
+        if self.candidates is None:
+            return self.current_valid
+        layout = self.layout
+        candidates = self.candidates if layout is None else self.candidates.gather(1, layout.source_index)
+        return self.current_valid & ~candidates
 
 
 class Engine:
@@ -124,6 +141,18 @@ class Engine:
         self._sliced: dict[int, tuple[weakref.ref, dict]] = {}
         # neuron_weights="in_place": the layers whose FFN neurons are reordered for a decision (neuron_order.py)
         self.neuron_order = NeuronOrder() if neuron_weights == "in_place" else None
+        self.conversation = ConversationKeeper(adapter)  # the model's state between calls travels with caches
+        self.assisted = AssistedPrompt()  # an assisted generate()'s prompt, until its first call (assisted.py)
+
+    def model_replacements(self) -> list[tuple[object, str, object]]:
+        """(owner, method name, wrapper) the session installs on the model: where generate() reads the state a
+        conversation keeps on the model, and per-token inputs added between decoder layers (to the kept tokens)."""
+        return self.conversation.replacements() + self.adapter.between_layer_wrappers(self._held_tokens)
+
+    def _held_tokens(self) -> tuple | None:
+        """(index [B, L] in the call, valid [B, L]) of the call's tokens the current layers hold; None: all."""
+        layout = self.call.layout if self.call is not None else None
+        return None if layout is None else (layout.source_index, layout.slot_valid)
 
     @property
     def call(self) -> CallState | None:
@@ -170,6 +199,7 @@ class Engine:
                 f"the KV cache holds {past} tokens but its sparsified prefill recorded {state.length}: it was "
                 "changed outside the session"
             )
+        self.conversation.enter(entry.cache, past, entry.batch_size)
         self.adapter.check_attention()
         mask = entry.attention_mask
         if isinstance(mask, dict) and "full_attention" in mask:
@@ -209,6 +239,7 @@ class Engine:
 
     def on_entry_done(self, output) -> None:
         call, self.call = self.call, None
+        self.conversation.leave(self.adapter.output_cache(output))
         if call is None:
             return
         cache = call.entry.cache if call.entry.cache is not None else self.adapter.output_cache(output)
@@ -243,6 +274,7 @@ class Engine:
             if applies and self.changes_model:
                 call.kind = CallKind.FRESH
                 call.chooses_tokens = prunes and has_images
+                call.candidates = self.assisted.candidates(entry.input_ids)
             return call
         if state is None:
             if has_images and prunes:  # a dense cache gets a new image: its tokens are chosen from here on
@@ -264,8 +296,10 @@ class Engine:
         state = call.state
         if call.kind == CallKind.FRESH:
             decision = None
-            if call.neurons:
-                sparse_rows = call.neuron_rows
+            sparse_rows = call.neuron_rows
+            # no decision when no row decodes with core neurons (no row has a visual token that is not padding):
+            # every row decodes dense, and an empty union of core neurons is never sliced
+            if call.neurons and bool(sparse_rows.any()):
                 decision = NeuronDecision(dict(call.neurons), sparse_rows, all_sparse=bool(sparse_rows.all()))
             rows = torch.arange(call.valid.shape[0], device=call.valid.device)
             state = CacheState(self.token, 0, decision=decision, decision_rows=rows if decision is not None else None)
@@ -359,6 +393,8 @@ class Engine:
         tokens) among those the previous stage kept, and prepare what its layers attend to."""
         previous = call.layout
         stage = StageCall(layout=previous)
+        if stage_index == 0:
+            call.sequences = self._packed_sequences(call, inputs)
         if call.chooses_tokens:
             chosen = self._choose_tokens(call, stage_index, inputs.hidden_states)  # over the current slots
             stage.hidden_index = chosen.source_index
@@ -370,6 +406,28 @@ class Engine:
         call.stages.append(stage)
         self._prepare_stage_keys(call, stage_index, stage, inputs)
         return stage
+
+    def _packed_sequences(self, call: CallState, inputs) -> torch.Tensor | None:
+        """[B, q]: the packed sequence of each of the call's tokens when the model's own masks keep several prompts
+        of a row apart (positions restarting, and neither a 2-D attention mask nor a cache: transformers' rule,
+        runtime/packing.py); None otherwise. The masks after the prune layer then keep each prompt in its block."""
+        if call.past or call.entry.attention_mask is not None or inputs.cache is not None:
+            return None
+        sequences = packed_sequence_ids(inputs.position_ids, call.valid.shape[0])
+        if sequences is None:
+            return None
+        mode = "packed sequences (several prompts in one row, position ids restarting at each, no attention mask)"
+        if "last_attention" in self.inputs.wanted:
+            raise UnsupportedModeError(
+                f"{mode} with {type(self.method).__name__}, which reads the last token's attention row over the "
+                "whole row; pass one prompt per row"
+            )
+        if any(self.adapter.attention_rule(layer).bidirectional_images for layer in self.upper_layers):
+            raise UnsupportedModeError(
+                f"{mode} with images attended both ways ({self.adapter.family}): transformers composes the image "
+                "blocks with packed positions in a way the session does not reproduce; pass one prompt per row"
+            )
+        return sequences
 
     def _choose_tokens(self, call: CallState, stage_index: int, hidden_states: torch.Tensor) -> PackedLayout:
         """hidden_states [B, q', H]: the input of the layer after the stage's layer, over the tokens the previous
@@ -387,19 +445,22 @@ class Engine:
         )
         if previous is not None:
             batch = _tokens_kept_so_far(batch, previous)
+        batch.valid_mask = call.decision_valid  # (without assisted decoding's candidates)
         batch.activations, batch.stage = call.prune_activations, stage_index
         self.inputs.fill(batch, call, hidden_states)
         with torch.no_grad():
             both = stage_index == 0 and call.kind == CallKind.FRESH and self.prune_layer in self.neuron_layers
-            if both and batch.activations is not None:
+            if both and batch.activations is not None and self.prune_layer not in call.neurons:
                 decision, call.neurons[self.prune_layer] = self.method.select_tokens_and_neurons(
-                    batch, call.valid, self.prune_layer
+                    batch, call.decision_valid, self.prune_layer
                 )
             else:
                 decision = self.method.select_tokens(batch)
         call.prune_activations = None
         visual = batch.visual_mask
         keep = batch.valid_mask & (~visual | (decision.keep_visual & visual))  # over the current slots
+        if call.candidates is not None:
+            keep |= call.current_valid & ~batch.valid_mask  # the candidates go on
         call.keep = keep if previous is None else _on_call_tokens(keep, previous, call.valid.shape[1])
         call.stage_keeps.append(call.keep)
         if stage_index == 0:
@@ -466,6 +527,8 @@ class Engine:
             key_index, key_valid, all_valid, new_group = stage.keys
             num_queries = key_index.shape[1] - _cached_slots(call, stage_index)
             offset, mask_length = self._key_window(call, inputs.cache, layer, num_queries, key_index.shape[1])
+            # packed rows come without a cache: the keys are the call's own tokens
+            key_sequence = None if call.sequences is None else call.sequences.gather(1, key_index[:, offset:])
             stage.masks[rule] = upper_attention_mask(
                 key_index[:, offset:],
                 key_valid[:, offset:],
@@ -476,6 +539,7 @@ class Engine:
                 inputs.hidden_states.dtype,
                 all_valid and offset == 0,
                 mask_length,
+                key_sequence,
             )
         return stage.masks[rule]
 
@@ -517,8 +581,10 @@ class Engine:
             out, activation = dense_ffn(parts, hidden)
             if self.calibrating and layer in self.decode_ffn_layers:  # Session.calibrate's prefill
                 with torch.no_grad():
-                    self.method.calibrate_ffn(layer, parts, hidden, call.current_valid)
+                    self.method.calibrate_ffn(layer, parts, hidden, call.decision_valid)
             self._observe(call, layer, activation)
+            if call.candidates is not None:
+                out = self._candidates_decoded(call, layer, parts, hidden, out)
             return out
         decision = call.state.decision if call.state is not None else None
         uses_core = decision is not None and layer in decision.neurons
@@ -564,13 +630,26 @@ class Engine:
         activation = activation.detach()
         if call.chooses_tokens and layer in self.stage_layers and self.method.wants_prune_activations():
             call.prune_activations = activation
-            if layer == self.prune_layer and layer in self.neuron_layers:
+            if layer == self.prune_layer and layer in self.neuron_layers and call.candidates is None:
                 call.neuron_rows = self._neuron_rows(call)
                 return  # its neurons are chosen together with the first stage's tokens
         if layer in self.neuron_layers:
             with torch.no_grad():
-                call.neurons[layer] = self.method.select_neurons(activation, call.current_valid, layer)
+                call.neurons[layer] = self.method.select_neurons(activation, call.decision_valid, layer)
             call.neuron_rows = self._neuron_rows(call)
+
+    def _candidates_decoded(self, call: CallState, layer: int, parts: FFNParts, hidden, out) -> torch.Tensor:
+        """A fresh call's FFN output out [B, q', H] with assisted decoding's candidates computed as decode steps
+        compute them: the method's decode FFN, or the core neurons just chosen (rows that decode with them)."""
+        if layer in self.decode_ffn_layers:
+            decoded = self.method.decode_ffn(layer, parts, hidden)
+        elif layer in call.neurons and bool(call.neuron_rows.any()):
+            decoded = masked_ffn(parts, hidden, call.neurons[layer], call.neuron_rows)[0]
+        else:
+            return out
+        layout = call.layout
+        candidates = call.candidates if layout is None else call.candidates.gather(1, layout.source_index)
+        return torch.where(candidates.unsqueeze(-1), decoded, out)
 
     def _neuron_rows(self, call: CallState) -> torch.Tensor:
         """Rows that decode with core neurons: those with visual tokens (every row for a method that applies to

@@ -67,6 +67,7 @@ def upper_attention_mask(
     dtype: torch.dtype,
     all_valid: bool,
     mask_length: int | None = None,
+    key_sequence: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Mask [B, 1, q, mask_length] of a layer after the prune layer: the queries are the last q of the keys
     key_index [B, K] (full-sequence indices, increasing) with validity key_valid [B, K].
@@ -75,12 +76,14 @@ def upper_attention_mask(
     for bidirectional images, every query of an image (query_group [B, q]: image per query, -1 for text) also
     sees the keys of its own image among the new tokens; then the sliding window, when there is one, limits both
     to keys less than `window` behind the query (i - j < window; later keys of the query's own image stay
-    visible), as transformers composes them (sliding window AND (causal OR image block)). A plain causal rule is
-    the packed_attention_mask above.
+    visible), as transformers composes them (sliding window AND (causal OR image block)). With key_sequence [B, K]
+    (the packed sequence of each key, when several prompts share a row: runtime/packing.py), a query sees only the
+    keys of its own sequence, as transformers' masks do for packed rows. A plain causal rule without packed
+    sequences is the packed_attention_mask above.
     """
     window = rule.sliding_window
     bidirectional = rule.bidirectional_images and query_group is not None
-    if window is None and not bidirectional:
+    if window is None and not bidirectional and key_sequence is None:
         return packed_attention_mask(key_valid, num_queries, implementation, dtype, all_valid, mask_length)
     batch, num_keys = key_index.shape
     mask_length = num_keys if mask_length is None else mask_length
@@ -94,6 +97,9 @@ def upper_attention_mask(
         pattern |= (query_group.unsqueeze(2) == key_group.unsqueeze(1)) & (query_group >= 0).unsqueeze(2)
     if window is not None:
         pattern &= distance < window
+    if key_sequence is not None:
+        query_sequence = key_sequence[:, num_keys - num_queries :]  # [B, q]
+        pattern &= query_sequence.unsqueeze(2) == key_sequence.unsqueeze(1)
     allowed = pattern & key_valid.unsqueeze(1)
     itself = torch.arange(num_keys, device=device).unsqueeze(0) == (
         torch.arange(num_queries, device=device) + num_keys - num_queries

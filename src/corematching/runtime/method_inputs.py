@@ -85,7 +85,7 @@ class MethodInputs:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 with torch.no_grad():
                     call.captured["last_attention"] = self.adapter.last_token_attention(
-                        layer, hidden, kwargs.get("position_embeddings"), call.current_valid
+                        layer, hidden, kwargs.get("position_embeddings"), call.decision_valid
                     )
 
         return on_prune_attention

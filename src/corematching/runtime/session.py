@@ -14,6 +14,7 @@ from ..models import adapter_for
 from .cache_state import SessionToken
 from .engine import Engine
 from .ffn import check_sliceable
+from .generation_compile import note_generation_compile_off
 from .neuron_order import check_untied
 from .records import SparsityRecord
 
@@ -110,11 +111,16 @@ class Session:
         self._replace(entry, "forward", self._entry_forward(entry.forward))
         if top is not entry:
             self._replace(top, "forward", self._serialized(top.forward))
+        for owner, name, wrapper in engine.model_replacements():  # conversation state, inputs between layers
+            self._replace(owner, name, self._serialized(wrapper))  # generate() calls some outside any forward
         if not engine.changes_model:
             return
         self._handles.append(adapter.top_module().register_forward_pre_hook(_refuse_labels, with_kwargs=True))
         self._disable_generation_compile()
         self._keep_generation_masks_2d()
+        if hasattr(self.model, "_get_candidate_generator"):  # assisted decoding: its prompt, for the engine
+            self._replace(self.model, "_get_candidate_generator", engine.assisted.watch(
+                self.model._get_candidate_generator))
         for layer in engine.upper_layers:
 
             def on_layer(module, args, kwargs, layer=layer):
@@ -235,6 +241,7 @@ class Session:
         """generate() compiles the forward on GPUs when the cache is static; a sparsified forward must run eagerly."""
         config = getattr(self.model, "generation_config", None)
         if config is not None and hasattr(config, "disable_compile"):
+            note_generation_compile_off(self.model, config)
             self._replace(config, "disable_compile", True)
 
     def _keep_generation_masks_2d(self) -> None:
