@@ -1,6 +1,7 @@
 """Shared use of one sparsified model: threads generating at once get what each call gets alone; a method's
 input-dependent state (TEAL's thresholds) is set explicitly and kept per method and model."""
 
+import copy
 import threading
 import time
 
@@ -33,27 +34,39 @@ def requests():
     return [(prompt_inputs(seed, batch=1 + seed % 2), 3 + seed % 3) for seed in range(THREADS)]
 
 
-def run_threads(model, session, work):
-    """Run every (inputs, steps) in its own thread at once, released together; per thread (tokens, logits, record)
-    or the exception it raised."""
-    start = threading.Barrier(len(work))
-    results = [None] * len(work)
+def run_at_once(jobs):
+    """Run every job (a callable) in its own thread, released together: per job its result or the exception it
+    raised."""
+    start = threading.Barrier(len(jobs))
+    results = [None] * len(jobs)
 
-    def one(index, inputs, steps):
+    def one(index, job):
         start.wait()
         try:
-            tokens, logits = generate(model, inputs, steps)
-            results[index] = (tokens, logits, session.last)
+            results[index] = job()
         except Exception as error:  # noqa: BLE001 - reported by the test
             results[index] = error
 
-    threads = [threading.Thread(target=one, args=(i, *job)) for i, job in enumerate(work)]
+    threads = [threading.Thread(target=one, args=(index, job)) for index, job in enumerate(jobs)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
     assert not any(thread.is_alive() for thread in threads), "a thread never finished"
+    for result in results:
+        if isinstance(result, Exception):
+            raise AssertionError(f"a thread failed: {result!r}") from result
     return results
+
+
+def run_threads(model, session, work):
+    """Each (inputs, steps) generated in its own thread at once: per thread (tokens, logits, its session.last)."""
+
+    def job(inputs, steps):
+        tokens, logits = generate(model, inputs, steps)
+        return tokens, logits, session.last
+
+    return run_at_once([lambda inputs=inputs, steps=steps: job(inputs, steps) for inputs, steps in work])
 
 
 METHODS = {
@@ -76,10 +89,7 @@ def test_threads_generating_at_once_get_what_each_gets_alone(tiny_llava, which):
             tokens, logits = generate(model, inputs, steps)
             alone.append((tokens, logits, session.last))
         for _ in range(ROUNDS):
-            for result, expected in zip(run_threads(model, session, work), alone):
-                if isinstance(result, Exception):
-                    raise AssertionError(f"a thread failed: {result!r}") from result
-                tokens, logits, record = result
+            for (tokens, logits, record), expected in zip(run_threads(model, session, work), alone):
                 expected_tokens, expected_logits, expected_record = expected
                 assert torch.equal(tokens, expected_tokens)
                 torch.testing.assert_close(logits, expected_logits, atol=ATOL, rtol=0)
@@ -191,3 +201,31 @@ def test_two_threads_sparsifying_one_model_leave_one_session(tiny_llava, monkeyp
     assert len(sessions) == 1 and len(errors) == 1
     assert "already inside a corematching session" in str(errors[0])
     sessions[0].remove()
+
+
+# ---------------------------------------------------------------------------------------------- Qwen-VL positions
+
+
+def test_qwen_threads_continuing_their_own_caches_get_what_each_gets_alone():
+    """Qwen2.5-VL keeps rope_deltas on the model, and generate() reads them before its first forward: threads that
+    continue caches of conversations with other grids each decode at their own positions."""
+    import test_qwen_vl_conversations as qwen
+
+    model = qwen.model_of("qwen2.5")
+    conversations = [qwen.inputs_of(*qwen.CONVERSATION_A), qwen.inputs_of(*qwen.CONVERSATION_B),
+                     qwen.inputs_of(*qwen.SAME_LENGTH)]
+    with cm.sparsify(model, qwen.method()) as session:
+        caches = [qwen.prefill(model, inputs)[1] for inputs in conversations]
+
+        def work():  # per thread: continue a copy of its conversation's cache, or start one afresh
+            jobs = [lambda inputs=inputs, cache=cache: qwen.generate(model, qwen.with_question(inputs),
+                                                                     cache=copy.deepcopy(cache))
+                    for inputs, cache in zip(conversations, caches)]
+            return jobs + [lambda inputs=inputs: qwen.generate(model, inputs) for inputs in conversations[:1]]
+
+        alone = [job() for job in work()]
+        for _ in range(ROUNDS):
+            for (tokens, logits), (expected_tokens, expected_logits) in zip(run_at_once(work()), alone):
+                assert torch.equal(tokens, expected_tokens)
+                torch.testing.assert_close(logits, expected_logits, atol=ATOL, rtol=0)
+        assert session.last is not None
