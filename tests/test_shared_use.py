@@ -18,6 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ATOL = 1e-5
 THREADS = 4
 ROUNDS = 3
+JOIN_TIMEOUT = 120  # seconds a thread may take (a thread left waiting is a daemon: it does not hold the process)
 
 
 def prompt_inputs(seed: int, batch: int = 1):
@@ -47,11 +48,11 @@ def run_at_once(jobs):
         except Exception as error:  # noqa: BLE001 - reported by the test
             results[index] = error
 
-    threads = [threading.Thread(target=one, args=(index, job)) for index, job in enumerate(jobs)]
+    threads = [threading.Thread(target=one, args=(index, job), daemon=True) for index, job in enumerate(jobs)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=120)
+        thread.join(timeout=JOIN_TIMEOUT)
     assert not any(thread.is_alive() for thread in threads), "a thread never finished"
     for result in results:
         if isinstance(result, Exception):
@@ -229,3 +230,26 @@ def test_qwen_threads_continuing_their_own_caches_get_what_each_gets_alone():
                 assert torch.equal(tokens, expected_tokens)
                 torch.testing.assert_close(logits, expected_logits, atol=ATOL, rtol=0)
         assert session.last is not None
+
+
+def test_a_forward_that_raises_releases_the_session_for_other_threads():
+    model = build_tiny_llava(seed=23)  # its own model: a session that stays stuck would hold it
+    inputs = prompt_inputs(2)
+    failures = {"left": 1}
+
+    def fail_once(module, args, output):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("stop here")
+
+    model.model.language_model.layers[2].mlp.register_forward_hook(fail_once)
+    session = cm.sparsify(model, cm.CoreMatching(prune_layer=1, token_budget=8, neuron_layers=[1, 2]))
+    with pytest.raises(AssertionError, match="a thread failed: RuntimeError.'stop here'"):
+        run_at_once([lambda: generate(model, inputs, 2)])
+    released = session._lock.acquire(timeout=10)  # the failed thread has ended: nobody may hold the lock
+    assert released, "the session's lock stayed held after a forward raised"
+    session._lock.release()
+    (other,) = run_at_once([lambda: generate(model, inputs, 2)])  # another thread gets its turn
+    alone = generate(model, inputs, 2)
+    session.remove()
+    assert torch.equal(other[0], alone[0])
