@@ -322,16 +322,17 @@ def sparsify(model: nn.Module, method: SparsityMethod, neuron_weights: str = "co
         least one step with core neurons: for each neuron layer, with "copy", the gathered rows of gate/up and
         columns of down of the union U of its batch's core neurons (|U| <= the FFN width: at most one FFN per
         layer per such conversation) and, for a batch, a [batch, |U|] bool row mask; with "in_place", only the
-        row masks and two index vectors (at most the FFN width) per layer. They are freed when the last cache or
-        copy that uses them is dropped, whichever thread drops it; `session.held_bytes` reports them;
+        row masks and two swap index vectors (together at most the FFN width) per layer. They are freed when the
+        last cache or copy that uses them is dropped, whichever thread drops it; `session.held_bytes` reports them;
       - with "in_place", for each layer still in the reordered order, its two swap index vectors (at most one
         arrangement per layer), until the layer's next use or the session's end;
       - the record of the latest prefill per calling thread (`session.last`: masks over the prompt and the core
         neuron indices), and a method's calibrated state (TEAL: two floats per layer, on the method instance).
     A call's own activations and masks are transient: they go when the call returns (or raises).
 
-    Shared use. A session serializes the model's calls: each call of the model (its forward, and the language
-    model's entry when called directly) runs under a per-session lock, so several threads (a web app's workers)
+    Shared use. A session serializes the model's calls: each call of the model (its forward, the language model's
+    entry when called directly, and the methods generate() calls before its first forward to read a continued
+    conversation's positions) runs under a per-session lock, so several threads (a web app's workers)
     may call `generate` on the model at once and each gets exactly what its call gets alone; a forward that
     raises releases the lock. Conversations interleave between calls as they do in one thread, each continuing
     from its own cache. What a vision tower run outside a call passes on (generate() encodes images first) is kept
