@@ -324,6 +324,8 @@ def sparsify(model: nn.Module, method: SparsityMethod, neuron_weights: str = "co
         layer per such conversation) and, for a batch, a [batch, |U|] bool row mask; with "in_place", only the
         row masks and two swap index vectors (together at most the FFN width) per layer. They are freed when the
         last cache or copy that uses them is dropped, whichever thread drops it; `session.held_bytes` reports them;
+      - FFN weights offloaded by accelerate: the slices of the latest decision only (an earlier conversation that
+        continues reads its slices from the store again);
       - with "in_place", for each layer still in the reordered order, its two swap index vectors (at most one
         arrangement per layer), until the layer's next use or the session's end;
       - the record of the latest prefill per calling thread (`session.last`: masks over the prompt and the core
