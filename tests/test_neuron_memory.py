@@ -403,3 +403,24 @@ def test_one_ffn_module_shared_by_two_layers_is_refused():
         cm.sparsify(model, method())
     assert "forward" not in layers[1].mlp.__dict__  # nothing left attached
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("weights", ["copy", "in_place"])
+@pytest.mark.parametrize("which", list(INPUTS))
+def test_the_bytes_a_cache_keeps_alive_are_known_from_its_prefill(tiny_llava, weights, which):
+    """session.held_bytes_of(cache) right after the prefill (what a prefix cache stores) equals what the
+    conversation's slices hold once its decode steps built them."""
+    model = tiny_llava()
+    with cm.sparsify(model, method(), neuron_weights=weights) as session:
+        inputs = INPUTS[which]()
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+            stored = copy.deepcopy(out.cache)
+            before_decoding = session.held_bytes_of(stored)
+            assert sliced_ffns(session) == []
+            mask = torch.cat([inputs["attention_mask"], torch.ones_like(inputs["attention_mask"][:, :1])], dim=1)
+            model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask, cache=out.cache, use_cache=True)
+        cache = out.cache
+        built = sum(ffn.extra_bytes for ffn in sliced_ffns(session))
+        assert before_decoding == built == session.held_bytes_of(cache) > 0
+        assert session.held_bytes_of(new_cache(model)) == 0

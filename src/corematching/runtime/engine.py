@@ -40,7 +40,7 @@ from .cache_state import (
     state_of,
 )
 from .conversation import ConversationKeeper
-from .ffn import SlicedFFN, dense_ffn, masked_ffn
+from .ffn import SlicedFFN, dense_ffn, masked_ffn, sliced_bytes_estimate
 from .masks import padding_mask_from_4d, upper_attention_mask
 from .method_inputs import MethodInputs
 from .neuron_order import NeuronOrder, prefix_ffn
@@ -690,6 +690,22 @@ class Engine:
                     total += sliced.extra_bytes
                     swaps.pop(id(sliced.swap), None)  # counted with its FFN
         return total + sum(swap.nbytes for swap in swaps.values())
+
+    def decision_bytes(self, decision: NeuronDecision | None) -> int:
+        """Bytes the sliced FFNs of one decision hold beside the model's weights: those built, and an exact estimate
+        for the layers its decode steps have not built yet (they are built at the first one)."""
+        if decision is None:
+            return 0
+        entry = self._sliced.get(id(decision))
+        built = entry[1] if entry is not None and entry[0]() is decision else {}
+        total = 0
+        for layer, neurons in decision.neurons.items():
+            if layer in built:
+                total += 0 if built[layer] is None else built[layer].extra_bytes
+            else:
+                parts = self.adapter.ffn(layer)
+                total += sliced_bytes_estimate(parts, neurons, decision.sparse_rows, self.neuron_order is None)
+        return total
 
     def _sliced_ffn(self, decision: NeuronDecision, layer: int, parts: FFNParts) -> SlicedFFN | None:
         """The layer's core-neuron FFN for a prefill's decision, built on first use (None: all neurons): a gathered

@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import UnsupportedModeError, UnsupportedModelError
 from ..methods import SparsityMethod
 from ..models import adapter_for
-from .cache_state import SessionToken
+from .cache_state import SessionToken, state_of
 from .engine import Engine
 from .ffn import check_sliceable
 from .generation_compile import note_generation_compile_off
@@ -94,6 +94,15 @@ class Session:
         conversations whose KV caches (or copies) are alive, and, in place, swap indices of reordered layers (see
         sparsify). 0 when no such conversation is alive and no layer is reordered."""
         return self.engine.sliced_bytes()
+
+    def held_bytes_of(self, cache) -> int:
+        """Bytes beside the model's weights that `cache` (or any copy of it) keeps alive: the sliced FFNs of the
+        decision it carries, built at its first decode step (counted before that too). A store of caches (a prefix
+        cache) adds them to the bytes of the caches it keeps."""
+        state = state_of(cache)
+        if state is None or state.owner is not self.token:
+            return 0
+        return self.engine.decision_bytes(state.decision)
 
     @property
     def needs_calibration(self) -> bool:
