@@ -253,3 +253,33 @@ def test_a_forward_that_raises_releases_the_session_for_other_threads():
     alone = generate(model, inputs, 2)
     session.remove()
     assert torch.equal(other[0], alone[0])
+
+
+# ---------------------------------------------------------------------------------------------- the server's store
+
+
+def test_a_prefix_cache_entry_counts_the_slices_its_cache_keeps_alive(tiny_llava):
+    """After a request, the only thing keeping its conversation's sliced FFNs alive is the prefix-cache entry (a copy
+    of its cache): the entry's bytes include them, so --prefix-cache-bytes bounds them too."""
+    import asyncio
+
+    from test_serve_worker import PromptProcessor, job, outcome
+
+    from corematching.serve.prefix_cache import PrefixCache, tensor_bytes
+    from corematching.serve.worker import ModelWorker
+
+    loop = asyncio.new_event_loop()
+    store = PrefixCache(4)
+    worker = ModelWorker(tiny_llava(), PromptProcessor(), store)
+    try:
+        request = job("p4:6", loop)
+        worker.run([request])
+        outcome(loop, request)
+        (entry,) = store._entries.values()
+        session = worker._session
+        assert entry.held_bytes == session.held_bytes_of(entry.cache) == session.held_bytes > 0
+        assert store.bytes == entry.nbytes == tensor_bytes([entry.cache, entry.first_logits, entry.input_ids]) + \
+            entry.held_bytes
+    finally:
+        worker.close()
+        loop.close()
