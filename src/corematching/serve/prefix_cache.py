@@ -6,8 +6,8 @@ A hit never runs the prefill: the worker samples the first token from the stored
 deep copy of the stored cache, so the entry stays as it was for the next hit.
 
 The cache is bounded twice: at most `max_entries` entries and `max_bytes` bytes of tensors (the KV cache's keys
-and values, the stored logits and prompt); the least recently used entries go first, and an entry larger than
-the whole bound is not stored.
+and values, the stored logits and prompt, and the session's sliced FFNs that the stored cache keeps alive); the
+least recently used entries go first, and an entry larger than the whole bound is not stored.
 
 Only a whole prompt is matched. With a text-conditioned method (CoreMatching's match set holds the prompt's
 text), the tokens kept for a shorter prefix are not the ones a full prefill would keep, so continuing a
