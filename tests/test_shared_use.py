@@ -283,3 +283,17 @@ def test_a_prefix_cache_entry_counts_the_slices_its_cache_keeps_alive(tiny_llava
     finally:
         worker.close()
         loop.close()
+
+
+def test_bench_calibrates_teal_before_it_answers_and_times(tmp_path, one_thread):
+    """The bench's accuracy run calibrates TEAL on the set's first batch of prompts, its timing on the first timing
+    prompt: then TEAL answers and decodes like any method."""
+    import json
+
+    from corematching import cli
+
+    output = tmp_path / "bench.jsonl"
+    assert cli.main(["bench", "--questions", "2", "--timing-prompts", "1", "--reps", "1", "--new-tokens", "2",
+                     "--batch-size", "2", "--output", str(output), "--no-progress", "--methods", "teal"]) == 0
+    (record,) = [json.loads(line) for line in output.read_text().splitlines()]
+    assert record["spec"] == "teal" and record["answered"] == 2

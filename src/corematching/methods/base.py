@@ -148,6 +148,11 @@ class SparsityMethod:
         the prefill of `Session.calibrate` is shown to calibrate_ffn."""
         return ()
 
+    def needs_calibration(self) -> bool:
+        """Whether the method has input-dependent state that `Session.calibrate` sets (it refuses to decode
+        without it)."""
+        return False
+
     def calibrate_ffn(self, layer: int, ffn, hidden: torch.Tensor, token_mask: torch.Tensor) -> None:
         """The FFN input hidden [B, T, H] of a decode_ffn layer in a calibration prefill (`Session.calibrate`;
         token_mask [B, T]: real tokens), from which the method sets its input-dependent state for that FFN.

@@ -82,6 +82,9 @@ class TEAL(SparsityMethod):
         """(t on |x|, t' on |a|) of an FFN module (e.g. `layers[3].mlp`), or None before calibration."""
         return self._thresholds.get(ffn_module)
 
+    def needs_calibration(self) -> bool:
+        return True
+
     def calibrate_ffn(self, layer, ffn, hidden, token_mask) -> None:
         tokens = hidden[token_mask]  # [real tokens, H]
         if tokens.shape[0] == 0:

@@ -108,7 +108,7 @@ class Session:
     def needs_calibration(self) -> bool:
         """Whether the method has input-dependent state that `calibrate` sets (TEAL) and refuses to decode
         without."""
-        return bool(self.engine.decode_ffn_layers)
+        return self.method.needs_calibration()
 
     @property
     def active(self) -> bool:
