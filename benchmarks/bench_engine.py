@@ -42,6 +42,7 @@ from contextlib import nullcontext
 import torch
 from transformers import (
     CLIPVisionConfig,
+    DynamicCache,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -289,8 +290,9 @@ def run_scheme(model, inputs, scheme: str, new_tokens: int) -> dict:
 
         engine._sliced_ffn = timed_sliced_ffn
         try:
+            cache = DynamicCache(config=model.config.get_text_config())  # keeps the conversation's slices alive
             with torch.no_grad():
-                model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
+                model.generate(**inputs, cache=cache, max_new_tokens=new_tokens, do_sample=False,
                                logits_processor=LogitsProcessorList([clock]))
             ffns = [ffn for _, per_layer in engine._sliced.values() for ffn in per_layer.values() if ffn is not None]
             result["extra"] = sum(ffn.extra_bytes for ffn in ffns)
