@@ -185,9 +185,15 @@ def test_cli_method_accepts_a_spec(tmp_path):
 # ---------------------------------------------------------------------------------------------- report pieces
 
 
-def test_pareto_front():
-    points = [(10.0, 90.0), (5.0, 89.0), (5.0, 88.0), (2.0, 85.0), (6.0, 89.0), (1.0, 80.0)]
-    assert bench.pareto_front(points) == [5, 3, 1, 0]
+def test_accuracy_intervals_come_from_the_number_of_questions():
+    narrow = {"accuracy": 0.9, "answered": 2000}
+    wide = {"accuracy": 0.9, "answered": 20}
+    acc, low, high = bench.interval_points(narrow)
+    assert acc == pytest.approx(90.0) and 88.5 < low < 90.0 < high < 91.5  # about +-1.3 points
+    _, low_w, high_w = bench.interval_points(wide)
+    assert low_w < 75 and high_w > 97  # 18 of 20
+    assert bench.intervals_overlap(narrow, {"accuracy": 0.88, "answered": 20})
+    assert not bench.intervals_overlap(narrow, {"accuracy": 0.80, "answered": 2000})
 
 
 # ---------------------------------------------------------------------------------------------- end to end

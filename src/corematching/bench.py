@@ -40,6 +40,7 @@ import torch
 
 from . import flops, method_spec
 from .models import adapter_for
+from .stats import wilson_interval
 
 DEFAULT_METHODS = "dense;corematching;random;uniform"
 
@@ -304,53 +305,58 @@ def table(records: list[dict], timing: str = "times_min", clock: str = "") -> st
     return "\n".join(lines)
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats (fewer or equal FLOPs and higher or equal accuracy, one strictly),
-    sorted by FLOPs."""
-    front = []
-    for i, (x, y) in enumerate(points):
-        dominated = any(
-            (x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i
-        )
-        if not dominated:
-            front.append(i)
-    return sorted(front, key=lambda i: points[i][0])
+def interval_points(record: dict) -> tuple[float, float, float]:
+    """(accuracy, low, high) in percent: the 95% (Wilson) interval from the number of questions a record answered."""
+    answered = record["answered"]
+    low, high = wilson_interval(round(record["accuracy"] * answered), answered)
+    return 100 * record["accuracy"], 100 * low, 100 * high
+
+
+def intervals_overlap(first: dict, second: dict) -> bool:
+    """Whether the 95% intervals of two records' accuracies overlap."""
+    _, low_a, high_a = interval_points(first)
+    _, low_b, high_b = interval_points(second)
+    return low_a <= high_b and low_b <= high_a
 
 
 def plot(records: list[dict], path: Path, title: str, outlier_points: float = 15.0) -> None:
-    """Accuracy against prefill FLOPs: one line per method through its settings, the Pareto front in grey.
-    Settings more than `outlier_points` below the best accuracy are listed in a note instead of stretching the axis."""
+    """Accuracy against prefill FLOPs: one line per method through its settings, each point with its 95% interval
+    and dense's interval as a band (no Pareto front: where intervals overlap, no order is measured). Settings more
+    than `outlier_points` below the best accuracy are listed in a note instead of stretching the axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in records if r.get("accuracy") is not None]
+    records = [r for r in records if r.get("accuracy") is not None and r.get("answered")]
     if not records:
         return
     best = max(100 * r["accuracy"] for r in records)
     shown = [r for r in records if 100 * r["accuracy"] >= best - outlier_points]
     hidden = [r for r in records if r not in shown]
-    fig, ax = plt.subplots(figsize=(8.5, 5))
     methods = list(dict.fromkeys(r["method"] for r in shown))
     markers = "osD^vP*Xh<>p"
+    fig, ax = plt.subplots(figsize=(9, 5.2))
     for k, name in enumerate(methods):
         mine = sorted((r for r in shown if r["method"] == name), key=lambda r: r["flops"]["prefill"])
-        ax.plot([r["flops"]["prefill"] / 1e9 for r in mine], [100 * r["accuracy"] for r in mine],
-                marker=markers[k % len(markers)], ms=7, lw=1, color=plt.cm.tab10(k % 10), label=name, zorder=3)
-    points = [(r["flops"]["prefill"] / 1e9, 100 * r["accuracy"]) for r in shown]
-    front = pareto_front(points)
-    ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="0.55", lw=2,
-            alpha=0.5, zorder=1, label="Pareto front")
-    for i in front:
-        ax.annotate(shown[i]["label"], points[i], textcoords="offset points", xytext=(6, 6), fontsize=7, color="0.3")
+        dodge = 1 + 0.005 * (k - (len(methods) - 1) / 2)  # side by side, so that equal-FLOP intervals stay apart
+        xs = [dodge * r["flops"]["prefill"] / 1e9 for r in mine]
+        points = [interval_points(r) for r in mine]
+        # the interval is from the answered count; an accuracy over fewer scored answers may sit just outside it
+        below, above = [max(0.0, y - lo) for y, lo, _ in points], [max(0.0, hi - y) for y, _, hi in points]
+        ax.errorbar(xs, [y for y, _, _ in points], yerr=[below, above], marker=markers[k % len(markers)], ms=6, lw=1,
+                    capsize=2, elinewidth=0.8, color=plt.cm.tab10(k % 10), label=name, zorder=3)
+    dense = next((r for r in shown if r["method"] == "Dense"), None)
+    if dense:
+        _, low, high = interval_points(dense)
+        ax.axhspan(low, high, color="0.85", zorder=0, label="dense: 95% interval")
     if hidden:
         note = "not shown: " + "; ".join(f"{r['label']} {100 * r['accuracy']:.1f}% at "
                                          f"{r['flops']['prefill'] / 1e9:.1f} GFLOPs" for r in hidden)
         ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=7, color="0.35", va="bottom")
+    ax.set_title(title, fontsize=9)
     ax.set_xlabel("prefill GFLOPs per question (vision + language model, analytic)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
