@@ -29,6 +29,12 @@ def test_missing_image(tmp_path, capsys):
     assert err.startswith("corematching: error: image not found") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("argv", [["--method", "fastv"], ["--question", "what shape?"]])
+def test_one_question_needs_an_image_and_a_question(argv, capsys):
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and "--image and --question go together" in err and "corematching demo" in err
+
+
 def test_unreadable_image(tmp_path, capsys):
     path = tmp_path / "broken.png"
     path.write_bytes(b"this is not a png")

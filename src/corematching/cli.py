@@ -1,6 +1,6 @@
 """The `corematching` command.
 
-    corematching                                  demo: both bundled models (easy-vqa, scenes), dense vs CoreMatching
+    corematching [demo]                           demo: both bundled models, dense vs CoreMatching vs random tokens
     corematching --image cat.png --question "What animal is this?" [--model ID_OR_PATH]
     corematching eval --method corematching --budget 0.25 --output runs/cm.jsonl
 """
@@ -23,36 +23,10 @@ from .models import adapter_for
 build_method = method_spec.from_args
 
 
-# ----------------------------------------------------------------------------- run / demo
+# ----------------------------------------------------------------------------- one question
 
 
-def demo_items(count: int):
-    """Fixed demo questions: the first questions of the first test images, two per image."""
-    from .zoo import data
-
-    grouped = data.by_image(data.questions("test"))
-    items = []
-    for image_id in sorted(grouped)[: (count + 1) // 2]:
-        items.extend(grouped[image_id][:2])
-    return items[:count]
-
-
-DEMO_MODELS = ("evqa-smollm2", "scenes-smollm2")
-
-
-def demo_jobs(model_name: str, count: int) -> list[tuple]:
-    """(name, image, question, truth) of the demo of a bundled model: fixed questions of its evaluation data."""
-    from PIL import Image
-
-    if model_name == "scenes-smollm2":
-        from .zoo import scenes
-
-        return [(f"scene-{k}", item.image, item.question, item.answer)
-                for k, item in enumerate(scenes.sample(count, scenes.EVAL_SEED))]
-    from .zoo import data
-
-    paths = data.image_paths("test")
-    return [(f"test-{q.image_id}", Image.open(paths[q.image_id]), q.question, q.answer) for q in demo_items(count)]
+DEFAULT_MODEL = "evqa-smollm2"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,29 +34,21 @@ def run(args: argparse.Namespace) -> int:
 
     from .vqa import check_image
 
-    if (args.image is None) != (args.question is None):
-        raise ValueError("--image and --question go together")
-    if args.question is not None and not args.question.strip():
+    if args.image is None or args.question is None:
+        raise ValueError("--image and --question go together (the demo of the bundled models is `corematching demo`)")
+    if not args.question.strip():
         raise ValueError("--question is empty")
-    if args.image is not None:
-        path = Path(args.image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image not found: {path}")
-        try:
-            image = Image.open(path)
-            image.load()
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"cannot read image {path}: {error}") from None
-        check_image(image)
-        runs = [(args.model or DEMO_MODELS[0], [(path.stem, image, args.question, None)])]
-    else:  # the demo: every bundled model, or the one named by --model
-        models = [args.model] if args.model else list(DEMO_MODELS)
-        runs = [(name, demo_jobs(name, args.questions)) for name in models]
-    method = build_method(args)
-    for number, (model_name, jobs) in enumerate(runs):
-        if number:
-            print()
-        answer_jobs(args, method, model_name, jobs, Path(args.out) / model_name if len(runs) > 1 else Path(args.out))
+    path = Path(args.image)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from None
+    check_image(image)
+    jobs = [(path.stem, image, args.question, None)]
+    answer_jobs(args, build_method(args), args.model or DEFAULT_MODEL, jobs, Path(args.out))
     return 0
 
 
@@ -224,7 +190,6 @@ def make_parser(command: str) -> argparse.ArgumentParser:
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("--image", help="an image file to ask about")
         parser.add_argument("--question", help="the question, in plain words")
-        parser.add_argument("--questions", type=int, default=6, help="demo: how many questions per model")
         parser.add_argument("--max-new-tokens", type=int, default=8)
         parser.add_argument("--out", default="out", help="folder for the kept-patch pictures")
         default_method = "corematching"
