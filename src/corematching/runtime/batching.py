@@ -170,9 +170,9 @@ def merge_batches(batches: list[DecodeBatch]) -> DecodeBatch:
     for index in range(num_layers):
         stage = stage_of_layer(stage_layers, index)
         keys, values = [], []
-        for cache, own, pad in zip(caches, slots, pads):
+        width = length if stage < 0 else widths[stage]
+        for cache in caches:
             layer = cache.layers[index]
-            width = length if stage < 0 else widths[stage]
             missing = width - layer.keys.shape[2]
             keys.append(_left_pad(layer.keys, missing))
             values.append(_left_pad(layer.values, missing))
