@@ -200,6 +200,21 @@ def kv_bytes(batch: DecodeBatch) -> int:
                if t is not None)
 
 
+def row_kv_bytes(batch: DecodeBatch) -> list[int]:
+    """Per row: the KV bytes of the slots its layers really hold (its real tokens up to the first prune layer, its
+    kept tokens after each prune stage; padding not counted)."""
+    state = state_of(batch.cache)
+    stage_layers = _stage_layers(batch.cache) if state is not None and state.stages else ()
+    full = batch.attention_mask.sum(1)
+    kept = [stage.valid.sum(1) for stage in state.stages] if stage_layers else []
+    total = torch.zeros_like(full)
+    for index, layer in enumerate(batch.cache.layers):
+        stage = stage_of_layer(stage_layers, index)
+        per_slot = 2 * layer.keys.shape[1] * layer.keys.shape[3] * layer.keys.element_size()
+        total = total + (full if stage < 0 else kept[stage].to(full.device)) * per_slot
+    return [int(value) for value in total.tolist()]
+
+
 # ------------------------------------------------------------------------------------------------ helpers
 
 

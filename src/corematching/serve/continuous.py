@@ -1,0 +1,518 @@
+"""Iteration-level (continuous) batching: requests join the running decode batch at the step after their own
+prefill and leave it the step they finish.
+
+One decode step for the whole batch:
+  1. requests that arrived are prefilled together (left-padded) and merged into the running batch
+     (runtime/batching.py: each row keeps its own positions, pruned slots and core neurons);
+  2. every row's next token is chosen on the device in one call (`choose_tokens`: greedy, or sampled with the
+     row's temperature and top-p as tensors and the row's own seeded generator), and the tokens reach the host
+     in one transfer for the whole batch;
+  3. each row's text grows incrementally (`StreamText`: only a few tokens are decoded per step, stop sequences
+     are searched in the new text only), and its new text is handed out for streaming;
+  4. rows that finished (end token, length, stop sequence, client gone) leave; the others run one forward.
+
+Requests run under their method's sparsify session, and the model holds one session at a time: requests of one
+method (its settings included) share decode steps; requests of another wait until the running batch drains.
+Admission is first come, first served across methods (a request of the running method that arrived after a
+waiting request of another method waits too), so no setting starves. Admission is also by memory: each row
+reserves the KV bytes of its prompt (after the prefill: of the slots its layers really hold, the kept tokens
+after the prune layer) plus those of its `max_tokens` new tokens, and the session's sliced FFN weights are
+counted; a request that could never fit is refused (`MemoryRefused`), one that does not fit now waits.
+`static=True` runs the same loop as static batching (a batch is admitted only when the previous one has fully
+finished, and finished rows keep computing until the longest ends): the baseline of benchmarks/bench_serve.py.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..methods import Dense
+from ..runtime import DecodeBatch, kv_bytes, merge_batches, prefill_batch, sparsify
+from ..runtime.batching import row_kv_bytes
+
+# ------------------------------------------------------------------------------------------------ tokens
+
+
+def new_generator(seed: int, device) -> torch.Generator:
+    """A request's own sampling generator, on the device its logits live on."""
+    generator = torch.Generator(device=torch.device(device))
+    generator.manual_seed(seed % 2**63)
+    return generator
+
+
+def choose_tokens(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generators: list
+) -> torch.Tensor:
+    """The next token of every row, on the device: logits [B, V]; temperature [B] (0: greedy); top_p [B] in
+    (0, 1]; generators: per row its torch.Generator (None for a greedy row).
+
+    A sampled row draws one uniform number from its own generator and inverts the cumulative distribution of its
+    own top-p-truncated softmax, so its token does not depend on its batch mates: the same seed gives the same
+    tokens alone or batched. Nothing is copied to the host."""
+    greedy = logits.argmax(-1)
+    sampled_rows = [row for row, generator in enumerate(generators) if generator is not None]
+    if not sampled_rows:
+        return greedy
+    device = logits.device
+    draws = torch.stack([torch.rand((), generator=generators[row], device=device) for row in sampled_rows])
+    uniform = torch.zeros(logits.shape[0], device=device)
+    uniform[torch.tensor(sampled_rows, device=device)] = draws
+    scaled = logits.float() / temperature.to(device).clamp(min=1e-6).unsqueeze(1)
+    probs = torch.softmax(scaled, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
+    sorted_probs = sorted_probs.masked_fill(before >= top_p.to(device).unsqueeze(1), 0.0)  # the top-p prefix
+    cumulative = sorted_probs.cumsum(-1)
+    target = (uniform * cumulative[:, -1]).unsqueeze(1)
+    pick = torch.searchsorted(cumulative, target, right=True).clamp(max=logits.shape[1] - 1)
+    sampled = order.gather(1, pick).squeeze(1)
+    return torch.where(temperature.to(device) > 0, sampled, greedy)
+
+
+class StreamText:
+    """One request's generated tokens and text, grown incrementally.
+
+    Each new token decodes only a short window (the tokens since the last complete character boundary and the
+    ones before it, for the spacing rules of the tokenizer), so a step costs the same at token 5 and token 500.
+    Stop sequences are searched in the new text and the few characters before it; text that may be the start of
+    a stop sequence, or an unfinished character, is held back from the stream until it is settled."""
+
+    def __init__(self, tokenizer, max_tokens: int, stop: list[str], eos_ids: set[int]):
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.stop = [s for s in stop if s]
+        self.eos_ids = eos_ids
+        self.tokens: list[int] = []
+        self.text = ""  # settled text so far (the final text once finished, a stop sequence cut off)
+        self.sent = 0  # characters of the text already handed out
+        self.finish_reason: str | None = None
+        self.finished_at: float | None = None
+        self._window = 0  # first token of the decoded window
+        self._settled = 0  # tokens whose text is in self.text
+        self._longest_stop = max((len(s) for s in self.stop), default=0)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, token: int) -> str:
+        """Take one generated token; return the new text that can be sent now (maybe empty)."""
+        if self.finish_reason is not None:
+            return ""
+        if token in self.eos_ids:
+            return self._finish("stop", self.text + self._pending())
+        self.tokens.append(token)
+        before = self._decode(self._window, self._settled)
+        now = self._decode(self._window, len(self.tokens))
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            searched_from = max(0, len(self.text) - self._longest_stop + 1)
+            self.text += now[len(before):]
+            self._window, self._settled = self._settled, len(self.tokens)
+            cut = self._first_stop(searched_from)
+            if cut is not None:
+                return self._finish("stop", self.text[:cut])
+        if len(self.tokens) >= self.max_tokens:
+            return self._finish("length", self.text + self._pending())
+        ready = len(self.text)
+        for stop in self.stop:  # hold back what may be the start of a stop sequence
+            for size in range(min(len(stop) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(stop[:size]):
+                    ready = min(ready, len(self.text) - size)
+                    break
+        return self._take(ready)
+
+    def end_at_limit(self) -> str:
+        """Decoding stopped without this request finishing on its own: it ends at its length limit."""
+        return self._finish("length", self.text + self._pending()) if self.finish_reason is None else ""
+
+    def cancel(self) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+            self.finished_at = time.perf_counter()
+
+    def _decode(self, start: int, end: int) -> str:
+        if end <= start:
+            return ""
+        return self.tokenizer.decode(self.tokens[start:end], skip_special_tokens=True)
+
+    def _pending(self) -> str:
+        """Text of the tokens not settled yet (an unfinished character)."""
+        if self._settled == len(self.tokens):
+            return ""
+        return self._decode(self._window, len(self.tokens))[len(self._decode(self._window, self._settled)):]
+
+    def _first_stop(self, start: int) -> int | None:
+        cuts = [cut for cut in (self.text.find(stop, start) for stop in self.stop) if cut >= 0]
+        return min(cuts) if cuts else None
+
+    def _finish(self, reason: str, text: str) -> str:
+        self.finish_reason = reason
+        self.finished_at = time.perf_counter()
+        self.text = text
+        return self._take(len(text))
+
+    def _take(self, upto: int) -> str:
+        if upto <= self.sent:
+            return ""
+        piece = self.text[self.sent : upto]
+        self.sent = upto
+        return piece
+
+
+# ------------------------------------------------------------------------------------------------ requests
+
+
+class MemoryRefused(Exception):
+    """A request whose KV cache could never fit the memory budget (the server answers 429)."""
+
+
+@dataclass
+class Sequence:
+    """One request inside the batcher."""
+
+    inputs: dict  # the processor's output for this prompt alone (batch of 1)
+    max_tokens: int
+    method: object = None  # a corematching method (None or cm.Dense(): the plain model)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    eos_ids: set[int] = field(default_factory=set)
+    on_text: object = None  # callable(str): new text for the stream
+    on_done: object = None  # callable(Sequence): called once, when the request finished (or was cancelled)
+    tokenizer: object = None  # decodes the generated tokens (the processor's tokenizer)
+    tag: object = None  # the caller's own (a job)
+    submitted_at: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    text: StreamText | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    reserved_bytes: int = 0  # KV bytes the request holds in the admission count
+    record: object = None  # the session's record of the prefill this request was part of
+    record_row: int = 0
+    error: BaseException | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.inputs["input_ids"].shape[1])
+
+    @property
+    def key(self) -> str:
+        return "dense" if self.method is None or isinstance(self.method, Dense) else repr(self.method)
+
+
+def combine_inputs(inputs: list[dict], pad_id: int) -> dict:
+    """Several prompts' processor outputs (each a batch of 1) as one left-padded batch: per-token tensors
+    (input_ids, attention_mask, mm_token_type_ids, ...) padded on the left, per-image tensors concatenated."""
+    if len(inputs) == 1:
+        return inputs[0]
+    width = max(int(one["input_ids"].shape[1]) for one in inputs)
+    combined = {}
+    names = list(dict.fromkeys(name for one in inputs for name in one))  # every input's, in first-seen order
+    for name in names:
+        values = [one.get(name) for one in inputs]
+        if any(value is None for value in values):
+            if all(value is None for value in values):
+                continue
+            values = [value for value in values if value is not None]
+            combined[name] = torch.cat(values)
+            continue
+        per_token = all(v.dim() == 2 and v.shape[1] == one["input_ids"].shape[1] for v, one in zip(values, inputs))
+        if per_token and name != "pixel_values":
+            fill = pad_id if name == "input_ids" else 0
+            combined[name] = torch.cat([
+                torch.cat([torch.full((1, width - v.shape[1]), fill, dtype=v.dtype, device=v.device), v], dim=1)
+                for v in values
+            ])
+        else:
+            combined[name] = torch.cat(values)
+    if "attention_mask" not in inputs[0]:
+        combined["attention_mask"] = torch.cat([
+            torch.cat([torch.zeros(1, width - one["input_ids"].shape[1], dtype=torch.long),
+                       torch.ones(1, one["input_ids"].shape[1], dtype=torch.long)], dim=1) for one in inputs
+        ]).to(inputs[0]["input_ids"].device)
+    return combined
+
+
+def kv_bytes_per_token(model) -> int:
+    """KV bytes one token takes in one decoder layer (keys and values)."""
+    config = model.config.get_text_config()
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dtype = next(model.parameters()).dtype
+    return 2 * heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+# ------------------------------------------------------------------------------------------------ the batcher
+
+
+class ContinuousBatcher:
+    """Runs requests with iteration-level batching on one model (not thread-safe except `submit`, `cancel` and
+    `metrics`: one thread calls `step`)."""
+
+    def __init__(self, model, max_batch: int = 16, kv_budget_bytes: int | None = None, pad_id: int = 0,
+                 static: bool = False):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model = model
+        self.max_batch = max_batch
+        self.kv_budget_bytes = kv_budget_bytes
+        self.pad_id = pad_id
+        self.static = static
+        self.layers = model.config.get_text_config().num_hidden_layers
+        self.token_bytes = kv_bytes_per_token(model) * self.layers  # one token in every layer
+        self.device = next(model.parameters()).device
+        self._waiting: deque[Sequence] = deque()
+        self._lock = threading.Lock()
+        self._running: DecodeBatch | None = None
+        self._rows: list[Sequence] = []  # request of each running row
+        self._logits: torch.Tensor | None = None  # [B, V] next-token logits of the running rows
+        self._generators: list = []  # per running row
+        self._temperature: torch.Tensor | None = None
+        self._top_p: torch.Tensor | None = None
+        self._session = None
+        self._session_key: str | None = None
+        # counters for /metrics
+        self.tokens_generated = 0
+        self.requests_finished = 0
+        self.steps = 0
+        self.prefills = 0
+
+    # -------------------------------------------------------------------------------------------- requests
+
+    def reservation(self, sequence: Sequence) -> int:
+        """KV bytes a request may take before its prefill: every prompt token and new token in every layer."""
+        return (sequence.prompt_tokens + sequence.max_tokens) * self.token_bytes
+
+    def submit(self, sequence: Sequence) -> None:
+        need = self.reservation(sequence)
+        if self.kv_budget_bytes is not None and need > self.kv_budget_bytes:
+            raise MemoryRefused(
+                f"this request needs up to {need} bytes of KV cache ({sequence.prompt_tokens} prompt tokens + "
+                f"{sequence.max_tokens} new tokens), more than the server's budget of {self.kv_budget_bytes} "
+                "bytes; send a shorter prompt or a smaller max_tokens"
+            )
+        sequence.submitted_at = sequence.submitted_at or time.perf_counter()
+        if sequence.tokenizer is None:
+            raise ValueError("a Sequence needs the tokenizer that decodes its tokens")
+        sequence.text = StreamText(sequence.tokenizer, sequence.max_tokens, sequence.stop, sequence.eos_ids)
+        with self._lock:
+            self._waiting.append(sequence)
+
+    def cancel(self, sequence: Sequence) -> None:
+        """The client went away: the request stops at the next step (a waiting one never starts)."""
+        sequence.cancelled.set()
+
+    @property
+    def idle(self) -> bool:
+        return not self._rows and not self._waiting
+
+    def metrics(self) -> dict:
+        running = self._running
+        return {
+            "queue_length": len(self._waiting),
+            "batch_size": len(self._rows),
+            "kv_bytes": kv_bytes(running) if running is not None else 0,
+            "kv_reserved_bytes": sum(s.reserved_bytes for s in list(self._rows)),
+            "sliced_weight_bytes": self._sliced_bytes(),
+            "tokens_generated_total": self.tokens_generated,
+            "requests_finished_total": self.requests_finished,
+            "decode_steps_total": self.steps,
+            "prefills_total": self.prefills,
+        }
+
+    # -------------------------------------------------------------------------------------------- the loop
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """One iteration: admit and prefill arrivals, choose every row's next token, stream, let finished rows
+        leave, run one decode forward. Returns whether there was anything to do."""
+        self._drop_cancelled_waiting()
+        arrivals = self._admit()
+        if arrivals:
+            self._prefill(arrivals)
+        if not self._rows:
+            return bool(arrivals)
+        tokens = choose_tokens(self._logits, self._temperature, self._top_p, self._generators)
+        chosen = tokens.tolist()  # the one transfer of the step
+        now = time.perf_counter()
+        staying = []
+        for row, (sequence, token) in enumerate(zip(self._rows, chosen)):
+            text = sequence.text
+            if sequence.cancelled.is_set():
+                text.cancel()
+            if not text.finished:
+                if sequence.first_token_at is None:
+                    sequence.first_token_at = now
+                piece = text.add(token)
+                self.tokens_generated += 1
+                if piece and sequence.on_text is not None:
+                    sequence.on_text(piece)
+            if self.static:
+                staying.append(row)  # a static batch runs every row until its longest ends
+            elif text.finished:
+                self._finish(sequence)
+            else:
+                staying.append(row)
+        if self.static and all(sequence.text.finished for sequence in self._rows):
+            for sequence in self._rows:  # the batch's one generate call returns: every request is answered
+                self._finish(sequence)
+            staying = []
+        if not staying:
+            self._clear()
+            return True
+        if len(staying) < len(self._rows):
+            self._keep_rows(staying)
+            tokens = tokens[torch.tensor(staying, device=tokens.device)]
+        self._logits = self._running.step(self.model, tokens)
+        self.steps += 1
+        return True
+
+    def run_until_idle(self) -> None:
+        while self.step() or not self.idle:
+            pass
+
+    def close(self) -> None:
+        """Finish what runs (as cancelled) and detach the session."""
+        for sequence in list(self._rows) + list(self._waiting):
+            sequence.text.cancel()
+            self._finish(sequence)
+        self._waiting.clear()
+        self._clear()
+        if self._session is not None:
+            self._session.remove()
+            self._session, self._session_key = None, None
+
+    # -------------------------------------------------------------------------------------------- admission
+
+    def _drop_cancelled_waiting(self) -> None:
+        with self._lock:
+            gone = [s for s in self._waiting if s.cancelled.is_set()]
+            for sequence in gone:
+                self._waiting.remove(sequence)
+        for sequence in gone:
+            sequence.text.cancel()
+            self._finish(sequence)
+
+    def _admit(self) -> list[Sequence]:
+        """Waiting requests that join now: of the running method (any, when nothing runs), in arrival order up to
+        the first waiting request of another method, within the row and memory limits."""
+        if self.static and self._rows:
+            return []
+        with self._lock:
+            if not self._waiting:
+                return []
+            key = self._rows[0].key if self._rows else self._waiting[0].key
+            room = self.max_batch - len(self._rows)
+            budget = None
+            if self.kv_budget_bytes is not None:
+                budget = self.kv_budget_bytes - sum(s.reserved_bytes for s in self._rows) - self._sliced_bytes()
+            arrivals = []
+            for sequence in self._waiting:
+                if sequence.key != key or len(arrivals) >= room:
+                    break
+                need = self.reservation(sequence)
+                if budget is not None:
+                    if need > budget:
+                        break
+                    budget -= need
+                arrivals.append(sequence)
+            for sequence in arrivals:
+                self._waiting.popleft()
+                sequence.reserved_bytes = self.reservation(sequence)
+        return arrivals
+
+    def _prefill(self, arrivals: list[Sequence]) -> None:
+        self._use_method(arrivals[0].method)
+        inputs = combine_inputs([s.inputs for s in arrivals], self.pad_id)
+        try:
+            joined, logits = prefill_batch(self.model, inputs, pad_token_id=self.pad_id)
+        except Exception as error:  # one bad request must not take the others with it: retry one by one
+            if len(arrivals) == 1:
+                arrivals[0].error = error
+                arrivals[0].text.cancel()
+                self._finish(arrivals[0])
+                return
+            for sequence in arrivals:
+                self._prefill([sequence])
+            return
+        self.prefills += 1
+        record = self._session.last if self._session is not None else None
+        held = row_kv_bytes(joined)  # per row: the slots its layers really hold
+        for row, sequence in enumerate(arrivals):
+            sequence.record, sequence.record_row = record, row
+            sequence.reserved_bytes = held[row] + sequence.max_tokens * self.token_bytes
+        generators = [None if s.temperature <= 0 else new_generator(
+            s.seed if s.seed is not None else int(torch.randint(0, 2**62, ())), logits.device) for s in arrivals]
+        temperature = torch.tensor([s.temperature for s in arrivals], device=logits.device)
+        top_p = torch.tensor([s.top_p for s in arrivals], device=logits.device)
+        if self._running is None:
+            self._running, self._logits = joined, logits
+            self._temperature, self._top_p, self._generators = temperature, top_p, generators
+        else:
+            self._running = merge_batches([self._running, joined])
+            self._logits = torch.cat([self._logits, logits])
+            self._temperature = torch.cat([self._temperature, temperature])
+            self._top_p = torch.cat([self._top_p, top_p])
+            self._generators = self._generators + generators
+        self._rows = self._rows + arrivals
+
+    def _keep_rows(self, staying: list[int]) -> None:
+        self._running.select(staying)
+        index = torch.tensor(staying, device=self._logits.device)
+        self._rows = [self._rows[row] for row in staying]
+        self._generators = [self._generators[row] for row in staying]
+        self._temperature = self._temperature.index_select(0, index)
+        self._top_p = self._top_p.index_select(0, index)
+
+    def _clear(self) -> None:
+        self._running, self._rows, self._logits, self._generators = None, [], None, []
+        self._temperature = self._top_p = None
+
+    def _finish(self, sequence: Sequence) -> None:
+        if sequence.finished_at is not None:
+            return  # reported once
+        sequence.finished_at = time.perf_counter()
+        sequence.reserved_bytes = 0
+        self.requests_finished += 1
+        if sequence.on_done is not None:
+            sequence.on_done(sequence)
+
+    def _use_method(self, method) -> None:
+        key = "dense" if method is None or isinstance(method, Dense) else repr(method)
+        if key == self._session_key:
+            return
+        if self._session is not None:
+            self._session.remove()
+            self._session = None
+        if key != "dense":
+            self._session = sparsify(self.model, method)
+        self._session_key = key
+
+    def _sliced_bytes(self) -> int:
+        """Memory of the sliced FFN weights the session holds for the core-neuron decoding of live caches (those of
+        decisions no cache uses any more are replaced by the next ones)."""
+        if self._session is None:
+            return 0
+        total = 0
+        for decision, per_layer in list(self._session.engine._sliced.values()):
+            if decision() is not None:
+                total += sum(sliced.extra_bytes for sliced in per_layer.values() if sliced is not None)
+        return total
+
+
+def percentile(values: list[float], share: float) -> float:
+    """Linear-interpolated percentile of values (share in [0, 1]); nan for none."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = share * (len(ordered) - 1)
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
