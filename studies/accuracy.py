@@ -4,6 +4,7 @@ against visual tokens kept for CoreMatching, RandomTokens and UniformTokens.
     python studies/accuracy.py sweep   # prune layer x match set, on the first 500 questions of test-2000
     python studies/accuracy.py main    # budgets x methods on all of test-2000
     python studies/accuracy.py report  # tables (markdown) and a plot from what has been run
+    python studies/accuracy.py plot    # the plot again, from studies/results/accuracy.md alone
 
 Every setting writes its answers to runs/study/<name>.jsonl through the resumable evaluator, so an
 interrupted study continues where it stopped.
@@ -107,44 +108,77 @@ def report(prune_layer: int, match: str) -> None:
     main = table(list(main_settings(prune_layer, match)), "Accuracy and object recall on test-2000")
     (RESULTS / "accuracy.md").write_text(sweep + "\n" + main)
     print(sweep + "\n" + main)
-    plot(prune_layer, match)
+    plot(points_from_runs(), prune_layer, match)
 
 
-def plot(prune_layer: int, match: str) -> None:
+def points_from_runs() -> dict[str, dict]:
+    """{setting: its accuracy, questions answered, mean tokens kept and object recall}, from runs/study."""
+    points = {}
+    for path in sorted(RUNS.glob("*.jsonl")):
+        s = summarize(path)
+        points[path.stem] = {"accuracy": s.accuracy, "answered": s.answered, "mean_kept": s.mean_kept,
+                             "object_recall": s.object_recall}
+    return points
+
+
+def points_from_table(path: Path) -> dict[str, dict]:
+    """The same, read back from the markdown tables `report` wrote (studies/results/accuracy.md)."""
+    points = {}
+    for line in path.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 6 or not cells[3].endswith("%"):
+            continue
+        name, _, answered, accuracy, kept, recall = cells
+        points[name] = {"accuracy": float(accuracy.rstrip("%")) / 100, "answered": int(answered),
+                        "mean_kept": float(kept), "object_recall": float(recall)}
+    return points
+
+
+def plot(points: dict[str, dict], prune_layer: int, match: str) -> None:
+    """Accuracy (with 95% intervals from the number of questions) and object recall against visual tokens kept."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from corematching.stats import wilson_interval
+
+    def accuracy_bars(point: dict) -> tuple[float, float, float]:
+        low, high = wilson_interval(round(point["accuracy"] * point["answered"]), point["answered"])
+        return 100 * point["accuracy"], 100 * (point["accuracy"] - low), 100 * (high - point["accuracy"])
+
     fig, (ax_acc, ax_rec) = plt.subplots(1, 2, figsize=(10, 4))
-    for prefix, label, style in (("cm", "CoreMatching", "o-"), ("random", "RandomTokens", "s--"),
-                                 ("uniform", "UniformTokens", "^:")):
-        xs, accs, recalls = [], [], []
+    styles = (("cm", "CoreMatching", "o-"), ("random", "RandomTokens", "s--"), ("uniform", "UniformTokens", "^:"))
+    for number, (prefix, label, style) in enumerate(styles):
+        dodge = 2 ** (0.03 * (number - 1))  # side by side on the log axis, so that the intervals stay apart
+        xs, accs, below, above, recalls = [], [], [], [], []
         for tag, budget in BUDGETS.items():
-            path = RUNS / f"{prefix}-{tag.rstrip('%')}.jsonl"
-            if budget == N_VISUAL:
-                path = RUNS / "dense.jsonl"  # keeping every token is dense
-            if path.exists():
-                s = summarize(path)
+            point = points.get("dense" if budget == N_VISUAL else f"{prefix}-{tag.rstrip('%')}")
+            if point:  # keeping every token is dense
+                accuracy, low, high = accuracy_bars(point)
                 xs.append(budget)
-                accs.append(100 * s.accuracy)
-                recalls.append(s.object_recall if s.object_recall is not None else 1.0)
-        ax_acc.plot(xs, accs, style, label=label)
+                accs.append(accuracy)
+                below.append(low)
+                above.append(high)
+                recalls.append(point["object_recall"] if point["object_recall"] is not None else 1.0)
+        ax_acc.errorbar([dodge * x for x in xs], accs, yerr=[below, above], fmt=style, label=label, capsize=2,
+                        elinewidth=0.8)
         ax_rec.plot(xs, recalls, style, label=label)
-    dense = RUNS / "dense.jsonl"
-    if dense.exists():
-        ax_acc.axhline(100 * summarize(dense).accuracy, color="gray", lw=1, label="dense")
-    adaptive = RUNS / "cm-adaptive.jsonl"
-    if adaptive.exists():
-        s = summarize(adaptive)
-        ax_acc.plot([s.mean_kept], [100 * s.accuracy], "k*", ms=12, label="CoreMatching adaptive")
-        ax_rec.plot([s.mean_kept], [s.object_recall], "k*", ms=12)
+    if "dense" in points:
+        ax_acc.axhline(100 * points["dense"]["accuracy"], color="gray", lw=1, label="dense")
+    adaptive = points.get("cm-adaptive")
+    if adaptive:
+        accuracy, low, high = accuracy_bars(adaptive)
+        ax_acc.errorbar([adaptive["mean_kept"]], [accuracy], yerr=[[low], [high]], fmt="k*", ms=12, capsize=2,
+                        label="CoreMatching adaptive")
+        ax_rec.plot([adaptive["mean_kept"]], [adaptive["object_recall"]], "k*", ms=12)
     for ax in (ax_acc, ax_rec):
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(BUDGETS.values()), [str(v) for v in BUDGETS.values()])
         ax.set_xlabel("visual tokens kept (of 64)")
         ax.grid(alpha=0.3)
     ax_acc.set_ylabel("easy-vqa accuracy (%)")
+    ax_acc.set_title("bars: 95% intervals from the number of questions", fontsize=9)
     ax_rec.set_ylabel("object recall (share of shape patches kept)")
     ax_acc.legend(fontsize=8)
     fig.suptitle(f"evqa-smollm2, test-2000, prune layer {prune_layer}, match '{match}'")
@@ -154,7 +188,8 @@ def plot(prune_layer: int, match: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("sweep", "main", "report"))
+    parser.add_argument("stage", choices=("sweep", "main", "report", "plot"),
+                        help="plot: redraw accuracy.png from studies/results/accuracy.md alone")
     parser.add_argument("--prune-layer", type=int, default=cm.CoreMatching().prune_layer)
     parser.add_argument("--match", default=cm.CoreMatching().match)
     parser.add_argument("--only", nargs="*", help="run only these setting names")
@@ -165,6 +200,9 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     only = set(args.only) if args.only else None
+    if args.stage == "plot":
+        plot(points_from_table(RESULTS / "accuracy.md"), args.prune_layer, args.match)
+        return
     if args.stage == "sweep":
         run_all(sweep_settings(), eval_questions("test-2000")[:SWEEP_QUESTIONS], only)
     elif args.stage == "main":

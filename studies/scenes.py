@@ -3,6 +3,7 @@ visual tokens and at prune layers 0, 1, 2 and 4, with accuracy and the recall of
 
     python studies/scenes.py run       # one worker; start two side by side to share the settings (resumable)
     python studies/scenes.py report    # tables (studies/results/scenes.md), numbers (scenes.json), plots, pictures
+    python studies/scenes.py plots     # the plots again, from studies/results/scenes.json alone
 
 Questions: the first PER_KIND (40) questions of each of the seven kinds of the evaluation set `scenes.sample(700,
 seed=1)` (in the set's order) at the main prune layer and before the language model, the first PER_KIND_LAYERS
@@ -669,6 +670,24 @@ STYLES = {"cm": "o-", "random": "s--", "uniform": "^:", "fastv": "v-", "dart": "
           "cdpruner": "X-", "pdrop": "<-", "visionzip": "h-"}
 
 
+def draw(ax, entries: list[tuple[float, dict]], metric: str, style: str, ms: int = 5, **kwargs) -> None:
+    """One method's line: x against its accuracy (in %, with 95% intervals from the number of questions) or its
+    recall (a mean over questions, drawn without an interval)."""
+    from corematching.stats import wilson_interval
+
+    xs = [x for x, _ in entries]
+    if metric != "accuracy":
+        ax.plot(xs, [e[metric] for _, e in entries], style, ms=ms, **kwargs)
+        return
+    ys, below, above = [], [], []
+    for _, e in entries:
+        low, high = wilson_interval(round(e["accuracy"] * e["questions"]), e["questions"])
+        ys.append(100 * e["accuracy"])
+        below.append(ys[-1] - 100 * low)
+        above.append(100 * high - ys[-1])
+    ax.errorbar(xs, ys, yerr=[below, above], fmt=style, ms=ms, capsize=2, elinewidth=0.8, **kwargs)
+
+
 def plots(results: dict) -> None:
     import matplotlib
 
@@ -681,46 +700,44 @@ def plots(results: dict) -> None:
     for metric, ylabel, file in (("recall", "queried-object recall (share of their patches kept)", "recall.png"),
                                  ("accuracy", "accuracy (%)", "accuracy.png")):
         fig, (ax, ax_layers) = plt.subplots(1, 2, figsize=(12, 4.8))
-        scale = 100 if metric == "accuracy" else 1
         lines = [(NAMES[p], f"L{MAIN_LAYER}-{p}", p, 1.0) for p in LAYERED]
         lines += [(f"{NAMES[p]} (before LM)", f"pre-{p}", p, 0.45) for p in ("visionzip", "divprune", "cdpruner")]
-        for name, stem, prefix, alpha in lines:
-            xs, ys = [], []
-            for tag, budget in sorted(BUDGETS.items(), key=lambda kv: kv[1]):
-                if f"{stem}-{tag}" in s:
-                    xs.append(budget / N_VISUAL)
-                    ys.append(scale * s[f"{stem}-{tag}"][metric])
-            if xs:
-                ax.plot(xs, ys, STYLES[prefix], label=name, alpha=alpha if prefix != "visionzip" else 1.0, ms=5)
+        for number, (name, stem, prefix, alpha) in enumerate(lines):
+            dodge = 2 ** (0.025 * (number - (len(lines) - 1) / 2))  # side by side on the log axis
+            entries = [(dodge * budget / N_VISUAL, s[f"{stem}-{tag}"]) for tag, budget in
+                       sorted(BUDGETS.items(), key=lambda kv: kv[1]) if f"{stem}-{tag}" in s]
+            if entries:
+                draw(ax, entries, metric, STYLES[prefix], label=name, alpha=alpha if prefix != "visionzip" else 1.0)
         adaptive = s.get(f"L{MAIN_LAYER}-cm-adaptive")
         if adaptive:
-            ax.plot([adaptive["mean_kept"] / N_VISUAL], [scale * adaptive[metric]], "k*", ms=13,
-                    label="CoreMatching adaptive")
+            draw(ax, [(adaptive["mean_kept"] / N_VISUAL, adaptive)], metric, "k*", label="CoreMatching adaptive",
+                 ms=13)
         if dense and metric == "accuracy":
             ax.axhline(100 * dense["accuracy"], color="gray", lw=1, label="dense")
         ax.set_xscale("log", base=2)
         ax.set_xticks([b / N_VISUAL for b in BUDGETS.values()], [f"{t}%" for t in BUDGETS])
         ax.set_xlabel("visual tokens kept (share of 64)")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"prune layer {MAIN_LAYER}, {7 * PER_KIND} questions ('before LM': removed before layer 0)")
+        ax.set_title(f"prune layer {MAIN_LAYER}, {7 * PER_KIND} questions ('before LM': removed before layer 0)"
+                     + ("\nbars: 95% intervals from the number of questions" if metric == "accuracy" else ""),
+                     fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
         view = results["view"]
         for prefix in LAYERED:
-            xs, ys = [], []
-            for layer in LAYERS:
-                e = view.get(f"L{layer}-{prefix}-12.5")
-                if e:
-                    xs.append(layer)
-                    ys.append(scale * e[metric])
-            if xs:
-                ax_layers.plot(xs, ys, STYLES[prefix], label=NAMES[prefix], ms=5)
+            # side by side within each layer, so that the intervals do not hide each other
+            offset = 0.05 * (LAYERED.index(prefix) - (len(LAYERED) - 1) / 2)
+            entries = [(layer + offset, view[f"L{layer}-{prefix}-12.5"]) for layer in LAYERS
+                       if f"L{layer}-{prefix}-12.5" in view]
+            if entries:
+                draw(ax_layers, entries, metric, STYLES[prefix], label=NAMES[prefix])
         if "dense" in view and metric == "accuracy":
             ax_layers.axhline(100 * view["dense"]["accuracy"], color="gray", lw=1, label="dense")
         ax_layers.set_xticks(list(LAYERS))
         ax_layers.set_xlabel("prune layer")
         ax_layers.set_ylabel(ylabel)
-        ax_layers.set_title(f"12.5% of the visual tokens (8 of 64), by prune layer ({7 * PER_KIND_LAYERS} questions)")
+        ax_layers.set_title(f"12.5% of the visual tokens (8 of 64), by prune layer ({7 * PER_KIND_LAYERS} questions)",
+                            fontsize=10)
         ax_layers.grid(alpha=0.3)
         ax_layers.legend(fontsize=7, ncol=2)
         fig.suptitle(f"scenes-smollm2 (weights {WEIGHTS_COMMIT[:7]}), evaluation set sample(700, seed=1), the first "
@@ -774,7 +791,8 @@ def pictures() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("run", "report"))
+    parser.add_argument("stage", choices=("run", "report", "plots"),
+                        help="plots: redraw docs/scenes/{accuracy,recall}.png from studies/results/scenes.json")
     parser.add_argument("--only", nargs="*", help="run only these setting names")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
@@ -784,6 +802,8 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         run_worker(set(args.only) if args.only else None, args.batch_size)
+    elif args.stage == "plots":
+        plots(json.loads((RESULTS / "scenes.json").read_text()))
     else:
         report()
 

@@ -245,3 +245,23 @@ def test_vision_flops_of_tiled_images_are_measured(one_thread):
         counts.append(measured)
     tiles = [next_family.patches_of(size) for size in [(20, 20), (40, 20)]]
     assert tiles[0] != tiles[1] and (counts[0] < counts[1]) == (tiles[0] < tiles[1])  # follows the tile count
+
+
+def test_gpu_check_runs_its_checks_with_tiny_widths(tmp_path, one_thread):
+    """benchmarks/gpu_check.py, the script run when a GPU is lent, runs here with --tiny on the CPU: its batch
+    invariance and in-place checks hold, and its timing table has the three methods."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    output = tmp_path / "gpu_check.md"
+    assert gpu_check.main(["--tiny", "--device", "cpu", "--output", str(output), "--new-tokens", "3",
+                           "--reps", "1"]) == 0
+    text = output.read_text()
+    assert "| 0 | 602 | yes |" in text and "| FFN weights bit for bit the same after the session | yes |" in text
+    assert "| same tokens, in place and copy | yes |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| dense") or line.startswith("| CoreMatching")]
+    assert [row.split(" | ")[1] for row in rows] == ["576/576", "64/576", "64/576"]

@@ -51,7 +51,17 @@ def job(prompt: str, loop, method=METHOD, temperature=0.0, seed=None, max_tokens
     request = ChatRequest(messages=[], images=[LoadedImage(None, prompt)], max_tokens=max_tokens,
                           temperature=temperature, top_p=0.95, seed=seed, stop=[], stream=False, include_usage=False,
                           method=method, ignore_eos=True)
-    return Job(request, prompt, 0, loop)
+    return Job(request, prompt, encoding(prompt), loop)
+
+
+def encoding(prompt: str) -> dict:
+    """What the server makes of a request on arrival; "bad": one image's tokens with two images' pixels (the model
+    refuses it)."""
+    if prompt == "bad":
+        inputs = dict(PromptProcessor()(text=["p1:5"]))
+        inputs["pixel_values"] = inputs["pixel_values"].repeat(2, 1, 1, 1)
+        return inputs
+    return dict(PromptProcessor()(text=[prompt]))
 
 
 def outcome(loop, one: Job):
@@ -131,4 +141,33 @@ def test_a_failing_request_fails_alone(tiny_llava, loop, one_thread):
 
     assert loop.run_until_complete(first_event(bad))[0] == "error"
     assert outcome(loop, good).usage.completion_tokens == 3
+    worker.close()
+
+
+class CountingProcessor(PromptProcessor):
+    calls = 0
+
+    def __call__(self, *args, **kwargs):
+        CountingProcessor.calls += 1
+        return super().__call__(*args, **kwargs)
+
+
+def test_each_request_is_preprocessed_once_and_batches_pad_like_the_processor(tiny_llava, loop, one_thread):
+    """The encoding made when a request arrives is the one the model runs on: a batch is padded from those,
+    exactly as the processor pads a batch itself, and the processor is not called again."""
+    from corematching.serve.collate import collate
+
+    prompts = ["p1:5", "p2:9", "p3:2"]
+    own = [dict(PromptProcessor()(text=[prompt])) for prompt in prompts]
+    together = dict(PromptProcessor()(text=prompts))
+    collated = collate(own, pad_id=0, padding_side="left")
+    assert collated.keys() == together.keys()
+    assert all(torch.equal(collated[key], together[key]) for key in together)
+
+    worker = ModelWorker(tiny_llava(), CountingProcessor())
+    jobs = [job(prompt, loop, max_tokens=3) for prompt in prompts]
+    CountingProcessor.calls = 0
+    worker.run(jobs)
+    assert [outcome(loop, one).usage.completion_tokens for one in jobs] == [3, 3, 3]
+    assert CountingProcessor.calls == 0
     worker.close()

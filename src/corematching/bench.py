@@ -387,9 +387,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def parse_budgets(text: str) -> list:
-    from .cli import parse_budget
-
-    budgets = [parse_budget(part.strip()) for part in text.split(",") if part.strip()]
+    budgets = [method_spec.parse_budget(part.strip()) for part in text.split(",") if part.strip()]
     return budgets
 
 

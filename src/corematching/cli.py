@@ -12,83 +12,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from . import layout, method_spec
 from .errors import UnsupportedModelError
+from .method_spec import add_method_arguments, parse_budget, parse_layers  # noqa: F401  (the CLI's names)
 from .models import adapter_for
 
-METHOD_NAMES = ("dense", "corematching", "random", "uniform")
-
-
-def parse_budget(text: str):
-    """'64' -> 64 tokens, '0.25' -> a quarter, 'adaptive' -> None (elbow rule)."""
-    if text.lower() in ("adaptive", "none", "auto"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be an int, a fraction or 'adaptive', got {text!r}") from None
-
-
-def parse_layers(text: str):
-    if text.lower() in ("none", "default"):
-        return None
-    if text.lower() == "":
-        return []
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"layers must be comma-separated ints, got {text!r}") from None
-
-
-def add_method_arguments(parser: argparse.ArgumentParser, default_method: str) -> None:
-    group = parser.add_argument_group("method")
-    group.add_argument("--method", default=default_method,
-                       help=f"{', '.join(METHOD_NAMES)}, any method spec (name:field=value,...; see "
-                            "corematching.method_spec) or package.module:Class")
-    group.add_argument("--budget", type=parse_budget, default=argparse.SUPPRESS,
-                       help="visual tokens kept per image: count, fraction, or 'adaptive'")
-    group.add_argument("--prune-layer", type=int, default=argparse.SUPPRESS)
-    group.add_argument("--rho", type=float, default=argparse.SUPPRESS)
-    group.add_argument("--beta", type=float, default=argparse.SUPPRESS)
-    group.add_argument("--match", default=argparse.SUPPRESS, help="match set: all, text or last")
-    group.add_argument("--neuron-layers", type=parse_layers, default=argparse.SUPPRESS,
-                       help="comma-separated layers decoding with core neurons ('' for none)")
-    group.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed of --method random")
-
-
-def build_method(args: argparse.Namespace):
-    """The method object named by --method, with the fields given on the command line (others default)."""
-    import corematching as cm
-
-    fields = {
-        "token_budget": getattr(args, "budget", "unset"),
-        "prune_layer": getattr(args, "prune_layer", "unset"),
-        "rho": getattr(args, "rho", "unset"),
-        "beta": getattr(args, "beta", "unset"),
-        "match": getattr(args, "match", "unset"),
-        "neuron_layers": getattr(args, "neuron_layers", "unset"),
-        "seed": getattr(args, "seed", "unset"),
-    }
-    accepted = {
-        "dense": (cm.Dense, ()),
-        "corematching": (cm.CoreMatching, ("token_budget", "prune_layer", "rho", "beta", "match", "neuron_layers")),
-        "random": (cm.RandomTokens, ("token_budget", "prune_layer", "seed")),
-        "uniform": (cm.UniformTokens, ("token_budget", "prune_layer")),
-    }
-    if args.method not in accepted:  # any other public method, or a user's package.module:Class
-        from . import method_spec
-
-        overrides = {name: value for name, value in fields.items() if value != "unset"}
-        return method_spec.build(args.method, **overrides)
-    cls, names = accepted[args.method]
-    given = {name: value for name, value in fields.items() if value != "unset"}
-    extra = sorted(set(given) - set(names))
-    if extra:
-        raise ValueError(f"--method {args.method} does not take {', '.join(extra)}")
-    return cls(**given)
+# the method options and building live in the library (method_spec); kept here under their old names
+build_method = method_spec.from_args
 
 
 # ----------------------------------------------------------------------------- run / demo
@@ -159,19 +91,11 @@ def answer_jobs(args: argparse.Namespace, method, model_name: str, jobs: list[tu
     import corematching as cm
 
     from . import viz
-    from .evaluate import kept_patch_indices
-    from .vqa import answer_batch, check_image
+    from .vqa import answer_batch
 
     print(f"loading {model_name} ...", flush=True)
     model, processor = cm.load_model(model_name, device=args.device)
-    adapter_for(model)  # an unsupported family fails here with a one-line error, before any answer
-    config = model.config
-    image_token_id = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
-    vision = config.vision_config
-    # kept-patch pictures for models with one square grid per image (LLaVA-1.5 layout); other families skip them
-    image_size, patch_size = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
-    side = image_size // patch_size if isinstance(image_size, int) and isinstance(patch_size, int) else 0
-    grid = (side, side)
+    adapter = adapter_for(model)  # an unsupported family fails here with a one-line error, before any answer
     print(f"method: {method}", flush=True)
     answer_batch(model, processor, [jobs[0][1]], [jobs[0][2]], None, 2)  # warm-up, not timed
     header = (
@@ -186,23 +110,55 @@ def answer_jobs(args: argparse.Namespace, method, model_name: str, jobs: list[tu
         t1 = time.perf_counter()
         sparse = answer_batch(model, processor, [image], [question], method, args.max_new_tokens)
         t2 = time.perf_counter()
-        n_visual = int((dense.input_ids[0] == image_token_id).sum())
-        kept = list(range(n_visual))
+        images = layout.prompt_images(model, sparse.inputs, adapter)[0]  # the image's tokens, from the adapter
+        positions = torch.cat([im.positions for im in images]) if images else torch.zeros(0, dtype=torch.long)
+        kept_positions = positions
         if sparse.record is not None and sparse.record.kept_positions is not None:
-            kept = kept_patch_indices(sparse.input_ids[0], sparse.record.kept_positions[0], image_token_id)
+            kept_positions = sparse.record.kept_positions[0]
+        kept = layout.kept_in(positions, kept_positions)
         if truth is not None:
             correct["dense"] += dense.texts[0] == truth
             correct["sparse"] += sparse.texts[0] == truth
         print(f"{name:<12} {question[:48]:<48} {truth or '':<10} {dense.texts[0][:10]:<10} {1e3 * (t1 - t0):>6.0f} "
-              f"{sparse.texts[0][:10]:<10} {len(kept):>3}/{n_visual:<3} {1e3 * (t2 - t1):>6.0f}")
-        if side and n_visual == grid[0] * grid[1]:
-            panel = viz.kept_patches_overlay(check_image(image).resize((image_size,) * 2), kept, grid,
-                                             scale=max(1, 384 // image_size),
-                                             title=f"{question[:40]} -> {sparse.texts[0][:12]}")
+              f"{sparse.texts[0][:10]:<10} {len(kept):>3}/{positions.numel():<3} {1e3 * (t2 - t1):>6.0f}")
+        layout.place_for_picture(images, *image.size, getattr(processor, "image_processor", None))
+        panel = kept_patches_panel(image, images, kept_positions, f"{question[:40]} -> {sparse.texts[0][:12]}")
+        if panel is not None:
             viz.save_side_by_side([panel], out_dir / f"{number:02d}-{name}.png")
     if jobs[0][3] is not None:
         print(f"\ncorrect: dense {correct['dense']}/{len(jobs)}, sparse {correct['sparse']}/{len(jobs)}")
     print(f"kept-patch pictures: {out_dir}/")
+
+
+OVERLAY_SIDE = 384  # pixels of the longer side of a kept-patch picture
+
+
+def kept_patches_panel(image, images, kept_positions, title: str):
+    """The kept patches of the prompt's first image drawn over it, on the largest grid of tokens that shows all of
+    the picture the model saw (its only grid, its global view or base view; a centre crop where the processor cut
+    one); None when no grid does."""
+    from PIL import Image
+
+    from . import viz
+    from .vqa import check_image
+
+    views = images[0].views if images else []
+    if len(views) == 1:
+        seen = [view for view in views if view.region is not None]
+    else:
+        seen = [view for view in views if view.region == layout.WHOLE]
+    if not seen:
+        return None
+    view = max(seen, key=lambda view: view.grid[0] * view.grid[1])
+    picture = check_image(image)
+    top, left, bottom, right = view.region
+    picture = picture.crop((round(left * picture.width), round(top * picture.height), round(right * picture.width),
+                            round(bottom * picture.height)))
+    ratio = OVERLAY_SIDE / max(picture.size)
+    size = (max(1, round(picture.width * ratio)), max(1, round(picture.height * ratio)))
+    picture = picture.resize(size, Image.NEAREST if ratio > 1 else Image.BICUBIC)  # enlarged: pixels stay sharp
+    return viz.kept_patches_overlay(picture, layout.kept_in(view.positions, kept_positions), view.grid, scale=1,
+                                    title=title)
 
 
 # ----------------------------------------------------------------------------- eval
@@ -290,12 +246,20 @@ def main(argv: list[str] | None = None) -> int:
         from .serve.cli import main as serve_main
 
         return serve_main(argv[1:])
-    command = argv[0] if argv[:1] in (["eval"], ["bench"]) else "run"
+    if not argv or argv[0] == "demo":  # the demo (corematching.demo): its own arguments
+        from .demo import main as demo_main
+
+        return demo_main(argv)
+    command = argv[0] if argv[:1] in (["eval"], ["bench"], ["plan"]) else "run"
     try:
         if command == "bench":
             from . import bench
 
             return bench.main(argv[1:])
+        if command == "plan":  # what fits in a memory budget (corematching.plan)
+            from . import plan
+
+            return plan.main(argv[1:])
         args = make_parser(command).parse_args(argv[1:] if command == "eval" else argv)
         return evaluate(args) if command == "eval" else run(args)
     except (FileNotFoundError, ValueError, TypeError, UnsupportedModelError) as error:

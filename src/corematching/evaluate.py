@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import layout
 from .vqa import answer_batch
 from .zoo import data
 
@@ -67,13 +68,12 @@ def default_set(model_name: str) -> str:
 PATCH_COVER = 0.25  # a patch shows an object when at least this share of its pixels belongs to it
 
 
-def covered_patches(mask, grid: tuple[int, int], min_cover: float = PATCH_COVER) -> torch.Tensor:
-    """Bool [rows * cols] (row-major): patches of an image's grid at least `min_cover` covered by mask [H, W]
-    (a bool array or tensor). The object recall of easy-vqa and of the scenes model both count these."""
-    mask = torch.as_tensor(np.asarray(mask)).float()
-    rows, cols = grid
-    height, width = mask.shape
-    cover = mask.reshape(rows, height // rows, cols, width // cols).mean(dim=(1, 3))
+def covered_patches(mask, grid: tuple[int, int], min_cover: float = PATCH_COVER, region=layout.WHOLE) -> torch.Tensor:
+    """Bool [rows * cols] (row-major): patches of a grid laid over `region` of an image (all of it by default) at
+    least `min_cover` covered by mask [H, W] (a bool array or tensor). The grid need not divide the mask: a patch
+    counts the pixels it cuts by the area inside it. The object recall of easy-vqa and of the scenes model both
+    count these."""
+    cover = layout.cell_coverage(torch.as_tensor(np.asarray(mask)), grid, region)
     return (cover >= min_cover).flatten()
 
 
@@ -104,11 +104,32 @@ def item_object_mask(item, image: Image.Image):
     return shape_mask(image) if isinstance(item, data.Question) else item.mask
 
 
-def kept_patch_indices(input_ids: torch.Tensor, kept_positions: torch.Tensor, image_token_id: int) -> list[int]:
-    """Grid indices (row-major) of the kept visual tokens of one single-image sample."""
-    visual_positions = (input_ids == image_token_id).nonzero().flatten()
-    is_kept = torch.isin(visual_positions, kept_positions.to(visual_positions.device))
-    return is_kept.nonzero().flatten().tolist()
+def image_tokens(images: list[layout.PromptImage], kept_positions: torch.Tensor | None) -> dict:
+    """What an answer row records about a sample's images: `n_visual` (visual tokens), `kept_patches` (indices,
+    in token order over all the sample's visual tokens, of the kept ones) and `kept_per_image`."""
+    positions = torch.cat([image.positions for image in images]) if images else torch.zeros(0, dtype=torch.long)
+    kept = list(range(positions.numel())) if kept_positions is None else layout.kept_in(positions, kept_positions)
+    per_image = [len(image.positions) if kept_positions is None else len(layout.kept_in(image.positions,
+                                                                                           kept_positions))
+                 for image in images]
+    return {"n_visual": positions.numel(), "kept_patches": kept, "kept_per_image": per_image}
+
+
+def object_recall(images: list[layout.PromptImage], kept_positions: torch.Tensor, mask) -> float | None:
+    """Share of the object's patches that were kept, over every grid of the sample's images whose region of the
+    picture is known (layout.py): the mask is laid over each grid's region (the whole picture, or a tile), a patch
+    shows the object when `PATCH_COVER` of it is covered. None when no patch shows the object."""
+    covered_total, kept_total = 0, 0
+    for image in images:
+        for view in image.views:
+            if view.region is None:
+                continue
+            covered = covered_patches(mask, view.grid, region=view.region)
+            kept = torch.zeros_like(covered)
+            kept[layout.kept_in(view.positions, kept_positions)] = True
+            covered_total += int(covered.sum())
+            kept_total += int((covered & kept).sum())
+    return kept_total / covered_total if covered_total else None
 
 
 # ----------------------------------------------------------------------------- the run
@@ -200,28 +221,28 @@ def run_eval(model, processor, method, items: list, output: Path, batch_size: in
     sink_path = shard.result_file(output)
     if not sink_path.exists() or sink_path.stat().st_size == 0:
         sink_path.write_text(json.dumps({"settings": settings}) + "\n")
-    image_token_id = getattr(model.config, "image_token_id", None) or model.config.image_token_index
-    vision = model.config.vision_config
-    grid = (vision.image_size // vision.patch_size,) * 2
     bar = tqdm(total=len(todo), disable=not progress, desc=settings["method"], unit="q", dynamic_ncols=True)
     with sink_path.open("a") as sink:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             images = [item_image(items[k]) for k in chunk]
             questions = [items[k].question for k in chunk]
-            predictions, record, input_ids = answer_batch(model, processor, images, questions, method,
-                                                          max_new_tokens)
+            answers = answer_batch(model, processor, images, questions, method, max_new_tokens)
+            predictions, record = answers.texts, answers.record
+            prompt_images = layout.prompt_images(model, answers.inputs) if record is not None else None
+            image_processor = getattr(processor, "image_processor", None)
             for row, k in enumerate(chunk):
                 item = items[k]
                 result = {"index": k, **_item_fields(item), "question": item.question, "answer": item.answer,
                           "prediction": predictions[row], "correct": predictions[row] == item.answer}
                 if record is not None and record.kept_positions is not None:
-                    kept = kept_patch_indices(input_ids[row], record.kept_positions[row], image_token_id)
-                    covered = covered_patches(item_object_mask(item, images[row]), grid)
-                    result["kept_patches"] = kept
-                    result["n_visual"] = grid[0] * grid[1]
-                    if covered.any():  # a scene question about absent objects has no patch to keep
-                        result["object_recall"] = covered[kept].sum().item() / covered.sum().item()
+                    sample_images = prompt_images[row]
+                    layout.place_for_picture(sample_images, *images[row].size, image_processor)
+                    kept_positions = record.kept_positions[row]
+                    result.update(image_tokens(sample_images, kept_positions))
+                    recall = object_recall(sample_images, kept_positions, item_object_mask(item, images[row]))
+                    if recall is not None:  # a scene question about absent objects has no patch to keep
+                        result["object_recall"] = recall
                 sink.write(json.dumps(result) + "\n")
             sink.flush()
             bar.update(len(chunk))

@@ -99,6 +99,8 @@ def language_shapes(model) -> tuple[tuple[LayerShape, ...], int]:
 def vision_shape(model) -> VisionShape | None:
     """The vision tower and projector of a LLaVA-style model (CLIP- or SigLIP-like tower, one square image of
     image_size), or None for other layouts."""
+    from .models import adapter_for
+
     if type(model).__name__ not in ("LlavaForConditionalGeneration", "LlavaModel"):
         return None  # other layouts (anyres crops, video frames, ...) take more than one tower pass per image
     inner = getattr(model, "model", model)
@@ -110,10 +112,10 @@ def vision_shape(model) -> VisionShape | None:
     embeddings = getattr(vision_model, "embeddings", None)
     conv = getattr(embeddings, "patch_embedding", None)
     encoder = getattr(vision_model, "encoder", None)
-    config = getattr(tower, "config", None)
-    if not isinstance(conv, nn.Conv2d) or not hasattr(encoder, "layers") or not hasattr(config, "image_size"):
+    grid = adapter_for(model).image_grid  # the tower's patch grid, as the adapter reads it
+    if not isinstance(conv, nn.Conv2d) or not hasattr(encoder, "layers") or grid is None:
         return None  # not a CLIP/SigLIP-like tower: left uncounted (bench marks it)
-    patches = (config.image_size // config.patch_size) ** 2
+    patches = grid[0] * grid[1]
     has_cls = hasattr(embeddings, "class_embedding")
     encoder_layers = list(encoder.layers)
     strategy = getattr(model.config, "vision_feature_select_strategy", "default")

@@ -1,4 +1,4 @@
-"""Methods by name: "name:field=value,..." -> a method object.
+"""Methods by name: "name:field=value,..." -> a method object. The one place that builds a method from a name.
 
     dense                                        cm.Dense()
     corematching:token_budget=0.25,beta=0.4      cm.CoreMatching(token_budget=0.25, beta=0.4)
@@ -9,14 +9,31 @@ A name is any public method class of `corematching` (every `cm.<Class>` that sub
 written in lower case, with or without a "Tokens" suffix (`randomtokens` and `random` are the same); new
 methods become available here as soon as they are exported from the package. Values are Python literals
 (`8`, `0.25`, `None`, `[3, 4]`); anything else is taken as a string (`match=text`).
+
+Every entry point builds its method here: the command line (`--method` and the per-field options of
+`add_method_arguments`), `corematching bench`, the lmms-eval model, and the server, whose requests go through
+the allow-list of `corematching.request_methods` first. A bad value gets one message wherever it comes from
+(`MethodSpecError`, a ValueError naming the field). Specs are trusted input (they may import a user's module);
+requests never are.
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import importlib
 import inspect
+
+CLI_METHOD_NAMES = ("dense", "corematching", "random", "uniform")  # the names the command line's help lists
+
+
+class MethodSpecError(ValueError):
+    """A method name, field or value that cannot be used; `field` names it ("method" for the name itself)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 def method_classes() -> dict[str, type]:
@@ -53,7 +70,7 @@ def split_fields(text: str) -> list[str]:
             continue
         current.append(char)
     if quote or depth:
-        raise ValueError(f"unbalanced brackets or quotes in method fields {text!r}")
+        raise MethodSpecError(f"unbalanced brackets or quotes in method fields {text!r}")
     parts.append("".join(current))
     return [part.strip() for part in parts if part.strip()]
 
@@ -77,9 +94,9 @@ def parse_fields(text: str) -> dict:
         name, sep, value = part.partition("=")
         name = name.strip()
         if not sep or not name.isidentifier():
-            raise ValueError(f"method field must be name=value, got {part!r}")
+            raise MethodSpecError(f"method field must be name=value, got {part!r}")
         if name in fields:
-            raise ValueError(f"method field {name!r} is given twice")
+            raise MethodSpecError(f"method field {name!r} is given twice", field=name)
         fields[name] = parse_value(value.strip())
     return fields
 
@@ -93,17 +110,19 @@ def resolve_class(name: str) -> type:
         try:
             module = importlib.import_module(module_name)
         except ImportError as error:
-            raise ValueError(f"cannot import method module {module_name!r}: {error}") from None
+            raise MethodSpecError(f"cannot import method module {module_name!r}: {error}", field="method") from None
         cls = getattr(module, class_name, None)
         if cls is None:
-            raise ValueError(f"module {module_name!r} has no {class_name!r}")
+            raise MethodSpecError(f"module {module_name!r} has no {class_name!r}", field="method")
         if not (isinstance(cls, type) and issubclass(cls, SparsityMethod)):
-            raise ValueError(f"{name} is not a corematching method (a subclass of cm.SparsityMethod)")
+            raise MethodSpecError(f"{name} is not a corematching method (a subclass of cm.SparsityMethod)",
+                                  field="method")
         return cls
     classes = method_classes()
     cls = classes.get(name.lower())
     if cls is None:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(classes))}, or package.module:Class")
+        raise MethodSpecError(f"unknown method {name!r}; known: {', '.join(sorted(classes))}, or package.module:Class",
+                              field="method")
     return cls
 
 
@@ -111,7 +130,7 @@ def split_spec(spec: str) -> tuple[str, str]:
     """"name:fields" or "package.module:Class:fields" -> (class name or path, fields text)."""
     spec = spec.strip()
     if not spec:
-        raise ValueError("method spec is empty")
+        raise MethodSpecError("method spec is empty", field="method")
     head, sep, rest = spec.partition(":")
     if not sep:
         return head, ""
@@ -125,9 +144,25 @@ def build(spec: str, **overrides):
     """The method object a spec names. `overrides` are fields set unless the spec sets them itself."""
     target, fields_text = split_spec(spec)
     cls = resolve_class(target)
-    fields = {**overrides, **parse_fields(fields_text)}
+    return construct(cls, {**overrides, **parse_fields(fields_text)})
+
+
+def construct(cls: type, fields: dict):
+    """cls(**fields), or a MethodSpecError naming the first field it does not take or the field whose value it
+    refuses (the class's own message: the same whichever entry point the value came from)."""
     check_fields(cls, fields)
-    return cls(**fields)
+    try:
+        return cls(**fields)
+    except (ValueError, TypeError) as error:
+        raise MethodSpecError(str(error), field=field_named_in(str(error), fields)) from None
+
+
+def field_named_in(message: str, fields: dict) -> str | None:
+    """The given field a method's error message is about (messages start with or name the field)."""
+    for name in sorted(fields, key=len, reverse=True):  # "neuron_layers" before "layers"
+        if name in message:
+            return name
+    return None
 
 
 def init_fields(cls: type) -> set[str] | None:
@@ -147,11 +182,79 @@ def check_fields(cls: type, fields: dict) -> None:
     unknown = sorted(set(fields) - known)
     if unknown:
         accepted = ", ".join(sorted(known)) or "no fields"
-        raise ValueError(f"{cls.__name__} does not take {', '.join(unknown)} (it takes {accepted})")
+        raise MethodSpecError(f"{cls.__name__} does not take {', '.join(unknown)} (it takes {accepted})",
+                              field=unknown[0])
 
 
 def has_field(cls: type, name: str) -> bool:
     return name in (init_fields(cls) or ())
+
+
+# ----------------------------------------------------------------------------- command-line options
+
+
+def parse_budget(text: str):
+    """'64' -> 64 tokens, '0.25' -> a quarter, 'adaptive' -> None (elbow rule)."""
+    if text.lower() in ("adaptive", "none", "auto"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise MethodSpecError(f"budget must be an int, a fraction or 'adaptive', got {text!r}", field="token_budget")
+
+
+def parse_layers(text: str):
+    """'3,4' -> [3, 4]; 'none' or 'default' -> None (the method's default); '' -> [] (no layer)."""
+    if text.lower() in ("none", "default"):
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise MethodSpecError(f"layers must be comma-separated ints, got {text!r}", field="neuron_layers") from None
+
+
+def argument_type(parse):
+    """An argparse `type` that reports a parser's own message."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except MethodSpecError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+# option -> the method field it sets (options not given are left out, so each method keeps its own defaults)
+OPTION_FIELDS = {"budget": "token_budget", "prune_layer": "prune_layer", "rho": "rho", "beta": "beta",
+                 "match": "match", "neuron_layers": "neuron_layers", "seed": "seed"}
+
+
+def add_method_arguments(parser: argparse.ArgumentParser, default_method: str) -> None:
+    group = parser.add_argument_group("method")
+    group.add_argument("--method", default=default_method,
+                       help=f"{', '.join(CLI_METHOD_NAMES)}, any method spec (name:field=value,...; see "
+                            "corematching.method_spec) or package.module:Class")
+    group.add_argument("--budget", type=argument_type(parse_budget), default=argparse.SUPPRESS,
+                       help="visual tokens kept per image: count, fraction, or 'adaptive'")
+    group.add_argument("--prune-layer", type=int, default=argparse.SUPPRESS)
+    group.add_argument("--rho", type=float, default=argparse.SUPPRESS)
+    group.add_argument("--beta", type=float, default=argparse.SUPPRESS)
+    group.add_argument("--match", default=argparse.SUPPRESS, help="match set: all, text or last")
+    group.add_argument("--neuron-layers", type=argument_type(parse_layers), default=argparse.SUPPRESS,
+                       help="comma-separated layers decoding with core neurons ('' for none)")
+    group.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="seed of --method random")
+
+
+def from_args(args: argparse.Namespace):
+    """The method --method names, with the fields given by the per-field options (a spec's own fields win)."""
+    overrides = {field: getattr(args, option) for option, field in OPTION_FIELDS.items() if hasattr(args, option)}
+    return build(args.method, **overrides)
+
+
+# ----------------------------------------------------------------------------- lists and labels
 
 
 def expand(specs: str, budgets: list | None = None) -> list[str]:
@@ -169,7 +272,7 @@ def expand(specs: str, budgets: list | None = None) -> list[str]:
         else:
             out.append(spec)
     if not out:
-        raise ValueError("no methods given")
+        raise MethodSpecError("no methods given", field="method")
     return out
 
 

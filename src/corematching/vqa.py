@@ -40,6 +40,7 @@ class BatchAnswers(NamedTuple):
     texts: list[str]  # the answers, stripped
     record: object | None  # what the sparsify session decided at prefill (None without a method)
     input_ids: torch.Tensor  # [B, T] the prompts as the model saw them (left padded)
+    inputs: dict | None = None  # what the processor gave the model (image sizes, grids, ...): layout.prompt_images
 
 
 @torch.no_grad()
@@ -53,7 +54,9 @@ def answer_batch(model, processor, images, questions, method=None, max_new_token
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions")
     images = [check_image(im) for im in images]
-    inputs = processor(images=images, text=prompts_for(processor, questions), return_tensors="pt", padding=True)
+    # one list of images per prompt: processors that batch prompts (Gemma 3, Idefics3, ...) ask for them nested
+    inputs = processor(images=[[image] for image in images], text=prompts_for(processor, questions),
+                       return_tensors="pt", padding=True)
     inputs = inputs.to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -63,7 +66,7 @@ def answer_batch(model, processor, images, questions, method=None, max_new_token
         record = session.last if method is not None else None
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
     answers = [short_answer(text) for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
-    return BatchAnswers(answers, record, inputs["input_ids"])
+    return BatchAnswers(answers, record, inputs["input_ids"], dict(inputs))
 
 
 def answer(model, processor, image, question: str, method=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> str:

@@ -38,9 +38,7 @@ def build_method(method: str, budget=None, **fields):
     """The method from lmms-eval's model_args (values arrive parsed: ints, floats, bools or strings)."""
     if budget is not None:
         if isinstance(budget, str):
-            from ..cli import parse_budget
-
-            budget = parse_budget(budget)
+            budget = method_spec.parse_budget(budget)
         fields["token_budget"] = budget
     fields = {
         name: method_spec.parse_value(value) if isinstance(value, str) else value for name, value in fields.items()

@@ -44,6 +44,7 @@ from .ffn import SlicedFFN, dense_ffn, masked_ffn
 from .masks import padding_mask_from_4d, upper_attention_mask
 from .method_inputs import MethodInputs
 from .neuron_order import NeuronOrder, prefix_ffn
+from .offload import is_offloaded
 from .packing import PackedLayout, pack_kept_tokens, packed_sequence_ids
 from .records import SparsityRecord
 
@@ -141,6 +142,14 @@ class Engine:
         self.neuron_order = NeuronOrder() if neuron_weights == "in_place" else None
         self.conversation = ConversationKeeper(adapter)  # the model's state between calls travels with caches
         self.assisted = AssistedPrompt()  # an assisted generate()'s prompt, until its first call (assisted.py)
+        # FFN weights offloaded by accelerate: core slices are read from the store right after each prefill, and
+        # only the latest decision's stay resident
+        self.offloaded_ffns = any(is_offloaded(adapter.ffn(layer)) for layer in self.neuron_layers)
+        if self.offloaded_ffns and self.neuron_order is not None:
+            raise UnsupportedModeError(
+                "neuron_weights='in_place' on offloaded FFN weights (meta device): there is no resident tensor to "
+                "reorder; use neuron_weights='copy', which reads the core slices from the offload store"
+            )
 
     def model_replacements(self) -> list[tuple[object, str, object]]:
         """(owner, method name, wrapper) the session installs on the model: where generate() reads the state a
@@ -234,6 +243,17 @@ class Engine:
             self._update_cache_state(call, cache)
         if call.kind == CallKind.FRESH or call.chooses_tokens:
             self.last = self._record(call)
+            decision = state_of(cache).decision if cache is not None and state_of(cache) is not None else None
+            if self.offloaded_ffns and call.kind == CallKind.FRESH and decision is not None:
+                self._read_offloaded_slices(decision)
+
+    def _read_offloaded_slices(self, decision: NeuronDecision) -> None:
+        """Offloaded FFNs: read every neuron layer's core slices now (dropping the previous decision's), and
+        report their resident bytes and the bytes read in `last`."""
+        self._sliced.clear()
+        sliced = [self._sliced_ffn(decision, layer, self.adapter.ffn(layer)) for layer in sorted(decision.neurons)]
+        self.last.resident_slice_bytes = sum(ffn.extra_bytes for ffn in sliced if ffn is not None)
+        self.last.slice_bytes_read = sum(ffn.bytes_read for ffn in sliced if ffn is not None)
 
     def _new_call(self, entry: EntryCall, past: int, state: CacheState | None) -> CallState:
         device = entry.device
@@ -653,7 +673,7 @@ class Engine:
         if entry is None or entry[0]() is not decision:
             entry = (weakref.ref(decision), {})
             self._sliced[key] = entry
-            while len(self._sliced) > SLICED_DECISIONS_KEPT:
+            while len(self._sliced) > (1 if self.offloaded_ffns else SLICED_DECISIONS_KEPT):
                 self._sliced.popitem(last=False)
         self._sliced.move_to_end(key)
         per_layer = entry[1]

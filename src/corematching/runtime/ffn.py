@@ -8,6 +8,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..models import FFNParts
+from . import offload
 
 
 def ffn_activation(parts: FFNParts, hidden: torch.Tensor) -> torch.Tensor:
@@ -55,8 +56,8 @@ def check_sliceable(parts: FFNParts, layer: int) -> None:
             kind = f"a {type(weight.data).__name__} weight (quantized tensor)"
         elif not weight.dtype.is_floating_point:
             kind = f"a {weight.dtype} weight"
-        elif weight.device.type == "meta":
-            kind = "an offloaded weight (on the meta device)"
+        elif weight.device.type == "meta" and not offload.readable(linear):
+            kind = "an offloaded weight (on the meta device) without an accelerate offload store to read slices from"
         else:
             continue
         raise UnsupportedModelError(
@@ -85,6 +86,7 @@ class SlicedFFN:
     row_masks: torch.Tensor | None
     copied: bool = True  # the weights are a gathered copy (False: the model's own tensors)
     swap: object = None  # in place (neuron_order.Swap): the neuron order these views of the model's tensors need
+    bytes_read: int = 0  # offloaded weights: bytes read from the offload store to gather this copy
 
     @classmethod
     def gather(cls, parts: FFNParts, neurons: torch.Tensor, sparse_rows: torch.Tensor) -> "SlicedFFN | None":
@@ -94,7 +96,8 @@ class SlicedFFN:
         union = core_union(neurons, sparse_rows)
         if union.numel() == width and neurons.shape[1] == width:
             return None
-        if union.numel() == width:
+        offloaded = offload.is_offloaded(parts)  # the slices are read from the offload store (offload.py)
+        if union.numel() == width and not offloaded:
             return cls._masked_originals(parts, neurons)
         row_masks = None
         if neurons.shape[0] > 1:  # position of each row's neurons inside the union
@@ -107,6 +110,12 @@ class SlicedFFN:
             bias = None if linear.bias is None else linear.bias.detach().index_select(0, union)
             return weight, bias
 
+        if offloaded:
+            stored = offload.read_core_slices(parts, union)
+            return cls(
+                parts.act, stored.up, stored.down, stored.gate, stored.up_bias, stored.gate_bias, stored.down_bias,
+                row_masks, bytes_read=stored.bytes_read,
+            )
         up, up_bias = rows_of(parts.up)
         gate, gate_bias = rows_of(parts.gate) if parts.gate is not None else (None, None)
         down = parts.down.weight.detach().index_select(1, union)

@@ -18,6 +18,8 @@ class SparsityRecord:
     neuron_rows: torch.Tensor | None = None  # [B] bool: samples that decode with their core neurons
     stage_keep_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # prune layer -> [B, T] bool: tokens
     #   that go past that layer, for every prune stage (one for most methods; keep_mask is the last one's)
+    resident_slice_bytes: int | None = None  # offloaded FFNs: memory of the core-neuron slices read for decoding
+    slice_bytes_read: int | None = None  # offloaded FFNs: bytes read from the offload store to build them
 
     @property
     def batch_size(self) -> int:

@@ -1,11 +1,14 @@
 """`corematching serve`: an OpenAI-compatible HTTP server with per-request sparsity and dynamic batching.
 
-    app.py           routes: /v1/chat/completions, /v1/models, /health, the web page
-    protocol.py      request body -> validated ChatRequest (4xx in OpenAI's error shape otherwise)
-    methods.py       the "corematching" extension field -> a method object
+    app.py           routes: /v1/chat/completions, /v1/models, /health, the web page; the bounded body read
+    guard.py         the API key and the Host header, checked before any route
+    protocol.py      request body -> JSON -> validated ChatRequest (4xx in OpenAI's error shape otherwise)
+    methods.py       the "corematching" extension field -> a method object (corematching.request_methods'
+                     allow-list of typed settings)
     images.py        data: URLs and files of an allowed directory -> PIL images
     scheduler.py     bounded queue and dynamic batching
     worker.py        the model worker: one batch through generate, per-request sampling / stop / streaming
+    collate.py       per-request encodings (made once, on arrival) -> one padded batch
     sampling.py      per-request token choice (greedy, or sampling from its own seeded generator)
     decoding.py      per-request text, stop sequences, token limits, disconnects while decoding
     prefix_cache.py  pruned prefills of repeated image + prompt, continued from copies

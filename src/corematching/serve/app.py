@@ -1,4 +1,10 @@
-"""The HTTP application: OpenAI's chat completions and models routes, a health check and the web page."""
+"""The HTTP application: OpenAI's chat completions and models routes, a health check and the web page.
+
+At the edge (against hostile clients): the Host header and the API key are checked before any route (guard.py);
+a request body is read chunk by chunk and refused with 413 as soon as the bytes received pass the limit, whether
+or not a Content-Length was declared (chunked bodies too); JSON is parsed off the event loop; every malformed
+input is a 4xx in OpenAI's error shape, and an unexpected failure a 500 whose details stay in the server's log.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +21,12 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..request_methods import documented
 from .errors import APIError, bad_request
+from .guard import Guard
 from .jobs import Job, Outcome
-from .methods import method_fields, method_name
-from .protocol import Limits, parse_chat_request
+from .methods import method_name, method_settings
+from .protocol import Limits, parse_chat_request, parse_json
 from .scheduler import Scheduler
 from .worker import ModelWorker
 
@@ -26,10 +34,12 @@ log = logging.getLogger("corematching.serve")
 STATIC_DIR = Path(__file__).parent / "static"
 DISCONNECT_POLL_S = 0.5
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a few images as data: URLs
+BODY_TIMEOUT_S = 60.0
 
 
 def create_app(worker: ModelWorker, limits: Limits, *, max_batch_size: int, max_wait_s: float, max_pending: int,
-               shutdown_timeout_s: float = 60.0) -> FastAPI:
+               shutdown_timeout_s: float = 60.0, max_body_bytes: int = MAX_BODY_BYTES, api_key: str | None = None,
+               allowed_hosts: frozenset[str] | None = None, body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
     scheduler = Scheduler(worker.run, max_batch_size, max_wait_s, max_pending)
     worker.on_finished = scheduler.finished
     started = int(time.time())
@@ -45,16 +55,16 @@ def create_app(worker: ModelWorker, limits: Limits, *, max_batch_size: int, max_
 
     @app.exception_handler(APIError)
     async def api_error(request, error: APIError):
-        return JSONResponse(error.body(), status_code=error.status)
+        return error.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, error: StarletteHTTPException):
-        return JSONResponse(APIError(error.status_code, str(error.detail)).body(), status_code=error.status_code)
+        return APIError(error.status_code, str(error.detail)).response()
 
     @app.exception_handler(Exception)
     async def unexpected_error(request, error: Exception):
         log.exception("unexpected error on %s", request.url.path)  # details stay in the server's log
-        return JSONResponse(APIError(500, f"internal error ({type(error).__name__})").body(), status_code=500)
+        return APIError(500, f"internal error ({type(error).__name__})").response()
 
     @app.get("/health")
     async def health():
@@ -67,21 +77,15 @@ def create_app(worker: ModelWorker, limits: Limits, *, max_batch_size: int, max_
             {"id": limits.model_name, "object": "model", "created": started, "owned_by": "corematching",
              "max_model_len": limits.max_model_len,
              "default_method": {"method": method_name(limits.default_method),
-                                **method_fields(limits.default_method)}}]}
+                                **method_settings(limits.default_method)},
+             "request_methods": documented()}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise bad_request(f"the request body is not valid JSON: {error}", code="invalid_json") from None
+        body = await run_in_threadpool(parse_json, await read_body(request, max_body_bytes, body_timeout_s))
         chat = await run_in_threadpool(parse_chat_request, body, limits)  # decoding images is not free
-        prompt = worker.prompt_text(chat.messages)
-        prompt_tokens = await run_in_threadpool(worker.count_prompt_tokens, prompt,
-                                                [image.image for image in chat.images])
+        prompt, inputs = await run_in_threadpool(prepare, worker, chat)  # the template and the processor: once
+        prompt_tokens = int(inputs["input_ids"].shape[1])
         room = limits.max_model_len - prompt_tokens
         if room < 1 or (chat.max_tokens_given and chat.max_tokens > room):
             raise bad_request(
@@ -89,7 +93,7 @@ def create_app(worker: ModelWorker, limits: Limits, *, max_batch_size: int, max_
                 f"{prompt_tokens} tokens (images included) and max_tokens asks for {chat.max_tokens} more",
                 param="messages", code="context_length_exceeded")
         chat.max_tokens = min(chat.max_tokens, room)
-        job = Job(chat, prompt, prompt_tokens, asyncio.get_running_loop())
+        job = Job(chat, prompt, inputs, asyncio.get_running_loop())
         scheduler.submit(job)
         if chat.stream:
             return StreamingResponse(stream_events(job, scheduler, limits.model_name), media_type="text/event-stream",
@@ -107,7 +111,43 @@ def create_app(worker: ModelWorker, limits: Limits, *, max_batch_size: int, max_
         return FileResponse(STATIC_DIR / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    if api_key is not None or allowed_hosts is not None:
+        app.add_middleware(Guard, api_key=api_key, allowed_hosts=allowed_hosts)
     return app
+
+
+def prepare(worker: ModelWorker, chat) -> tuple[str, dict]:
+    """The prompt text and the request's encoding (its only preprocessing), or a 400."""
+    try:
+        prompt = worker.prompt_text(chat.messages)
+    except Exception as error:  # the model's chat template refuses this conversation (roles, order, ...)
+        raise bad_request(f"the chat template cannot render these messages: {error}", param="messages") from None
+    return prompt, worker.encode_request(prompt, [image.image for image in chat.images])
+
+
+async def read_body(request: Request, limit: int, timeout_s: float = BODY_TIMEOUT_S) -> bytes:
+    """The body, or 413 as soon as more than `limit` bytes arrived (the rest is never read); a declared
+    Content-Length over the limit is refused before reading anything. A body still incomplete after timeout_s
+    gets 408 (a client that sends slowly does not hold a connection for ever)."""
+    declared = request.headers.get("content-length")
+    too_large = APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise too_large
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    pieces = request.stream().__aiter__()
+    received = bytearray()
+    while True:
+        try:
+            piece = await asyncio.wait_for(pieces.__anext__(), max(0.0, deadline - loop.time()))
+        except StopAsyncIteration:
+            return bytes(received)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {timeout_s:g} s",
+                           code="request_timeout") from None
+        received += piece
+        if len(received) > limit:
+            raise too_large
 
 
 async def whole_answer(job: Job, request: Request, scheduler: Scheduler, model_name: str):
@@ -187,5 +227,5 @@ def completion_body(job: Job, outcome: Outcome, model_name: str) -> dict:
 def extension(job: Job, outcome: Outcome) -> dict:
     """What the response adds to OpenAI's shape: the method that ran and the patches it kept per image."""
     method = job.request.method
-    return {"method": method_name(method), "settings": method_fields(method), "kept_patches": outcome.kept_patches,
+    return {"method": method_name(method), "settings": method_settings(method), "kept_patches": outcome.kept_patches,
             "grid": list(outcome.grid) if outcome.grid else None}

@@ -4,16 +4,35 @@
     corematching serve --method dense --port 9000
     corematching serve --model llava-hf/llava-1.5-7b-hf --budget 0.25 --max-batch-size 16
     corematching serve --allowed-image-dir ./images       requests may name files under ./images
+    corematching serve --host 0.0.0.0 --api-key KEY       on the network: clients send `Authorization: Bearer KEY`
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+
+API_KEY_VARIABLE = "COREMATCHING_API_KEY"
+
+
+def byte_count(text: str) -> int:
+    """'1073741824', '512M', '2G', '64k' -> bytes."""
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        value = int(float(number) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a byte count (e.g. 1073741824, 512M, 2G), got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a byte count must be positive, got {text!r}")
+    return value
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from ..cli import add_method_arguments
+    from ..method_spec import add_method_arguments
 
     parser = argparse.ArgumentParser(prog="corematching serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,6 +57,21 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
                         help="reuse the pruned prefill of a repeated image + prompt (see README: Serving)")
     parser.add_argument("--prefix-cache-size", type=int, default=32, help="prefills kept by --prefix-cache")
+    parser.add_argument("--prefix-cache-bytes", type=byte_count, default=2**30,
+                        help="bytes of KV caches and logits kept by --prefix-cache (default 1G; e.g. 512M, 8G)")
+    parser.add_argument("--max-body-bytes", type=byte_count, default=64 * 2**20,
+                        help="largest request body (default 64M): counted as it arrives, chunked or not (413)")
+    parser.add_argument("--body-timeout", type=float, default=60.0,
+                        help="seconds a request body may take to arrive (408 after)")
+    parser.add_argument("--max-connections", type=int, default=None,
+                        help="open connections at most; more get 503 (uvicorn's limit_concurrency; default: none)")
+    parser.add_argument("--api-key", default=None,
+                        help=f"require `Authorization: Bearer KEY` on every route but /health (401 otherwise); "
+                             f"default: the {API_KEY_VARIABLE} environment variable, else no key")
+    parser.add_argument("--allowed-hosts", default=None,
+                        help="comma-separated host names the Host header may carry, against DNS rebinding (400 "
+                             "otherwise; '*': any). Default: localhost, 127.0.0.1, [::1] when --host is a loopback "
+                             "address, any otherwise")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--shutdown-timeout", type=float, default=60.0,
                         help="seconds accepted requests get to finish on shutdown")
@@ -51,8 +85,11 @@ def build(args: argparse.Namespace):
 
     import corematching as cm
 
-    from ..cli import build_method
+    from ..method_spec import from_args
+    from ..models import adapter_for
+    from ..request_methods import check_for_model
     from .app import create_app
+    from .guard import allowed_hosts_for
     from .prefix_cache import PrefixCache
     from .protocol import Limits
     from .worker import ModelWorker
@@ -63,8 +100,18 @@ def build(args: argparse.Namespace):
         raise ValueError("--max-images must be >= 0 and --default-max-tokens >= 1")
     if args.allowed_image_dir is not None and not args.allowed_image_dir.is_dir():
         raise FileNotFoundError(f"--allowed-image-dir is not a directory: {args.allowed_image_dir}")
-    method = build_method(args)
+    if args.prefix_cache_size < 1:
+        raise ValueError("--prefix-cache-size must be >= 1")
+    if args.body_timeout <= 0 or (args.max_connections is not None and args.max_connections < 1):
+        raise ValueError("--body-timeout must be > 0 and --max-connections >= 1")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_VARIABLE) or None
+    if api_key is not None and not api_key.strip():
+        raise ValueError("--api-key is empty")
+    allowed_hosts = allowed_hosts_for(args.allowed_hosts, args.host)
+    method = from_args(args)
     model, processor = cm.load_model(args.model, device=args.device)
+    num_layers = adapter_for(model).num_layers
+    check_for_model(method, num_layers)
     text_config = model.config.get_text_config()
     max_model_len = args.max_model_len or getattr(text_config, "max_position_embeddings", None) or 4096
     limits = Limits(
@@ -75,11 +122,14 @@ def build(args: argparse.Namespace):
         default_temperature=args.default_temperature,
         allowed_image_dir=args.allowed_image_dir,
         default_method=method,
+        num_layers=num_layers,
     )
-    prefix_cache = PrefixCache(args.prefix_cache_size) if args.prefix_cache else None
+    prefix_cache = PrefixCache(args.prefix_cache_size, args.prefix_cache_bytes) if args.prefix_cache else None
     worker = ModelWorker(model, processor, prefix_cache)
     return create_app(worker, limits, max_batch_size=args.max_batch_size, max_wait_s=args.max_wait_ms / 1000,
-                      max_pending=args.max_queue, shutdown_timeout_s=args.shutdown_timeout)
+                      max_pending=args.max_queue, shutdown_timeout_s=args.shutdown_timeout,
+                      max_body_bytes=args.max_body_bytes, api_key=api_key, allowed_hosts=allowed_hosts,
+                      body_timeout_s=args.body_timeout)
 
 
 def main(argv: list[str]) -> int:
@@ -88,6 +138,7 @@ def main(argv: list[str]) -> int:
     import uvicorn
 
     from ..errors import UnsupportedModelError
+    from .guard import is_loopback
 
     args = make_parser().parse_args(argv)
     try:
@@ -96,6 +147,9 @@ def main(argv: list[str]) -> int:
         print(f"corematching serve: error: {error}", file=sys.stderr)
         return 2
     print(f"corematching serve: {args.model} on http://{args.host}:{args.port}/", flush=True)
+    if not is_loopback(args.host) and args.api_key is None and not os.environ.get(API_KEY_VARIABLE):
+        print("corematching serve: warning: listening beyond loopback without --api-key: anyone who reaches this "
+              "port can use the model", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=int(args.shutdown_timeout))
+                timeout_graceful_shutdown=int(args.shutdown_timeout), limit_concurrency=args.max_connections)
     return 0

@@ -1,6 +1,9 @@
 """Images of a request: `data:` URLs, and local files only inside the directory the server was told to allow.
 
-No other path on the server's disk is ever opened, and remote URLs are not fetched.
+This is the only place where a request names something on the server's disk: a regular file inside
+`--allowed-image-dir` (symlinks resolved first, so a link cannot lead outside), read up to `MAX_IMAGE_BYTES`.
+Nothing else a request gives reaches the file system: the `corematching` field is an allow-list of typed scalars
+(corematching.request_methods), never a path. Remote URLs are not fetched.
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .errors import bad_request
+from .errors import APIError, bad_request
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_PATH_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -43,12 +47,12 @@ def load_image(url, allowed_dir: Path | None, param: str) -> LoadedImage:
                           "send the image as a data: URL", param=param, code="local_images_disabled")
     path = local_path(url, allowed_dir, param)
     try:
-        size = path.stat().st_size
-        if size > MAX_IMAGE_BYTES:
-            raise bad_request(f"image file is larger than {MAX_IMAGE_BYTES} bytes", param=param)
-        content = path.read_bytes()
+        with path.open("rb") as handle:
+            content = handle.read(MAX_IMAGE_BYTES + 1)  # never more, even if the file grew after the check
     except OSError:
         raise bad_request("image file cannot be read", param=param, code="image_not_found") from None
+    if len(content) > MAX_IMAGE_BYTES:
+        raise bad_request(f"image file is larger than {MAX_IMAGE_BYTES} bytes", param=param)
     return decode_image(content, param)
 
 
@@ -75,14 +79,24 @@ def local_path(url: str, allowed_dir: Path, param: str) -> Path:
         raise bad_request(f"unsupported image URL scheme {parsed.scheme!r}", param=param)
     else:
         raw = url
+    if "\x00" in raw or len(raw) > MAX_PATH_CHARS:
+        raise bad_request("image path is not a valid path", param=param, code="invalid_image_path")
     root = allowed_dir.resolve()
-    candidate = Path(raw)
-    candidate = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    outside = bad_request("image path is outside the directory this server allows", param=param,
+                          code="image_path_not_allowed")
+    try:
+        candidate = Path(raw)
+        candidate = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    except (OSError, ValueError, RuntimeError):  # too long, a symlink loop, ...: the same answer as outside
+        raise outside from None
     if not candidate.is_relative_to(root):
         # The same answer whether or not the file exists: nothing is revealed about the rest of the disk.
-        raise bad_request("image path is outside the directory this server allows", param=param,
-                          code="image_path_not_allowed")
-    if not candidate.is_file():
+        raise outside
+    try:
+        regular = candidate.is_file()  # a regular file: never a FIFO or a device that would block a reader
+    except (OSError, ValueError):
+        regular = False
+    if not regular:
         raise bad_request("image file not found in the allowed directory", param=param, code="image_not_found")
     return candidate
 
@@ -96,11 +110,13 @@ def decode_image(content: bytes, param: str) -> LoadedImage:
             image = Image.open(io.BytesIO(content))
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise bad_request(f"image has more than {MAX_IMAGE_PIXELS} pixels", param=param)
+            if image.mode not in ("RGB", "RGBA", "L", "P", "LA", "I;16", "1", "CMYK"):
+                raise bad_request(f"unsupported image mode {image.mode!r}", param=param, code="invalid_image")
             image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as error:
+            rgb = image.convert("RGB")
+    except APIError:
+        raise
+    except Exception as error:  # a hostile file can make a decoder fail in many ways; none is the server's fault
         raise bad_request(f"image cannot be decoded: {type(error).__name__}", param=param,
                           code="invalid_image") from None
-    if image.mode not in ("RGB", "RGBA", "L", "P", "LA", "I;16", "1", "CMYK"):
-        raise bad_request(f"unsupported image mode {image.mode!r}", param=param, code="invalid_image")
-    return LoadedImage(image.convert("RGB"), hashlib.sha256(content).hexdigest())
+    return LoadedImage(rgb, hashlib.sha256(content).hexdigest())

@@ -55,12 +55,13 @@ class Outcome:
 
 
 class Job:
-    def __init__(self, request: ChatRequest, prompt: str, prompt_tokens: int, loop: asyncio.AbstractEventLoop):
+    def __init__(self, request: ChatRequest, prompt: str, inputs: dict, loop: asyncio.AbstractEventLoop):
         self.id = f"chatcmpl-cm{next(_ids)}"
         self.created = int(time.time())
         self.request = request
         self.prompt = prompt
-        self.prompt_tokens = prompt_tokens
+        self.inputs = inputs  # the processor's encoding of this request alone (made once, on arrival)
+        self.prompt_tokens = int(inputs["input_ids"].shape[1])
         self.key = method_key(request.method)
         self.enqueued_at = time.perf_counter()
         self.cancelled = threading.Event()

@@ -9,6 +9,8 @@ that would change the output (tools, logprobs, penalties, ...) is refused by nam
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 from numbers import Real
 from pathlib import Path
@@ -28,6 +30,7 @@ NEUTRAL_WHEN_EMPTY = (
     "parallel_tool_calls", "response_format",
 )
 MAX_STOP_SEQUENCES = 4
+MAX_NUMBER_DIGITS = 40  # no setting needs more; longer integers cost quadratic time to convert
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Limits:
     default_temperature: float
     allowed_image_dir: Path | None
     default_method: object
+    num_layers: int | None = None  # the language model's depth: a request's layers are checked against it
 
 
 @dataclass
@@ -59,6 +63,45 @@ class ChatRequest:
     ignore_eos: bool = field(default=False)
 
 
+def parse_json(body: bytes):
+    """The request body as JSON, or a 400: bad UTF-8, bad syntax, NaN / Infinity, numbers too long or too large
+    for a float, nesting deeper than the parser's recursion limit."""
+    try:
+        return json.loads(body, parse_constant=refuse_constant, parse_int=bounded_int, parse_float=finite_float)
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply", code="invalid_json") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError and the refusals below
+        raise bad_request(f"the request body is not valid JSON: {error}", code="invalid_json") from None
+
+
+def refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_NUMBER_DIGITS:
+        raise ValueError(f"a number has more than {MAX_NUMBER_DIGITS} digits")
+    return int(text)
+
+
+def finite_float(text: str) -> float:
+    if len(text) > 2 * MAX_NUMBER_DIGITS:
+        raise ValueError(f"a number is longer than {2 * MAX_NUMBER_DIGITS} characters")
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:20]} is out of range")
+    return value
+
+
+def check_text(value: str, param: str) -> str:
+    """A string that can be encoded (JSON lets a lone surrogate such as \\ud800 through; tokenizers fail on it)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request(f"{param} is not valid Unicode (a lone surrogate)", param=param) from None
+    return value
+
+
 def parse_chat_request(body, limits: Limits) -> ChatRequest:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
@@ -73,6 +116,7 @@ def parse_chat_request(body, limits: Limits) -> ChatRequest:
     if not isinstance(model, str) or not model:
         raise bad_request("model is required (a string; see /v1/models)", param="model")
     if model != limits.model_name:
+        model = model[:64] + ("..." if len(model) > 64 else "")
         raise APIError(404, f"the model {model!r} does not exist; this server serves {limits.model_name!r}",
                        param="model", code="model_not_found")
     n = body.get("n", 1)
@@ -107,7 +151,7 @@ def parse_chat_request(body, limits: Limits) -> ChatRequest:
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise bad_request("ignore_eos must be a boolean", param="ignore_eos")
-    method = parse_method(body.get("corematching"), limits.default_method)
+    method = parse_method(body.get("corematching"), limits.default_method, limits.num_layers)
     return ChatRequest(messages, images, max_tokens, temperature, top_p, seed, parse_stop(body.get("stop")),
                        stream, include_usage, method, given, ignore_eos)
 
@@ -130,6 +174,7 @@ def parse_messages(messages, limits: Limits) -> tuple[list[dict], list[LoadedIma
                               code="unsupported_parameter")
         content = message.get("content")
         if isinstance(content, str):
+            check_text(content, f"{where}.content")
             out.append({"role": role, "content": [{"type": "text", "text": content}]})
             continue
         if not isinstance(content, list) or not content:
@@ -142,6 +187,7 @@ def parse_messages(messages, limits: Limits) -> tuple[list[dict], list[LoadedIma
             if kind == "text":
                 if not isinstance(part.get("text"), str):
                     raise bad_request(f"{spot}.text must be a string", param=f"{spot}.text")
+                check_text(part["text"], f"{spot}.text")
                 parts.append({"type": "text", "text": part["text"]})
             elif kind == "image_url":
                 if role != "user":
@@ -181,7 +227,7 @@ def parse_stop(stop) -> list[str]:
         raise bad_request("stop must be a non-empty string or a list of them", param="stop")
     if len(stop) > MAX_STOP_SEQUENCES:
         raise bad_request(f"stop takes at most {MAX_STOP_SEQUENCES} sequences", param="stop")
-    return list(stop)
+    return [check_text(s, "stop") for s in stop]
 
 
 def integer(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -195,6 +241,6 @@ def integer(name: str, value, minimum: int | None = None, maximum: int | None = 
 def number(name: str, value, default: float, low: float, high: float) -> float:
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, Real) or not low <= float(value) <= high:
+    if isinstance(value, bool) or not isinstance(value, Real) or not low <= value <= high:
         raise bad_request(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}", param=name)
     return float(value)

@@ -20,6 +20,9 @@ from transformers import DynamicCache, LogitsProcessorList, StoppingCriteriaList
 
 import corematching as cm
 
+from .. import layout
+from ..models import adapter_for
+from .collate import collate
 from .decoding import BatchFollower, RequestText
 from .errors import APIError, bad_request
 from .jobs import Job, Outcome, Usage
@@ -37,13 +40,8 @@ class ModelWorker:
         self.prefix_cache = prefix_cache
         self.on_finished = on_finished or (lambda job: None)
         self.processor_lock = threading.Lock()  # tokenizers are not safe to share between threads
-        config = model.config
-        self.image_token_id = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
-        vision = getattr(config, "vision_config", None)
-        self.grid = None
-        if vision is not None and getattr(vision, "image_size", None) and getattr(vision, "patch_size", None):
-            side = vision.image_size // vision.patch_size
-            self.grid = (side, side)
+        self.adapter = adapter_for(model)
+        self.grid = self.adapter.image_grid  # every image's token grid where all share one (the page's overlay)
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, (list, tuple)) else [eos]
         self.eos_ids = {int(i) for i in eos if i is not None}
@@ -62,20 +60,31 @@ class ModelWorker:
     def prompt_text(self, messages: list[dict]) -> str:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
-    def encode(self, prompts: list[str], images: list) -> dict:
+    def encode(self, prompts: list[str], images: list[list]) -> dict:
+        """The processor's output (on the CPU): token ids, attention mask, pixel values, ...
+        images: each prompt's images (processors that batch prompts, as Gemma 3's, ask for them per prompt)."""
         with self.processor_lock:
-            inputs = self.processor(images=images or None, text=prompts, padding=True, return_tensors="pt")
-        inputs = inputs.to(self.model.device)
+            return dict(self.processor(images=images if any(images) else None, text=prompts, padding=True,
+                                       return_tensors="pt"))
+
+    def encode_request(self, prompt: str, images: list) -> dict:
+        """One request's encoding, made once when it arrives; its length is the prompt's token count (each image's
+        tokens included)."""
+        try:
+            return self.encode([prompt], [images])
+        except (ValueError, TypeError) as error:  # e.g. image placeholders and images that do not match
+            raise bad_request(f"the prompt cannot be encoded: {error}", param="messages") from None
+
+    def batch_inputs(self, jobs: list[Job]) -> dict:
+        """The model inputs of a batch, on the model's device: the jobs' own encodings, padded together."""
+        inputs = collate([job.inputs for job in jobs], self.pad_id, getattr(self.tokenizer, "padding_side", "left"))
+        if inputs is None:  # a processor that pads more than token rows: let it encode the batch
+            inputs = self.encode([job.prompt for job in jobs],
+                                 [[image.image for image in job.request.images] for job in jobs])
+        inputs = {name: value.to(self.model.device) for name, value in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
-
-    def count_prompt_tokens(self, prompt: str, images: list) -> int:
-        """Tokens the model sees for this prompt, each image's tokens included."""
-        try:
-            return int(self.encode([prompt], images)["input_ids"].shape[1])
-        except ValueError as error:  # e.g. image placeholders and images that do not match
-            raise bad_request(f"the prompt cannot be encoded: {error}", param="messages") from None
 
     # ------------------------------------------------------------------------------------------ sessions
 
@@ -149,8 +158,7 @@ class ModelWorker:
 
     def _run_batch(self, jobs: list[Job]) -> None:
         started = time.perf_counter()
-        images = [image.image for job in jobs for image in job.request.images]
-        inputs = self.encode([job.prompt for job in jobs], images)
+        inputs = self.batch_inputs(jobs)
         texts, samplers, follower = self._texts_and_samplers(jobs)
         cache = DynamicCache(config=self.model.config.get_text_config())
         snapshot = {}
@@ -172,8 +180,9 @@ class ModelWorker:
         )
         record = self._session.last if self._session is not None else None
         prefill_done = chooser.prefill_done_at or time.perf_counter()
+        images_of_rows = layout.prompt_images(self.model, inputs, self.adapter)
         for row, job in enumerate(jobs):
-            visual, kept, patches = self._kept(inputs["input_ids"][row], record, row)
+            visual, kept, patches = self._kept(images_of_rows[row], record, row)
             if store and "cache" in snapshot:
                 self.prefix_cache.put(prefix_key(job), PrefillEntry(
                     snapshot["cache"], snapshot["logits"], inputs["input_ids"][:1].clone(), visual, kept, patches,
@@ -224,20 +233,12 @@ class ModelWorker:
         job.emit("done", outcome)
         self.on_finished(job)
 
-    def _kept(self, input_ids: torch.Tensor, record, row: int) -> tuple[int, int, list[list[int]]]:
-        """Visual tokens of a row, how many were kept, and the kept patch indices per image."""
-        visual_positions = (input_ids == self.image_token_id).nonzero().squeeze(1)
-        visual = int(visual_positions.numel())
-        if visual == 0:
-            return 0, 0, []
+    def _kept(self, images: list, record, row: int) -> tuple[int, int, list[list[int]]]:
+        """Visual tokens of a row, how many were kept, and per image the indices (in token order over the image's
+        visual tokens, row-major on its grid) of the kept ones; the images as layout.prompt_images gives them."""
+        visual = sum(int(image.positions.numel()) for image in images)
         if record is None or record.kept_positions is None:
-            kept_positions = visual_positions
+            patches = [list(range(image.positions.numel())) for image in images]
         else:
-            kept_positions = record.kept_visual_positions[row].to(visual_positions.device)
-        ordinals = torch.searchsorted(visual_positions, kept_positions).tolist()
-        per_image = self.grid[0] * self.grid[1] if self.grid else visual
-        images = max(1, visual // per_image)
-        patches = [[] for _ in range(images)]
-        for ordinal in ordinals:
-            patches[min(ordinal // per_image, images - 1)].append(ordinal % per_image)
-        return visual, len(ordinals), patches
+            patches = [layout.kept_in(image.positions, record.kept_positions[row]) for image in images]
+        return visual, sum(len(kept) for kept in patches), patches

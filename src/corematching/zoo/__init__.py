@@ -52,28 +52,61 @@ def check_reachable(name_or_path: str) -> None:
         )
 
 
-def load_model(name_or_path: str = BUNDLED, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+PASSED_THROUGH = ("device_map", "max_memory", "offload_folder", "offload_state_dict", "attn_implementation",
+                  "revision", "cache_dir", "local_files_only", "token", "low_cpu_mem_usage", "quantization_config")
+
+
+def load_model(name_or_path: str = BUNDLED, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+               **options):
     """Return ``(model, processor)`` in eval mode.
 
     ``"evqa-smollm2"`` and ``"scenes-smollm2"`` are the project's own small real VLMs, loaded offline; anything
     else goes to ``transformers`` (``AutoModelForImageTextToText``/``AutoProcessor``). fp32 on CPU by default
     (bf16 matmuls are very slow on CPUs), bf16 on accelerators.
+
+    `options` go to ``from_pretrained`` as they would from a transformers user: ``device_map`` (then the model is
+    placed by it, not moved to `device`), ``max_memory``, ``offload_folder``, ``attn_implementation`` ("sdpa" or
+    "eager": what sparsify supports), ``revision``, ``cache_dir``, ``local_files_only``, ``token``,
+    ``low_cpu_mem_usage``, ``quantization_config``. ``trust_remote_code`` is refused: sparsify works on the
+    transformers classes of the supported families, never on a checkpoint's own modeling code.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if options.get("trust_remote_code"):
+        raise ValueError(
+            "trust_remote_code=True is not supported: corematching sparsifies the transformers classes of its "
+            "supported families (cm.supported_models()), not a checkpoint's own modeling code; load the checkpoint's "
+            "transformers version (e.g. an '-hf' repository) instead"
+        )
+    options.pop("trust_remote_code", None)
+    unknown = sorted(set(options) - set(PASSED_THROUGH))
+    if unknown:
+        raise TypeError(f"load_model() got unexpected options {', '.join(unknown)} (passed through to "
+                        f"from_pretrained: {', '.join(PASSED_THROUGH)})")
+    device_map = options.get("device_map")
+    if device is None and device_map is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype is None:
-        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        on_cpu = device_map in (None, "cpu") and torch.device(device or "cpu").type == "cpu"
+        dtype = torch.float32 if on_cpu else torch.bfloat16
     if name_or_path in SPECS:
+        if options:
+            raise ValueError(f"{name_or_path} is a bundled model built in place: it takes device and dtype only, "
+                             f"not {', '.join(sorted(options))}")
         from .build import load_bundled
 
-        return load_bundled(name_or_path, device=device, dtype=dtype)
+        return load_bundled(name_or_path, device=torch.device(device), dtype=dtype)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    check_reachable(name_or_path)
+    if not options.get("local_files_only"):
+        check_reachable(name_or_path)
+    hub_keys = ("revision", "cache_dir", "local_files_only", "token")  # what the processor's loading takes too
+    hub_options = {key: options[key] for key in hub_keys if key in options}
     try:
-        processor = AutoProcessor.from_pretrained(name_or_path)
-        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(name_or_path, **hub_options)
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, **options)
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot load model {name_or_path!r}: {str(error).splitlines()[0]}") from error
     if hasattr(processor, "tokenizer"):
         processor.tokenizer.padding_side = "left"  # batched generation
-    return model.to(device).eval(), processor
+    if device_map is None:
+        model = model.to(torch.device(device))
+    return model.eval(), processor

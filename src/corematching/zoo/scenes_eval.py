@@ -67,7 +67,7 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from .. import cli
+    from .. import method_spec
     from . import load_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,12 +77,12 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="JSON-lines file (resumed if it exists)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    cli.add_method_arguments(parser, default_method="dense")
+    method_spec.add_method_arguments(parser, default_method="dense")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        method = cli.build_method(args)
+        method = method_spec.from_args(args)
         items = scenes.sample(args.n, args.question_seed)
         model, processor = load_model(MODEL)
         summary = run(model, processor, None if args.method == "dense" else method, items, args.output,
