@@ -278,3 +278,90 @@ def test_combined_inputs_keep_the_images_of_later_prompts():
     text_only, with_image = request_inputs(4, with_image=False), request_inputs(5)
     combined = combine_inputs([text_only, with_image], pad_id=0)
     assert torch.equal(combined["pixel_values"], with_image["pixel_values"])
+
+
+# ------------------------------------------------------------------------------------------------ the server's
+
+
+class FakeJob:
+    """What the scheduler reads of a server job, and the events it gets."""
+
+    def __init__(self, index: int, method, max_tokens: int):
+        import threading
+        import time
+        from types import SimpleNamespace
+
+        self.request = SimpleNamespace(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=None, stop=[],
+                                       ignore_eos=True, method=method)
+        self.inputs = request_inputs(index)
+        self.enqueued_at = time.perf_counter()
+        self.cancelled = threading.Event()
+        self.events = []
+
+    def emit(self, kind, payload):
+        self.events.append((kind, payload))
+
+    def cancel(self):
+        self.cancelled.set()
+
+
+def fake_worker(model):
+    from types import SimpleNamespace
+
+    from corematching.models import adapter_for
+    from corematching.serve.worker import ModelWorker
+
+    worker = SimpleNamespace(model=model, pad_id=0, eos_ids={2}, tokenizer=CharTokenizer(), grid=(6, 6),
+                             adapter=adapter_for(model), batch_inputs=lambda jobs: jobs[0].inputs)
+    worker._kept = lambda images, record, row: ModelWorker._kept(None, images, record, row)
+    return worker
+
+
+def wait_for(condition, timeout: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_the_server_scheduler_answers_each_job_once_as_alone():
+    """Jobs submitted while others decode get their answers alone; a cancelled one is reported once, as
+    cancelled; /metrics reads the numbers in the Prometheus format; a job that can never fit gets 429."""
+    from corematching.serve.continuous import ContinuousScheduler, metrics_text
+    from corematching.serve.errors import APIError
+
+    model = build_tiny_llava()
+    with torch.no_grad():
+        expected = alone_tokens(model, lambda i, m: make_sequence(i, m, max_tokens=6, temperature=0.0), [CORE] * 4)
+    scheduler = ContinuousScheduler(fake_worker(model), max_batch_size=4, max_pending=8)
+    try:
+        jobs = [FakeJob(index, CORE, 6) for index in range(4)]
+        slow = FakeJob(7, CORE, 40)
+        scheduler.submit(slow)
+        scheduler.submit(jobs[0])
+        wait_for(lambda: any(kind == "text" for kind, _ in slow.events))
+        for job in jobs[1:]:
+            scheduler.submit(job)
+        scheduler.cancel(slow)
+        wait_for(lambda: scheduler.pending == 0)
+        text = metrics_text(scheduler)
+    finally:
+        scheduler.close(10)
+    for job, tokens in zip(jobs, expected):
+        done = [payload for kind, payload in job.events if kind == "done"]
+        assert len(done) == 1 and done[0].finish_reason == "length"
+        assert done[0].text == CharTokenizer().decode(tokens)
+        assert "".join(p for kind, p in job.events if kind == "text") == done[0].text
+        assert 0 < done[0].usage.visual_tokens_kept < done[0].usage.visual_tokens == 36
+    cancelled = [payload for kind, payload in slow.events if kind == "done"]
+    assert len(cancelled) == 1 and cancelled[0].finish_reason == "cancelled"
+    assert "# TYPE corematching_queue_length gauge" in text and "corematching_tokens_generated_total " in text
+    refusing = ContinuousScheduler(fake_worker(model), max_batch_size=4, max_pending=8, kv_budget_bytes=1000)
+    try:
+        with pytest.raises(APIError, match="bytes of KV cache") as refused:
+            refusing.submit(FakeJob(0, CORE, 6))
+        assert refused.value.status == 429
+    finally:
+        refusing.close(1)

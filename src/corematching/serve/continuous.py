@@ -189,6 +189,8 @@ class Sequence:
     tokenizer: object = None  # decodes the generated tokens (the processor's tokenizer)
     tag: object = None  # the caller's own (a job)
     submitted_at: float = 0.0
+    admitted_at: float | None = None  # when its prefill started
+    batch_size: int = 0  # rows of the batch when it joined
     first_token_at: float | None = None
     finished_at: float | None = None
     text: StreamText | None = None
@@ -429,6 +431,9 @@ class ContinuousBatcher:
         return arrivals
 
     def _prefill(self, arrivals: list[Sequence]) -> None:
+        started = time.perf_counter()
+        for sequence in arrivals:
+            sequence.admitted_at = sequence.admitted_at or started
         self._use_method(arrivals[0].method)
         inputs = combine_inputs([s.inputs for s in arrivals], self.pad_id)
         try:
@@ -447,6 +452,7 @@ class ContinuousBatcher:
         held = row_kv_bytes(joined)  # per row: the slots its layers really hold
         for row, sequence in enumerate(arrivals):
             sequence.record, sequence.record_row = record, row
+            sequence.batch_size = len(self._rows) + len(arrivals)
             sequence.reserved_bytes = held[row] + sequence.max_tokens * self.token_bytes
         generators = [None if s.temperature <= 0 else new_generator(
             s.seed if s.seed is not None else int(torch.randint(0, 2**62, ())), logits.device) for s in arrivals]
@@ -516,3 +522,193 @@ def percentile(values: list[float], share: float) -> float:
     low = int(rank)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+# ------------------------------------------------------------------------------------------------ the server's
+
+
+class ContinuousScheduler:
+    """The server's scheduler with iteration-level batching (`corematching serve --batching continuous`): the
+    interface of scheduler.Scheduler (submit, cancel, finished, pending, close), one thread running the
+    ContinuousBatcher's steps. A request that could never fit the KV budget, or one more than `max_pending`
+    unfinished ones, gets 429; a client that goes away cancels its request at the next step (its text so far is
+    not sent again, and it is reported once)."""
+
+    def __init__(self, worker, max_batch_size: int, max_pending: int, kv_budget_bytes: int | None = None):
+        if max_batch_size < 1 or max_pending < 1:
+            raise ValueError("max_batch_size and max_pending must be >= 1")
+        self.worker = worker
+        self.batcher = ContinuousBatcher(worker.model, max_batch_size, kv_budget_bytes, worker.pad_id)
+        self.max_pending = max_pending
+        self._sequences: dict = {}  # job -> its Sequence, until it is reported
+        self._lock = threading.Condition()
+        self._closing = False
+        self._rates: deque = deque(maxlen=64)  # (time, tokens generated so far) after recent steps
+        self.batches_run = 0  # decode steps run
+        self._thread = threading.Thread(target=self._loop, name="corematching-continuous", daemon=True)
+        self._thread.start()
+
+    # -------------------------------------------------------------------------------------------- HTTP side
+
+    def submit(self, job) -> None:
+        from .errors import APIError
+
+        request = job.request
+        with self._lock:
+            if self._closing:
+                raise APIError(503, "the server is shutting down", code="shutting_down")
+            if len(self._sequences) >= self.max_pending:
+                raise APIError(429, f"the server is busy: {self.max_pending} requests are already queued or "
+                               "running; retry later", code="queue_full")
+            sequence = Sequence(
+                inputs=self.worker.batch_inputs([job]), max_tokens=request.max_tokens, method=request.method,
+                temperature=request.temperature, top_p=request.top_p, seed=request.seed, stop=list(request.stop),
+                eos_ids=set() if getattr(request, "ignore_eos", False) else set(self.worker.eos_ids),
+                tokenizer=self.worker.tokenizer, tag=job, submitted_at=job.enqueued_at,
+                on_text=lambda piece: job.emit("text", piece), on_done=self._report)
+            try:
+                self.batcher.submit(sequence)
+            except MemoryRefused as error:
+                raise APIError(429, str(error), code="kv_cache_full") from None
+            self._sequences[job] = sequence
+            self._lock.notify_all()
+
+    def cancel(self, job) -> None:
+        job.cancel()
+        with self._lock:
+            sequence = self._sequences.get(job)
+            if sequence is not None:
+                self.batcher.cancel(sequence)
+            self._lock.notify_all()
+
+    def finished(self, job) -> None:
+        with self._lock:
+            self._sequences.pop(job, None)
+            self._lock.notify_all()
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._sequences)
+
+    def close(self, timeout_s: float = 60.0) -> bool:
+        """Let the accepted requests finish (up to timeout_s), then stop; True when all finished."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+            while self._sequences and time.monotonic() < deadline:
+                self._lock.wait(0.1)
+            drained = not self._sequences
+        self._thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
+        return drained
+
+    def metrics(self) -> dict:
+        values = self.batcher.metrics()
+        values["unfinished_requests"] = self.pending
+        rates = list(self._rates)
+        if len(rates) >= 2 and rates[-1][0] > rates[0][0]:
+            values["tokens_per_second"] = (rates[-1][1] - rates[0][1]) / (rates[-1][0] - rates[0][0])
+        else:
+            values["tokens_per_second"] = 0.0
+        return values
+
+    # -------------------------------------------------------------------------------------------- the loop
+
+    def _loop(self) -> None:
+        import logging
+
+        log = logging.getLogger("corematching.serve")
+        while True:
+            with self._lock:
+                while self.batcher.idle and not self._closing:
+                    self._lock.wait()
+                if self.batcher.idle and self._closing:
+                    break
+            try:
+                self.batcher.step()
+            except Exception:  # the model failed: every request in flight gets a 500, the loop goes on
+                log.exception("a decode step failed")
+                self._fail_all()
+                continue
+            self.batches_run += 1
+            self._rates.append((time.perf_counter(), self.batcher.tokens_generated))
+        self.batcher.close()
+
+    def _fail_all(self) -> None:
+        """Every request in flight ends with an error (reported once, by _report)."""
+        batcher = self.batcher
+        failed = list(batcher._rows) + list(batcher._waiting)
+        batcher._waiting.clear()
+        batcher._clear()
+        for sequence in failed:
+            sequence.error = sequence.error or RuntimeError("a decode step failed")
+            sequence.text.cancel()
+            batcher._finish(sequence)
+
+    def _report(self, sequence: Sequence) -> None:
+        """A request finished: its last text, then its outcome, once."""
+        from .errors import APIError
+        from .jobs import Outcome, Usage
+
+        job = sequence.tag
+        text = sequence.text
+        if sequence.error is not None:
+            job.emit("error", APIError(500, f"the model failed on this request ({type(sequence.error).__name__})"))
+            self.finished(job)
+            return
+        visual, kept, patches = self._kept(sequence)
+        first = sequence.first_token_at or sequence.finished_at
+        usage = Usage(prompt_tokens=int(sequence.inputs["attention_mask"].sum()) if "attention_mask" in
+                      sequence.inputs else sequence.prompt_tokens, completion_tokens=len(text.tokens),
+                      visual_tokens=visual, visual_tokens_kept=kept,
+                      prefill_time_s=max(0.0, first - (sequence.admitted_at or sequence.submitted_at)),
+                      decode_time_s=max(0.0, sequence.finished_at - first),
+                      queue_time_s=max(0.0, (sequence.admitted_at or sequence.submitted_at) - sequence.submitted_at),
+                      batch_size=sequence.batch_size)
+        job.emit("done", Outcome(text.text, text.finish_reason or "length", usage, patches, self.worker.grid))
+        self.finished(job)
+
+    def _kept(self, sequence: Sequence) -> tuple[int, int, list[list[int]]]:
+        from .. import layout
+
+        images = layout.prompt_images(self.worker.model, sequence.inputs, self.worker.adapter)[0]
+        record = sequence.record
+        if record is None or getattr(record, "kept_positions", None) is None:
+            return self.worker._kept(images, None, 0)
+        shift = record.keep_mask.shape[1] - sequence.prompt_tokens  # left padding of its prefill group
+        own = record.kept_positions[sequence.record_row] - shift
+        return self.worker._kept(images, _OneRow(own), 0)
+
+
+class _OneRow:
+    """A record's kept positions of one request, in its own prompt's coordinates (as worker._kept reads them)."""
+
+    def __init__(self, positions: torch.Tensor):
+        self.kept_positions = [positions]
+
+
+def metrics_text(scheduler) -> str:
+    """The scheduler's numbers in the Prometheus text format (version 0.0.4)."""
+    values = scheduler.metrics() if hasattr(scheduler, "metrics") else {"unfinished_requests": scheduler.pending}
+    lines = []
+    for name, value in values.items():
+        help_text, kind = METRICS.get(name, (name.replace("_", " "), "gauge"))
+        metric = f"corematching_{name}"
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}", f"{metric} {float(value):g}"]
+    return "\n".join(lines) + "\n"
+
+
+METRICS = {
+    "queue_length": ("Requests waiting to join the decode batch.", "gauge"),
+    "batch_size": ("Requests in the running decode batch.", "gauge"),
+    "kv_bytes": ("Bytes of the running batch's KV cache (padding slots included).", "gauge"),
+    "kv_reserved_bytes": ("KV bytes reserved by the running requests (kept tokens and max_tokens).", "gauge"),
+    "sliced_weight_bytes": ("Bytes of sliced FFN weights held for core-neuron decoding.", "gauge"),
+    "tokens_generated_total": ("Tokens generated since the server started.", "counter"),
+    "requests_finished_total": ("Requests finished (answered, stopped or cancelled).", "counter"),
+    "decode_steps_total": ("Decode steps run.", "counter"),
+    "prefills_total": ("Prefill calls run (each for the requests that arrived together).", "counter"),
+    "unfinished_requests": ("Requests accepted and not yet finished.", "gauge"),
+    "tokens_per_second": ("Tokens generated per second over the recent decode steps.", "gauge"),
+}
