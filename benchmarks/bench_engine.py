@@ -12,7 +12,8 @@ load better. Each run is
 one `model.generate` call (greedy, 32 new tokens); a logits processor stamps the time after every forward, which
 gives prefill time (start to first stamp), per-token decode time (between stamps) and end-to-end time.
 Peak memory is the process RSS sampled every millisecond during one extra run of each, after freed memory
-has been handed back to the OS.
+has been handed back to the OS. A last line shows how much of a sparse prefill CoreMatching spends choosing its
+tokens and core neurons (its selection calls timed in a few extra prefills).
 
     python benchmarks/bench_engine.py            # what benchmarks/RESULTS.md shows
     python benchmarks/bench_engine.py --reps 2   # quicker
@@ -41,6 +42,7 @@ from contextlib import nullcontext
 import torch
 from transformers import (
     CLIPVisionConfig,
+    DynamicCache,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -121,6 +123,46 @@ def run(model, method, inputs, new_tokens: int) -> dict:
         end = time.perf_counter()
     steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
     return {"prefill": clock.stamps[0] - start, "steps": steps, "end_to_end": end - start}
+
+
+class TimedSelection:
+    """Wraps a method's selection calls (tokens, core neurons) and sums their wall time."""
+
+    CALLS = ("select_tokens", "select_neurons", "select_tokens_and_neurons")
+
+    def __init__(self, method):
+        self.method, self.seconds = method, 0.0
+
+    def __enter__(self):
+        for name in self.CALLS:
+            original = getattr(self.method, name)
+
+            def timed(*args, original=original, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - start
+
+            setattr(self.method, name, timed)  # an instance attribute shadows the class's method
+        return self
+
+    def __exit__(self, *exc):
+        for name in self.CALLS:
+            delattr(self.method, name)
+
+
+def selection_share(model, method, inputs, reps: int) -> tuple[float, float]:
+    """(median selection time, median prefill time) of `reps` sparse prefills, in seconds: the part of the
+    prefill the method spends choosing its tokens and core neurons."""
+    selection, prefill = [], []
+    for _ in range(reps):
+        with TimedSelection(method) as timer, cm.sparsify(model, method), torch.no_grad():
+            start = time.perf_counter()
+            model(**inputs, logits_to_keep=1)
+            prefill.append(time.perf_counter() - start)
+        selection.append(timer.seconds)
+    return statistics.median(selection), statistics.median(prefill)
 
 
 def peak_rss(model, method, inputs, new_tokens: int) -> tuple[int, int]:
@@ -248,8 +290,9 @@ def run_scheme(model, inputs, scheme: str, new_tokens: int) -> dict:
 
         engine._sliced_ffn = timed_sliced_ffn
         try:
+            cache = DynamicCache(config=model.config.get_text_config())  # keeps the conversation's slices alive
             with torch.no_grad():
-                model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
+                model.generate(**inputs, cache=cache, max_new_tokens=new_tokens, do_sample=False,
                                logits_processor=LogitsProcessorList([clock]))
             ffns = [ffn for _, per_layer in engine._sliced.values() for ffn in per_layer.values() if ffn is not None]
             result["extra"] = sum(ffn.extra_bytes for ffn in ffns)
@@ -335,6 +378,7 @@ def main():
             gc.collect()
             results[name].append(run(model, methods[name], inputs, args.new_tokens))
     memory = {name: peak_rss(model, method, inputs, args.new_tokens) for name, method in methods.items()}
+    selection_time, selection_prefill = selection_share(model, METHOD, inputs, max(3, args.reps // 2))
 
     # Per run: prefill, median decode step, end-to-end. Speedups are medians of the ratios within each rep's
     # pair (run back to back), which follows the shared CPU's load better than a ratio of medians.
@@ -398,6 +442,12 @@ def main():
         achieved = paired_speedup(column)
         bound = flops["dense"][column] / flops["corematching"][column]
         print(f"| {phase} | {achieved:.2f}x | {bound:.2f}x | {achieved / bound:.2f} |")
+    print()
+    print(
+        f"CoreMatching's selection (token-wise and sentence-wise core neurons, scores, budgets) in a sparse prefill: "
+        f"{selection_time * 1e3:.1f} ms of {selection_prefill * 1e3:.0f} ms "
+        f"({selection_time / selection_prefill:.1%}; median of {max(3, args.reps // 2)} prefills)"
+    )
     print()
     for label, column in [("prefill", 0), ("decode per token", 1)]:
         ratios = ", ".join(f"{r:.2f}" for r in paired_ratios(column))

@@ -337,7 +337,10 @@ def test_one_sliced_copy_serves_the_whole_batch(tiny_llava):
     input_ids, attention_mask = left_pad(prompts)
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=build_pixels(4, seed=20))
     with cm.sparsify(model, method()) as session:
-        tokens, logits = generate(model, inputs)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config.get_text_config())  # the slices live as long as the cache
+        tokens, logits = generate(model, inputs, cache=cache)
         record = session.last
         sliced = [per_layer for _, per_layer in session.engine._sliced.values()]
         alone = []

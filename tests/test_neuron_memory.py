@@ -1,14 +1,20 @@
 """Core-neuron decoding with the FFN neurons reordered in place (`neuron_weights="in_place"`): the same results as
 the gathered copy and the oracle, no weights copied, and the model's parameters given back bit for bit."""
 
+import copy
+import gc
+import weakref
+
 import pytest
 import torch
 from oracle import masked_reference, removed_mask
 from test_baselines import generate as greedy_with_logits
 from test_modes import inputs_of
 from tiny_llava import build_pixels, build_prompt, build_tiny_llava, left_pad
+from transformers import DynamicCache
 
 import corematching as cm
+from corematching.runtime import engine as engine_module
 from corematching.runtime import neuron_order
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,8 +29,13 @@ def method():
     return cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=8, beta=0.5, neuron_layers=NEURON_LAYERS)
 
 
-def generate(model, inputs, steps=STEPS):
-    return greedy_with_logits(model, inputs, steps)
+def generate(model, inputs, steps=STEPS, cache=None):
+    """Greedy tokens and logits; with `cache`, into that KV cache (which keeps the conversation alive)."""
+    return greedy_with_logits(model, inputs if cache is None else {**inputs, "cache": cache}, steps)
+
+
+def new_cache(model):
+    return DynamicCache(config=model.config.get_text_config())
 
 
 def batch_inputs(prompts, pixels):
@@ -62,7 +73,8 @@ def test_in_place_decoding_equals_the_copy_and_the_oracle(tiny_llava, which):
     results = {}
     for weights in ("copy", "in_place"):
         with cm.sparsify(model, method(), neuron_weights=weights) as session:
-            results[weights] = generate(model, inputs)
+            cache = new_cache(model)  # alive: its slices stay
+            results[weights] = generate(model, inputs, cache=cache)
             record = session.last
             ffns = sliced_ffns(session)
         assert len(ffns) == len(NEURON_LAYERS)
@@ -106,7 +118,8 @@ def test_the_in_place_views_are_the_models_own_tensors(tiny_llava):
     model = tiny_llava()
     inputs = INPUTS["padded-batch-2"]()
     with cm.sparsify(model, method(), neuron_weights="in_place") as session:
-        generate(model, inputs, steps=2)
+        cache = new_cache(model)
+        generate(model, inputs, steps=2, cache=cache)
         ((_, per_layer),) = session.engine._sliced.values()
         for layer, ffn in per_layer.items():
             mlp = model.model.language_model.layers[layer].mlp
@@ -274,3 +287,140 @@ def test_an_unknown_neuron_weights_value_is_refused(tiny_llava):
         cm.sparsify(model, method(), neuron_weights="view")
     with cm.sparsify(model, method()):  # nothing was left attached
         pass
+
+
+# ------------------------------------------------------------------------------------------ memory and conversations
+
+
+@pytest.fixture
+def slices(monkeypatch):
+    """Weak references to every sliced FFN the engine builds: .live() -> (count, bytes) of those still alive."""
+    built = []
+    gather, prefix = engine_module.SlicedFFN.gather, engine_module.prefix_ffn
+
+    def record(ffn):
+        if ffn is not None and not any(ref() is ffn for ref in built):
+            built.append(weakref.ref(ffn))
+        return ffn
+
+    monkeypatch.setattr(engine_module.SlicedFFN, "gather", staticmethod(lambda *args: record(gather(*args))))
+    monkeypatch.setattr(engine_module, "prefix_ffn", lambda *args: record(prefix(*args)))
+
+    class Slices:
+        @staticmethod
+        def live() -> tuple[int, int]:
+            gc.collect()
+            alive = [ref() for ref in built if ref() is not None]
+            return len(alive), sum(ffn.extra_bytes for ffn in alive)
+
+        built_count = staticmethod(lambda: len(built))
+
+    return Slices
+
+
+def conversation(seed: int):
+    return inputs_of(build_prompt(2 + seed % 3, 3 + seed % 4, seed=40 + seed), build_pixels(1, seed=40 + seed))
+
+
+@pytest.mark.parametrize("weights", ["copy", "in_place"])
+def test_finished_conversations_leave_no_sliced_weights(tiny_llava, slices, weights):
+    """After each of six conversations (outputs and caches dropped) the sliced FFNs held are those after the first:
+    none. In place, what stays is at most one swap per layer, to restore the order."""
+    model = tiny_llava()
+    held = []
+    with cm.sparsify(model, method(), neuron_weights=weights) as session:
+        for seed in range(6):
+            generate(model, conversation(seed))
+            held.append(slices.live())
+        assert slices.built_count() >= 6 * len(NEURON_LAYERS)  # every conversation decoded with its own slices
+        assert held == [(0, 0)] * 6
+        swaps = {} if weights == "copy" else session.engine.neuron_order.swaps()
+        assert len(swaps) <= len(NEURON_LAYERS)
+        assert session.held_bytes == sum(swap.nbytes for swap in swaps.values())
+    assert session.held_bytes == 0
+
+
+@pytest.mark.parametrize("weights", ["copy", "in_place"])
+def test_a_conversations_slices_live_as_long_as_its_cache_or_a_copy(tiny_llava, slices, weights):
+    model = tiny_llava()
+    first = conversation(1)
+    with cm.sparsify(model, method(), neuron_weights=weights) as session:
+        cache = new_cache(model)
+        tokens, _ = generate(model, first, steps=2, cache=cache)
+        count, size = slices.live()
+        assert count == len(NEURON_LAYERS) and size > 0
+        if weights == "copy":
+            assert session.held_bytes == size
+        copied = copy.deepcopy(cache)  # a prefix-cache entry, say
+        del cache
+        generate(model, conversation(2))  # another conversation runs and ends in between
+        assert slices.live() == (count, size)
+        built = slices.built_count()
+        continued = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}
+        generate(model, continued, steps=2, cache=copied)  # the copy decodes on with the same slices
+        assert slices.built_count() == built
+        del copied
+        assert slices.live() == (0, 0)
+
+
+# ---------------------------------------------------------------------------------------------- tied weights
+
+
+def tie_up_of_neuron_layers(layers):
+    layers[2].mlp.up_proj.weight = layers[1].mlp.up_proj.weight
+    return r"layers\.1\.mlp\.up_proj\.weight shares its memory with .*layers\.2\.mlp\.up_proj\.weight"
+
+
+def tie_down_with_a_dense_layer(layers):
+    layers[0].mlp.down_proj.weight = layers[3].mlp.down_proj.weight  # layer 0 is no neuron layer below
+    return r"layers\.3\.mlp\.down_proj\.weight shares its memory with .*layers\.0\.mlp\.down_proj\.weight"
+
+
+@pytest.mark.parametrize("tie", [tie_up_of_neuron_layers, tie_down_with_a_dense_layer])
+def test_tied_ffn_weights_are_refused_in_place_and_decode_with_copies(tie):
+    model = build_tiny_llava(num_layers=4, seed=3)
+    expected_message = tie(model.model.language_model.layers)
+    before = snapshot(model)
+    tied_method = cm.CoreMatching(prune_layer=PRUNE_LAYER, token_budget=8, beta=0.5, neuron_layers=[1, 2, 3])
+    with pytest.raises(cm.UnsupportedModeError, match=r'neuron_weights="in_place" with tied FFN weights.*'):
+        cm.sparsify(model, tied_method, neuron_weights="in_place")
+    with pytest.raises(cm.UnsupportedModeError, match=expected_message):
+        cm.sparsify(model, tied_method, neuron_weights="in_place")
+    with cm.sparsify(model, tied_method):  # copies: nothing is moved; nothing was left attached by the refusal
+        generate(model, inputs_of(build_prompt(3, 5, seed=0), build_pixels(1, seed=0)))
+    assert_unchanged(model, before)
+
+
+def test_one_ffn_module_shared_by_two_layers_is_refused():
+    model = build_tiny_llava(num_layers=4, seed=3)
+    layers = model.model.language_model.layers
+    layers[2].mlp = layers[1].mlp
+    before = snapshot(model)
+    with pytest.raises(cm.UnsupportedModeError, match="in decoder layer 1, the FFN module shares its memory with "
+                       "decoder layer 2"):
+        cm.sparsify(model, method(), neuron_weights="in_place")
+    with pytest.raises(cm.UnsupportedModelError, match="decoder layers 1 and 2 share one FFN module"):
+        cm.sparsify(model, method())
+    assert "forward" not in layers[1].mlp.__dict__  # nothing left attached
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("weights", ["copy", "in_place"])
+@pytest.mark.parametrize("which", list(INPUTS))
+def test_the_bytes_a_cache_keeps_alive_are_known_from_its_prefill(tiny_llava, weights, which):
+    """session.held_bytes_of(cache) right after the prefill (what a prefix cache stores) equals what the
+    conversation's slices hold once its decode steps built them."""
+    model = tiny_llava()
+    with cm.sparsify(model, method(), neuron_weights=weights) as session:
+        inputs = INPUTS[which]()
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+            stored = copy.deepcopy(out.cache)
+            before_decoding = session.held_bytes_of(stored)
+            assert sliced_ffns(session) == []
+            mask = torch.cat([inputs["attention_mask"], torch.ones_like(inputs["attention_mask"][:, :1])], dim=1)
+            model(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask, cache=out.cache, use_cache=True)
+        cache = out.cache
+        built = sum(ffn.extra_bytes for ffn in sliced_ffns(session))
+        assert before_decoding == built == session.held_bytes_of(cache) > 0
+        assert session.held_bytes_of(new_cache(model)) == 0

@@ -13,7 +13,7 @@ from oracle import masked_reference, removed_mask
 from test_baselines import generate as greedy_with_logits
 from test_modes import inputs_of
 from tiny_llava import build_pixels, build_prompt, build_tiny_llava, left_pad
-from transformers import LlavaForConditionalGeneration
+from transformers import DynamicCache, LlavaForConditionalGeneration
 
 import corematching as cm
 from corematching.runtime import offload
@@ -152,7 +152,8 @@ def test_the_record_reports_the_resident_slices_and_the_bytes_read(checkpoint, t
     model = offloaded(checkpoint, tmp_path, "safetensors")
     hidden, width = 64, 96
     with cm.sparsify(model, method()) as session:
-        greedy_with_logits(model, single(), 1)
+        cache = DynamicCache(config=model.config.get_text_config())  # alive: its decision's slices stay
+        greedy_with_logits(model, {**single(), "cache": cache}, 1)
         record = session.last
         sizes = union_sizes(record)
         # gate and up [U, H], down [H, U], fp32
@@ -171,9 +172,10 @@ def test_a_later_prefill_replaces_the_slices(checkpoint, tmp_path):
     loaded = build_tiny_llava()
     first, second = single(), inputs_of(build_prompt(6, 2, seed=7), build_pixels(1, seed=7))
     with cm.sparsify(model, method()) as session:
-        greedy_with_logits(model, first, 2)
+        caches = [DynamicCache(config=model.config.get_text_config()) for _ in range(2)]  # both stay alive
+        greedy_with_logits(model, {**first, "cache": caches[0]}, 2)
         (first_slices,) = session.engine._sliced.values()
-        tokens, logits = greedy_with_logits(model, second, STEPS)
+        tokens, logits = greedy_with_logits(model, {**second, "cache": caches[1]}, STEPS)
         record = session.last
         held = list(session.engine._sliced.values())
     assert len(held) == 1 and held[0] is not first_slices  # nothing of the first decision stays resident

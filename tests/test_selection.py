@@ -46,6 +46,53 @@ def test_token_core_neurons_match_naive_on_random_rows():
                 assert members(core[b, t]) == naive_token_core(activations[b, t].tolist(), rho)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(
+    "values, rho",
+    [
+        ([1.0] * 10, 0.2),  # all tied: k = K = 2 of ten equal values, the two lowest indices
+        ([0.5] * 9 + [3.0], 0.2),  # the threshold's ties lie outside the largest K = 2 but one: index 0 wins
+        ([2.0, 0.5, 0.5, 2.0, 0.5, 0.5, 0.5, 2.0, 0.5, 0.5], 0.5),  # k = 5: the three 2.0 and the first two 0.5
+        # few positives among negatives of very different sizes, -0.0 and +0.0 (their bits order them otherwise)
+        ([-1e30, 3.0, -1e-30, -0.0, 0.0, 1.0, -2.0, 2.0, -65000.0, -1e-3] + [-1.0] * 10, 0.5),
+        ([-0.0, 0.0, -1.0, 0.0, -0.0], 0.5),  # no positive activation: empty
+        ([1e-40, -1e-40, 0.0, 5e-39], 1.0),  # subnormal positives (flushed to 0 in half precision)
+        ([0.25, 0.25, -0.25, 0.25, 1.0, 1.0], 0.4),  # k = 2 of five positives, tied at the top
+    ],
+)
+def test_token_core_neurons_adversarial_ties_and_signs(values, rho, dtype):
+    row = torch.tensor(values, dtype=torch.float64).to(dtype)
+    core = selection.token_core_neurons(row.view(1, 1, -1), rho)
+    assert members(core[0, 0]) == naive_token_core(row.double().tolist(), rho)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_token_core_neurons_match_naive_with_heavy_ties_in_every_dtype(dtype):
+    generator = torch.Generator().manual_seed(5)
+    # small integers: many positives tie at the threshold, many of them outside the row's K largest
+    activations = torch.randint(-3, 4, (3, 6, 200), generator=generator).to(dtype)
+    activations[0, 0] = 2.0  # a row of one value
+    activations[1, 2] = -1.0  # a row without positives
+    for rho in (0.05, 0.2, 0.5, 1.0):
+        core = selection.token_core_neurons(activations, rho)
+        for b in range(3):
+            for t in range(6):
+                assert members(core[b, t]) == naive_token_core(activations[b, t].double().tolist(), rho)
+
+
+def test_token_core_neurons_refuse_a_non_float_dtype():
+    with pytest.raises(ValueError, match="activations must be float16, bfloat16, float32 or float64"):
+        selection.token_core_neurons(torch.ones(1, 2, 4, dtype=torch.int32), 0.5)
+
+
+def test_kth_largest_per_row():
+    values = torch.tensor([[5, -1, 3, 3], [0, 7, 2, -4], [1, 1, 1, 1]], dtype=torch.int32)
+    k = torch.tensor([3, 1, 0])
+    result = selection.kth_largest(values, k)
+    assert result[:2].tolist() == [3, 7]
+    assert int(result[2]) == torch.iinfo(torch.int32).max  # k = 0: above every entry
+
+
 # ---------------------------------------------------------------------------------------------- C_beta
 
 

@@ -353,3 +353,10 @@ def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_is_clos
         waited = time.monotonic() - started
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
     assert BODY_TIMEOUT - 0.5 < waited < BODY_TIMEOUT + 20
+
+
+def test_a_server_with_a_method_that_needs_calibration_refuses_to_start(capsys):
+    from corematching.serve.cli import main
+
+    assert main(["--method", "teal", "--model", "no-such-model"]) == 2
+    assert "needs calibration" in capsys.readouterr().err

@@ -201,13 +201,18 @@ def measure(model, methods: dict[str, object], prompts: list[dict], reps: int, n
     """FLOPs, times and memory of every method: {spec: {...}}."""
     from tqdm import tqdm
 
+    from .runtime import sparsify
+
     shapes = flops.model_shapes(model)
     measured_vision = {}  # id(prompt) -> its vision FLOPs, counted on a dense pass where shapes cannot tell
     if shapes.vision is None:
         language_model = adapter_for(model).language_model
         measured_vision = {id(inputs): flops.measured_vision_flops(model, inputs, language_model) for inputs in prompts}
     specs = list(methods)
-    for spec in specs:  # warm-up
+    for spec in specs:  # warm-up (TEAL: its thresholds calibrated on the first timing prompt first)
+        with sparsify(model, methods[spec]) as session, torch.no_grad():
+            if session.needs_calibration:
+                session.calibrate(**prompts[0])
         timed_generate(model, methods[spec], prompts[0], new_tokens)
     times = {spec: [] for spec in specs}
     counts = {spec: [] for spec in specs}

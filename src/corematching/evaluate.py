@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from . import layout
-from .vqa import answer_batch
+from .vqa import answer_batch, calibrate_for
 from .zoo import data
 
 EVAL_SETS = ("test-2000", "test", "scenes", "scenes:SEED", "scenes:SEED:N")
@@ -222,6 +222,10 @@ def run_eval(model, processor, method, items: list, output: Path, batch_size: in
     if not sink_path.exists() or sink_path.stat().st_size == 0:
         sink_path.write_text(json.dumps({"settings": settings}) + "\n")
     bar = tqdm(total=len(todo), disable=not progress, desc=settings["method"], unit="q", dynamic_ncols=True)
+    if method is not None and method.needs_calibration():  # TEAL: from the set's first batch, on every rank
+        first = range(min(batch_size, len(items)))
+        calibrate_for(model, processor, [item_image(items[k]) for k in first], [items[k].question for k in first],
+                      method)
     with sink_path.open("a") as sink:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import torch
 
-from . import selection
+from .selection import ceil_ratio, token_core_neurons
 
 RULES = ("paper", "magnitude", "mass")
 
 
 def neuron_count(width: int, share: float) -> int:
     """How many of `width` neurons a share in (0, 1] keeps: ceil(share * width) computed exactly, at least 1."""
-    return max(1, int(selection.ceil_ratio(width, share)))
+    return max(1, int(ceil_ratio(width, share)))
 
 
 # ---------------------------------------------------------------------------------------------- rankings
@@ -48,7 +48,7 @@ def rank_descending(primary: torch.Tensor, secondary: torch.Tensor | None = None
 def paper_ranking(activations: torch.Tensor, token_mask: torch.Tensor, rho: float) -> torch.Tensor:
     """Neurons [B, F], best first: frequency among C_rho(x) over the masked tokens, then activation sum."""
     in_set = token_mask.unsqueeze(-1)
-    token_core = selection.token_core_neurons(activations, rho)  # [B, T, F] bool
+    token_core = token_core_neurons(activations, rho)  # [B, T, F] bool
     frequency = (token_core & in_set).sum(1, dtype=torch.int32)
     activation_sum = torch.where(in_set, activations, 0).sum(1, dtype=torch.float32)
     return rank_descending(frequency, activation_sum)

@@ -1,4 +1,4 @@
-"""The shared math of CoreMatching (DESIGN.md section 2): core neurons, match scores, token budgets.
+"""The shared math of CoreMatching: core neurons, match scores, token budgets (each rule stated below).
 
 Everything here is batched tensor code on the input's device. Shapes:
   B batch, T tokens, F FFN width (d_ff).
@@ -38,34 +38,59 @@ def token_core_neurons(activations: torch.Tensor, rho: float) -> torch.Tensor:
     P(x) = {n : a_n(x) > 0}, k(x) = ceil(rho * |P(x)|); C_rho(x) holds the k(x) neurons of P(x) with the largest
     activation, equal activations going to the lower neuron index. A token without positive activation has an
     empty set.
+
+    No sort: one selection per row finds the k(x)-th largest activation, then every neuron is compared with it;
+    only the neurons tied at that threshold need their index order.
     """
+    dtype = activations.dtype
     # Bool counts are summed as int32: summing bools as int64 copies the whole tensor first.
     core_size = ceil_ratio((activations > 0).sum(-1, dtype=torch.int32).long(), rho)  # [...] k(x) <= |P(x)|
-    # Every neuron of C_rho(x) is among the ceil(rho * F) largest of the row.
-    largest = activations.topk(ceil_ratio(activations.shape[-1], rho), dim=-1, sorted=False).values
-    threshold = kth_largest(largest, core_size).unsqueeze(-1)  # [..., 1] the k(x)-th largest activation
+    # Every neuron of C_rho(x) is among the ceil(rho * F) largest of the row, found on the order-keeping integer
+    # view of the activations (see float_bits).
+    largest = float_bits(activations).topk(ceil_ratio(activations.shape[-1], rho), dim=-1, sorted=False).values
+    # The k(x)-th largest activation [..., 1]; NaN where k(x) is 0, which no activation equals or exceeds.
+    threshold = kth_largest(largest, core_size).view(dtype).unsqueeze(-1)
     above = activations > threshold
     tied = activations == threshold
     # Of the neurons tied at the threshold, take the lowest indices until k(x) neurons are chosen.
-    num_above = (largest > threshold).sum(-1, dtype=torch.int32)  # all of them are among the largest
+    num_above = (largest.view(dtype) > threshold).sum(-1, dtype=torch.int32)  # all of them are among the largest
     still_needed = (core_size - num_above).to(torch.int32).unsqueeze(-1)  # [..., 1]
     tie_rank = tied.cumsum(-1, dtype=torch.int32)  # 1-based rank among the tied, by index
     return torch.where(tied, tie_rank <= still_needed, above)
 
 
-def kth_largest(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The k-th largest entry of every row of values [..., W], for a k [...] that varies per row (0 <= k <= W);
-    a value above the row's maximum where k is 0.
+_SAME_WIDTH_INT = {
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+}
 
-    One selection at a common rank: each row gets W - k values above and k values below all of its entries
-    (distinct, which keeps the selection fast), so that the (W + 1)-th smallest of the extended row is the k-th
-    largest of the row.
+
+def float_bits(values: torch.Tensor) -> torch.Tensor:
+    """The bits of floats read as signed integers of the same width (a view, no copy).
+
+    IEEE floats keep their order in this view where they are positive, and every negative float (and -0.0) lands
+    below +0.0, so that the largest positive values are the largest integers; integers also select faster than
+    floats on the CPU (no NaN checks). Among negative floats the order is reversed, which the callers never need.
+    """
+    as_int = _SAME_WIDTH_INT.get(values.dtype)
+    if as_int is None:
+        raise ValueError(f"activations must be float16, bfloat16, float32 or float64, got {values.dtype}")
+    return values.view(as_int)
+
+
+def kth_largest(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The k-th largest entry of every row of integer values [..., W], for a k [...] that varies per row
+    (0 <= k <= W); the dtype's largest integer where k is 0.
+
+    One selection at a common rank: each row gets W - k copies of the dtype's largest integer and k of its
+    smallest, so that the (W + 1)-th smallest of the extended row is the k-th largest of the row.
     """
     width = values.shape[-1]
-    slots = torch.arange(width, device=values.device, dtype=values.dtype)
-    bound = values.abs().amax(-1, keepdim=True) * 2 + 1  # [..., 1] beyond every entry of the row
-    beyond = bound * (1 + slots / width)  # [..., W] distinct, all above the row's entries
-    padding = torch.where(slots < (width - k).unsqueeze(-1), beyond, -beyond)
+    limits = torch.iinfo(values.dtype)
+    slots = torch.arange(width, device=values.device)
+    padding = torch.where(slots < (width - k).unsqueeze(-1), limits.max, limits.min).to(values.dtype)
     return torch.cat([values, padding], dim=-1).kthvalue(width + 1, dim=-1).values
 
 
@@ -231,18 +256,6 @@ def select_by_score(
     else:
         count = budget_counts(order, token_budget, min_tokens)
     return keep_top(order, count)
-
-
-# ---------------------------------------------------------------------------------------------- CoreMatching
-
-
-def core_matching_scores(
-    activations: torch.Tensor, match_mask: torch.Tensor, rho: float, beta: float
-) -> torch.Tensor:
-    """score(x) for every token [B, T] against the core neurons of the match set match_mask [B, T]."""
-    token_core = token_core_neurons(activations, rho)
-    match_core = sentence_core_neurons(token_core, activations, match_mask, beta)
-    return match_scores(token_core, neuron_mask(match_core, activations.shape[-1]))
 
 
 # ---------------------------------------------------------------------------------------------- hashing

@@ -69,6 +69,25 @@ def answer_batch(model, processor, images, questions, method=None, max_new_token
     return BatchAnswers(answers, record, inputs["input_ids"], dict(inputs))
 
 
+@torch.no_grad()
+def calibrate_for(model, processor, images, questions, method) -> bool:
+    """Calibrate a method with input-dependent state (TEAL's thresholds) on these images and questions, as
+    answer_batch would prompt them (one prefill, session.calibrate); the method instance keeps the state for its
+    later sessions on this model. Returns whether the method needed it (nothing runs otherwise)."""
+    from .runtime import sparsify
+
+    if method is None or not method.needs_calibration():
+        return False
+    images = [check_image(im) for im in images]
+    inputs = processor(images=images, text=prompts_for(processor, questions), return_tensors="pt", padding=True)
+    inputs = inputs.to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with sparsify(model, method) as session:
+        session.calibrate(**inputs)
+    return True
+
+
 def answer(model, processor, image, question: str, method=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> str:
     """The model's short answer, as text, to `question` about `image` (a PIL image)."""
     return answer_batch(model, processor, [image], [question], method, max_new_tokens).texts[0]

@@ -144,12 +144,18 @@ class SparsityMethod:
         raise NotImplementedError(f"{type(self).__name__} does not select neurons")
 
     def decode_ffn_layers(self, num_layers: int) -> tuple[int, ...]:
-        """Layers whose FFN the method computes itself while decoding (decode_ffn); their prefill runs dense and
-        is shown to observe_prefill_ffn."""
+        """Layers whose FFN the method computes itself while decoding (decode_ffn); their prefill runs dense, and
+        the prefill of `Session.calibrate` is shown to calibrate_ffn."""
         return ()
 
-    def observe_prefill_ffn(self, layer: int, ffn, hidden: torch.Tensor, token_mask: torch.Tensor) -> None:
-        """A fresh prefill's FFN input hidden [B, T, H] of a decode_ffn layer (token_mask [B, T]: real tokens).
+    def needs_calibration(self) -> bool:
+        """Whether the method has input-dependent state that `Session.calibrate` sets (it refuses to decode
+        without it)."""
+        return False
+
+    def calibrate_ffn(self, layer: int, ffn, hidden: torch.Tensor, token_mask: torch.Tensor) -> None:
+        """The FFN input hidden [B, T, H] of a decode_ffn layer in a calibration prefill (`Session.calibrate`;
+        token_mask [B, T]: real tokens), from which the method sets its input-dependent state for that FFN.
         ffn: the layer's FFN parts (up, down, gate linears and act)."""
 
     def decode_ffn(self, layer: int, ffn, hidden: torch.Tensor) -> torch.Tensor:

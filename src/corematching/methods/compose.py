@@ -66,8 +66,11 @@ class Composed(SparsityMethod):
     def select_tokens_and_neurons(self, batch, token_mask, layer):
         return self.select_tokens(batch), self.select_neurons(batch.activations, token_mask, layer)
 
-    def observe_prefill_ffn(self, layer, ffn, hidden, token_mask) -> None:
-        self.neuron_method.observe_prefill_ffn(layer, ffn, hidden, token_mask)
+    def needs_calibration(self) -> bool:
+        return self.token_method.needs_calibration() or self.neuron_method.needs_calibration()
+
+    def calibrate_ffn(self, layer, ffn, hidden, token_mask) -> None:
+        self.neuron_method.calibrate_ffn(layer, ffn, hidden, token_mask)
 
     def decode_ffn(self, layer, ffn, hidden):
         return self.neuron_method.decode_ffn(layer, ffn, hidden)

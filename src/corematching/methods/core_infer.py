@@ -1,15 +1,16 @@
 """CoreInfer: decoding with the prompt's sentence-wise core neurons, no token pruning (the neuron half alone).
 
 Wang et al., "CoreInfer: Accelerating Large Language Model Inference with Semantics-Inspired Adaptive Sparse
-Activation" (2024). The core neurons of every neuron layer are C_beta over all prompt tokens (DESIGN.md section 2,
-steps 1-2); decoding computes only those. It applies to text-only inputs too, so plain language models can use it.
+Activation" (2024). The core neurons of every neuron layer are C_beta over all prompt tokens (selection.py:
+token_core_neurons, then sentence_core_neurons); decoding computes only those. It applies to text-only inputs
+too, so plain language models can use it.
 """
 
 from dataclasses import dataclass
 
 import torch
 
-from .. import selection
+from ..selection import sentence_core_neurons, token_core_neurons
 from . import defaults
 from .base import SparsityMethod, check_layer_list, check_ratio
 
@@ -42,5 +43,5 @@ class CoreInfer(SparsityMethod):
             raise ValueError(f"neuron_layers {outside} are out of range: the language model has {num_layers} layers")
 
     def select_neurons(self, activations: torch.Tensor, token_mask: torch.Tensor, layer: int) -> torch.Tensor:
-        token_core = selection.token_core_neurons(activations, self.rho)
-        return selection.sentence_core_neurons(token_core, activations, token_mask, self.beta)
+        token_core = token_core_neurons(activations, self.rho)
+        return sentence_core_neurons(token_core, activations, token_mask, self.beta)

@@ -1,11 +1,19 @@
-"""CoreMatching: the neurons choose the tokens, the kept tokens choose the neurons (DESIGN.md section 2)."""
+"""CoreMatching: the neurons choose the tokens, the kept tokens choose the neurons (the rules: selection.py)."""
 
 from dataclasses import dataclass
 
 import torch
 
-from .. import neuron_rules, selection
-from ..calibrate import read_budgets
+from ..neuron_rules import RULES, neuron_count
+from ..neuron_rules import select as select_by_rule
+from ..selection import (
+    last_token_mask,
+    match_scores,
+    neuron_mask,
+    select_by_score,
+    sentence_core_neurons,
+    token_core_neurons,
+)
 from . import defaults
 from .base import (
     SparsityMethod,
@@ -17,6 +25,7 @@ from .base import (
     check_ratio,
     check_token_budget,
 )
+from .neuron_budgets import read_budgets
 
 
 @dataclass
@@ -26,8 +35,8 @@ class CoreMatching(SparsityMethod):
     prune_layer: tokens are scored from this layer's FFN activations and removed after it.
     token_budget: visual tokens kept per image: an int, a fraction in (0, 1], or None for the elbow rule.
     rho, beta: token-wise and sentence-wise core neuron ratios, in (0, 1].
-    neuron_layers: layers that decode with core neurons; None means the measured default
-        (defaults.default_neuron_layers: none on the bundled model, where core-neuron decoding cost too much).
+    neuron_layers: layers that decode with core neurons; None means the measured default: none (or the layers
+        neuron_budgets name), as core-neuron decoding cost too much accuracy on the bundled model (defaults.py).
     match: the match set whose core neurons score the visual tokens: "all", "text" or "last".
     min_tokens: the fewest visual tokens an image keeps.
     neuron_rule: how the decode neurons are chosen from a layer's prefill activations (corematching.
@@ -58,8 +67,8 @@ class CoreMatching(SparsityMethod):
         if self.match not in defaults.MATCH_SETS:
             raise ValueError(f"match must be one of {defaults.MATCH_SETS}, got {self.match!r}")
         check_positive_int("min_tokens", self.min_tokens)
-        if self.neuron_rule not in neuron_rules.RULES:
-            raise ValueError(f"neuron_rule must be one of {neuron_rules.RULES}, got {self.neuron_rule!r}")
+        if self.neuron_rule not in RULES:
+            raise ValueError(f"neuron_rule must be one of {RULES}, got {self.neuron_rule!r}")
         self._budgets = None if self.neuron_budgets is None else read_budgets(self.neuron_budgets, "neuron_budgets")
 
     def prune_layer_index(self) -> int:
@@ -72,7 +81,7 @@ class CoreMatching(SparsityMethod):
         if self.neuron_layers is None and self._budgets is not None:
             return tuple(layer for layer, share in self._budgets.items() if share < 1)
         if self.neuron_layers is None:
-            return defaults.default_neuron_layers(self.prune_layer, num_layers)
+            return ()
         return check_layer_list("neuron_layers", self.neuron_layers)
 
     def check_layers(self, num_layers: int) -> None:
@@ -89,10 +98,10 @@ class CoreMatching(SparsityMethod):
             return batch.valid_mask
         if self.match == "text":
             return batch.valid_mask & ~batch.visual_mask
-        return selection.last_token_mask(batch.valid_mask)
+        return last_token_mask(batch.valid_mask)
 
     def select_tokens(self, batch: TokenBatch) -> TokenDecision:
-        token_core = selection.token_core_neurons(batch.activations, self.rho)
+        token_core = token_core_neurons(batch.activations, self.rho)
         return self._decide_tokens(batch, token_core)
 
     def neuron_share(self, layer: int) -> float:
@@ -102,23 +111,23 @@ class CoreMatching(SparsityMethod):
     def select_neurons(self, activations: torch.Tensor, token_mask: torch.Tensor, layer: int) -> torch.Tensor:
         share = self.neuron_share(layer)
         if self.neuron_rule == "paper" and share == self.beta:
-            token_core = selection.token_core_neurons(activations, self.rho)
-            return selection.sentence_core_neurons(token_core, activations, token_mask, self.beta)
-        count = neuron_rules.neuron_count(activations.shape[-1], share)
-        return neuron_rules.select(self.neuron_rule, activations, token_mask, count, self.rho)
+            token_core = token_core_neurons(activations, self.rho)
+            return sentence_core_neurons(token_core, activations, token_mask, self.beta)
+        count = neuron_count(activations.shape[-1], share)
+        return select_by_rule(self.neuron_rule, activations, token_mask, count, self.rho)
 
     def select_tokens_and_neurons(
         self, batch: TokenBatch, token_mask: torch.Tensor, layer: int
     ) -> tuple[TokenDecision, torch.Tensor]:
         if self.neuron_rule != "paper" or self.neuron_share(layer) != self.beta:
             return self.select_tokens(batch), self.select_neurons(batch.activations, token_mask, layer)
-        token_core = selection.token_core_neurons(batch.activations, self.rho)  # shared by both choices
-        neurons = selection.sentence_core_neurons(token_core, batch.activations, token_mask, self.beta)
+        token_core = token_core_neurons(batch.activations, self.rho)  # shared by both choices
+        neurons = sentence_core_neurons(token_core, batch.activations, token_mask, self.beta)
         return self._decide_tokens(batch, token_core), neurons
 
     def _decide_tokens(self, batch: TokenBatch, token_core: torch.Tensor) -> TokenDecision:
         activations = batch.activations
-        match_core = selection.sentence_core_neurons(token_core, activations, self.match_mask(batch), self.beta)
-        scores = selection.match_scores(token_core, selection.neuron_mask(match_core, activations.shape[-1]))
-        keep = selection.select_by_score(scores, batch.image_index, self.token_budget, self.min_tokens)
+        match_core = sentence_core_neurons(token_core, activations, self.match_mask(batch), self.beta)
+        scores = match_scores(token_core, neuron_mask(match_core, activations.shape[-1]))
+        keep = select_by_score(scores, batch.image_index, self.token_budget, self.min_tokens)
         return TokenDecision(keep_visual=keep & batch.visual_mask, scores=scores.to(torch.float32))

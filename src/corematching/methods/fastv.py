@@ -9,7 +9,7 @@ Simplified: nothing. Budgets apply per image (the paper has one image per prompt
 
 from dataclasses import dataclass
 
-from .. import selection
+from ..selection import select_by_score
 from .base import SparsityMethod, TokenBatch, TokenDecision, check_layer_index, check_token_budget
 
 
@@ -33,5 +33,5 @@ class FastV(SparsityMethod):
 
     def select_tokens(self, batch: TokenBatch) -> TokenDecision:
         scores = batch.last_attention
-        keep = selection.select_by_score(scores, batch.image_index, self.token_budget)
+        keep = select_by_score(scores, batch.image_index, self.token_budget)
         return TokenDecision(keep_visual=keep & batch.visual_mask, scores=scores)

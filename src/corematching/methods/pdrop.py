@@ -15,7 +15,7 @@ generation header do; with one, the header's last token).
 
 from dataclasses import dataclass
 
-from .. import selection
+from ..selection import select_by_score
 from .base import SparsityMethod, TokenBatch, TokenDecision, check_layer_index, check_ratio
 
 
@@ -58,5 +58,5 @@ class PDrop(SparsityMethod):
 
     def select_tokens(self, batch: TokenBatch) -> TokenDecision:
         scores = batch.last_attention
-        keep = selection.select_by_score(scores, batch.image_index, self.ratios[batch.stage])
+        keep = select_by_score(scores, batch.image_index, self.ratios[batch.stage])
         return TokenDecision(keep_visual=keep & batch.visual_mask, scores=scores)

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import selection
+from ..selection import HASH_MODULUS, hash_mix, select_by_score
 from . import defaults
 from .base import SparsityMethod, TokenBatch, TokenDecision, check_layer_index, check_token_budget, is_int
 
@@ -12,10 +12,10 @@ from .base import SparsityMethod, TokenBatch, TokenDecision, check_layer_index, 
 def token_noise(seed: int, image_key: torch.Tensor, image_ordinal: torch.Tensor) -> torch.Tensor:
     """A pseudo-random score in [0, 1) per visual token, a function of (seed, the image's key, position in the
     image) only, so a sample draws the same tokens whatever its batch mates, padding or device."""
-    mixed = selection.hash_mix(torch.full_like(image_key, seed % selection.HASH_MODULUS))
-    mixed = selection.hash_mix(mixed + image_key.clamp(min=0))
-    mixed = selection.hash_mix(mixed + image_ordinal.clamp(min=0))
-    return mixed.to(torch.float64).div(selection.HASH_MODULUS).to(torch.float32)
+    mixed = hash_mix(torch.full_like(image_key, seed % HASH_MODULUS))
+    mixed = hash_mix(mixed + image_key.clamp(min=0))
+    mixed = hash_mix(mixed + image_ordinal.clamp(min=0))
+    return mixed.to(torch.float64).div(HASH_MODULUS).to(torch.float32)
 
 
 @dataclass
@@ -47,5 +47,5 @@ class RandomTokens(SparsityMethod):
         if fingerprint is None:  # a batch built by hand: the draw depends on the positions only
             fingerprint = torch.zeros_like(batch.image_index)
         scores = token_noise(self.seed, fingerprint, batch.image_ordinal)
-        keep = selection.select_by_score(scores, batch.image_index, self.token_budget)
+        keep = select_by_score(scores, batch.image_index, self.token_budget)
         return TokenDecision(keep_visual=keep & batch.visual_mask, scores=scores)

@@ -4,11 +4,14 @@ Liu et al., "Training-Free Activation Sparsity in Large Language Models" (ICLR 2
 decoded token with |x_i| <= t is set to 0 before gate/up, and each entry a_n of the activation entering down_proj
 with |a_n| <= t' likewise; t and t' are per-layer magnitude thresholds chosen so that a share `sparsity` of the
 entries of calibration tokens falls below them.
-Calibration: the thresholds come from the first prefill a model runs under TEAL (all its real tokens: pass a
-batch of a few representative prompts first, e.g. `model(**calibration_batch)` inside the session) and are
-cached per model FFN and sparsity, for every later session. Prefill itself runs dense.
+Calibration is explicit: inside the session, `session.calibrate(**calibration_batch)` runs one prefill of a few
+representative prompts, and each layer's thresholds come from the real tokens it sees there. They are kept on
+this TEAL instance, per FFN module of the model (so one instance serves several models, each with its own), for
+every later session with the instance; calibrating again replaces them. Decoding before calibration is refused
+(cm.UnsupportedModeError); prefill itself runs dense and needs none. No call other than `calibrate` changes them,
+so answers never depend on which request came first.
 Simplified: TEAL also sparsifies the attention projections' inputs and calibrates on a large corpus; here the FFN
-only, from the first prefill. The zeros are applied by masking: they save no time without sparse kernels.
+only, from the calibration prefill. The zeros are applied by masking: they save no time without sparse kernels.
 """
 
 import weakref
@@ -16,10 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UnsupportedModeError
 from .base import SparsityMethod, check_layer_list, check_ratio
-
-# FFN module -> {sparsity: (threshold on |x|, threshold on |a|)}: once per model, shared by every TEAL instance.
-_THRESHOLDS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def magnitude_threshold(values: torch.Tensor, sparsity: float) -> float:
@@ -54,6 +55,17 @@ class TEAL(SparsityMethod):
         if self.sparsity >= 1:
             raise ValueError(f"sparsity must be below 1 (1 would zero every FFN input), got {self.sparsity!r}")
         check_layer_list("layers", self.layers)
+        # FFN module -> (threshold on |x|, threshold on |a|), set by calibrate_ffn (not a field: copies and
+        # dataclasses.replace start uncalibrated)
+        self._thresholds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __getstate__(self) -> dict:
+        """Pickled without thresholds (they belong to modules of one process's model)."""
+        return {key: value for key, value in self.__dict__.items() if key != "_thresholds"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._thresholds = weakref.WeakKeyDictionary()
 
     def applies_to_text(self) -> bool:
         return True
@@ -68,22 +80,27 @@ class TEAL(SparsityMethod):
 
     def thresholds(self, ffn_module: torch.nn.Module) -> tuple[float, float] | None:
         """(t on |x|, t' on |a|) of an FFN module (e.g. `layers[3].mlp`), or None before calibration."""
-        return _THRESHOLDS.get(ffn_module, {}).get(self.sparsity)
+        return self._thresholds.get(ffn_module)
 
-    def observe_prefill_ffn(self, layer, ffn, hidden, token_mask) -> None:
-        if self.thresholds(ffn.module) is not None:
-            return
+    def needs_calibration(self) -> bool:
+        return True
+
+    def calibrate_ffn(self, layer, ffn, hidden, token_mask) -> None:
         tokens = hidden[token_mask]  # [real tokens, H]
         if tokens.shape[0] == 0:
-            return
+            raise ValueError(f"TEAL: the calibration prefill has no real token at decoder layer {layer}")
         _, activation = ffn_input_and_activation(ffn, tokens)
         thresholds = (magnitude_threshold(tokens, self.sparsity), magnitude_threshold(activation, self.sparsity))
-        _THRESHOLDS.setdefault(ffn.module, {})[self.sparsity] = thresholds
+        self._thresholds[ffn.module] = thresholds
 
     def decode_ffn(self, layer, ffn, hidden):
         thresholds = self.thresholds(ffn.module)
-        if thresholds is None:  # a cache filled before calibration finished cannot happen: calibrated at prefill
-            raise RuntimeError(f"TEAL: layer {layer} has no calibrated thresholds")
+        if thresholds is None:
+            raise UnsupportedModeError(
+                f"TEAL decoding before calibration: decoder layer {layer} of this model has no magnitude thresholds "
+                f"for {self!r}; calibrate them inside the session first, on a few representative prompts: "
+                "session.calibrate(**inputs)"
+            )
         input_threshold, activation_threshold = thresholds
         _, activation = ffn_input_and_activation(ffn, hidden, input_threshold)
         activation = activation * (activation.abs() > activation_threshold).to(activation.dtype)

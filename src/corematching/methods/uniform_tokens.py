@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import selection
+from ..selection import budget_counts, order_groups
 from . import defaults
 from .base import SparsityMethod, TokenBatch, TokenDecision, check_layer_index, check_token_budget
 
@@ -61,8 +61,8 @@ class UniformTokens(SparsityMethod):
 
     def select_tokens(self, batch: TokenBatch) -> TokenDecision:
         groups = batch.image_index
-        order = selection.order_groups(torch.zeros_like(groups), groups)  # only for the group sizes
-        count = selection.budget_counts(order, self.token_budget)  # [B, T]
+        order = order_groups(torch.zeros_like(groups), groups)  # only for the group sizes
+        count = budget_counts(order, self.token_budget)  # [B, T]
         size = order.size
         ordinal = batch.image_ordinal.clamp(min=0)
         picked = evenly_spaced(ordinal, size, count)

@@ -264,6 +264,10 @@ class ModelAdapter:
 
     def output_cache(self, output) -> object:
         """The KV cache an entry call returned (it may have created it), or None."""
+        if isinstance(output, tuple):  # return_dict=False: the cache is the element that is one
+            from transformers.cache_utils import Cache
+
+            return next((item for item in output if isinstance(item, Cache)), None)
         cache = getattr(output, "cache", None)
         return cache if cache is not None else getattr(output, "past_key_values", None)
 

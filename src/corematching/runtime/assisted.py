@@ -4,13 +4,16 @@ follows, so the engine must know which tokens of that call are candidates: they 
 always go on past the prune layer, and compute the FFNs as decode steps do (engine.py).
 
 generate() hands the prompt to `_get_candidate_generator` before the first call; the session wraps that method of
-the model (for the session's lifetime) so that the prompt is known here.
+the model (for the session's lifetime) so that the prompt is known here. The note is per thread: generate() notes
+and uses it in its own thread, and another thread's generate() never takes it.
 """
+
+import threading
 
 import torch
 
 
-class AssistedPrompt:
+class AssistedPrompt(threading.local):
     def __init__(self):
         self.prompt: torch.Tensor | None = None  # [B, T] ids of an assisted generate()'s prompt, until its first call
 

@@ -18,8 +18,8 @@ Hooks call in here: `on_entry` / `on_entry_done` around the entry module, `on_la
 after K, `ffn_forward` in place of the FFN forward of the watched layers.
 """
 
+import threading
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -40,15 +40,13 @@ from .cache_state import (
     state_of,
 )
 from .conversation import ConversationKeeper
-from .ffn import SlicedFFN, dense_ffn, masked_ffn
+from .ffn import SlicedFFN, dense_ffn, masked_ffn, sliced_bytes_estimate
 from .masks import padding_mask_from_4d, upper_attention_mask
 from .method_inputs import MethodInputs
 from .neuron_order import NeuronOrder, prefix_ffn
 from .offload import is_offloaded
 from .packing import PackedLayout, pack_kept_tokens, packed_sequence_ids
 from .records import SparsityRecord
-
-SLICED_DECISIONS_KEPT = 4  # sliced weights of this many recent prefills stay gathered
 
 
 class CallKind(Enum):
@@ -133,11 +131,15 @@ class Engine:
             self.watched_layers.update(self.stage_layers)
         self.upper_layers = range(self.prune_layer + 1, num_layers) if self.prune_layer is not None else range(0)
         self.changes_model = self.prune_layer is not None or bool(self.neuron_layers) or bool(self.decode_ffn_layers)
+        self._running = threading.local()  # the call in progress is the calling thread's (see `call`)
         self.inputs = MethodInputs(adapter, method, self.stage_layers, lambda: self.call)
-        self.call: CallState | None = None
+        self.call = None
+        self.calibrating = False  # the running prefill calibrates the method (Session.calibrate)
         self.last: SparsityRecord | None = None
-        # id(decision) -> (weak reference to it, {layer: SlicedFFN or None}); most recent last
-        self._sliced: OrderedDict[int, tuple[weakref.ref, dict]] = OrderedDict()
+        # id(decision) -> (weak reference to it, {layer: SlicedFFN or None}): the core-neuron FFNs of a prefill's
+        # decision, built at its first decode step; the entry goes when the decision does, that is with the last
+        # KV cache (or copy of one) that holds it
+        self._sliced: dict[int, tuple[weakref.ref, dict]] = {}
         # neuron_weights="in_place": the layers whose FFN neurons are reordered for a decision (neuron_order.py)
         self.neuron_order = NeuronOrder() if neuron_weights == "in_place" else None
         self.conversation = ConversationKeeper(adapter)  # the model's state between calls travels with caches
@@ -160,6 +162,17 @@ class Engine:
         """(index [B, L] in the call, valid [B, L]) of the call's tokens the current layers hold; None: all."""
         layout = self.call.layout if self.call is not None else None
         return None if layout is None else (layout.source_index, layout.slot_valid)
+
+    @property
+    def call(self) -> CallState | None:
+        """The entry call the calling thread is inside (None: none). Per thread, so that hooks run by another
+        thread (a vision tower encoding images before its own call) never see it; calls themselves are serialized
+        by the session."""
+        return getattr(self._running, "call", None)
+
+    @call.setter
+    def call(self, value: CallState | None) -> None:
+        self._running.call = value
 
     def reset(self) -> None:
         """Drop decisions and sliced weights; FFN neurons back in their original order."""
@@ -586,9 +599,9 @@ class Engine:
             return dense_ffn(parts, hidden)[0]
         if call.kind == CallKind.FRESH:
             out, activation = dense_ffn(parts, hidden)
-            if layer in self.decode_ffn_layers:
+            if self.calibrating and layer in self.decode_ffn_layers:  # Session.calibrate's prefill
                 with torch.no_grad():
-                    self.method.observe_prefill_ffn(layer, parts, hidden, call.decision_valid)
+                    self.method.calibrate_ffn(layer, parts, hidden, call.decision_valid)
             self._observe(call, layer, activation)
             if call.candidates is not None:
                 out = self._candidates_decoded(call, layer, parts, hidden, out)
@@ -665,17 +678,45 @@ class Engine:
             return torch.ones_like(call.visual[:, 0])
         return call.visual.any(1)
 
+    def sliced_bytes(self) -> int:
+        """Bytes held beside the model's weights for core-neuron decoding: the sliced FFNs of the decisions whose
+        caches are alive (gathered weights, row masks, swap indices), and the swap indices of layers still in
+        another neuron order (in place)."""
+        swaps = {} if self.neuron_order is None else self.neuron_order.swaps()
+        total = 0
+        for _, per_layer in list(self._sliced.values()):
+            for sliced in list(per_layer.values()):
+                if sliced is not None:
+                    total += sliced.extra_bytes
+                    swaps.pop(id(sliced.swap), None)  # counted with its FFN
+        return total + sum(swap.nbytes for swap in swaps.values())
+
+    def decision_bytes(self, decision: NeuronDecision | None) -> int:
+        """Bytes the sliced FFNs of one decision hold beside the model's weights: those built, and an exact estimate
+        for the layers its decode steps have not built yet (they are built at the first one)."""
+        if decision is None:
+            return 0
+        entry = self._sliced.get(id(decision))
+        built = entry[1] if entry is not None and entry[0]() is decision else {}
+        total = 0
+        for layer, neurons in decision.neurons.items():
+            if layer in built:
+                total += 0 if built[layer] is None else built[layer].extra_bytes
+            else:
+                parts = self.adapter.ffn(layer)
+                total += sliced_bytes_estimate(parts, neurons, decision.sparse_rows, self.neuron_order is None)
+        return total
+
     def _sliced_ffn(self, decision: NeuronDecision, layer: int, parts: FFNParts) -> SlicedFFN | None:
         """The layer's core-neuron FFN for a prefill's decision, built on first use (None: all neurons): a gathered
         copy, or in place, views of the model's tensors with the union's neurons moved first."""
         key = id(decision)
         entry = self._sliced.get(key)
         if entry is None or entry[0]() is not decision:
-            entry = (weakref.ref(decision), {})
+            entry = (weakref.ref(decision, _forget_entry(self._sliced, key)), {})
+            if self.offloaded_ffns:  # offloaded FFNs: only the latest decision's slices stay resident
+                self._sliced.clear()
             self._sliced[key] = entry
-            while len(self._sliced) > (1 if self.offloaded_ffns else SLICED_DECISIONS_KEPT):
-                self._sliced.popitem(last=False)
-        self._sliced.move_to_end(key)
         per_layer = entry[1]
         if layer not in per_layer:
             build = SlicedFFN.gather if self.neuron_order is None else prefix_ffn
@@ -684,6 +725,17 @@ class Engine:
         if sliced is not None and sliced.swap is not None:
             self.neuron_order.arrange(layer, parts, decision, sliced.swap)
         return sliced
+
+
+def _forget_entry(sliced: dict, key: int):
+    """The callback of a decision's weak reference: drop its sliced FFNs from `sliced` when it goes."""
+
+    def forget(reference: weakref.ref) -> None:
+        entry = sliced.get(key)
+        if entry is not None and entry[0] is reference:
+            sliced.pop(key, None)
+
+    return forget
 
 
 def _cache_length(cache, layer: int) -> int:

@@ -42,6 +42,26 @@ def core_union(neurons: torch.Tensor, sparse_rows: torch.Tensor) -> torch.Tensor
     return torch.unique(rows) if rows.numel() else neurons[:0, 0]
 
 
+def sliced_bytes_estimate(parts: FFNParts, neurons: torch.Tensor, sparse_rows: torch.Tensor, copied: bool) -> int:
+    """The bytes a layer's SlicedFFN for these core neurons ([B0, k], sparse_rows [B0]) holds beside the model's
+    weights once built: with `copied`, the union's rows of gate/up (and their biases) and columns of down, plus a
+    batch's row masks; in place, the row masks and the swap's two index vectors (neuron_order.Swap)."""
+    width = parts.up.weight.shape[0]
+    members = core_union(neurons, sparse_rows)
+    union = members.numel()
+    if union == width and neurons.shape[1] == width:
+        return 0  # every neuron is core: the layer decodes densely
+    masks = union * neurons.shape[0] if neurons.shape[0] > 1 or union == width else 0
+    if union == width:
+        return masks  # the model's own weights, masked
+    if not copied:  # the swap moves the members at positions >= |U| (as many non-members come forward)
+        return masks + 2 * int((members >= union).sum()) * members.element_size()
+    element = parts.up.weight.element_size()
+    linears = [linear for linear in (parts.gate, parts.up) if linear is not None]
+    rows = sum(linear.weight.shape[1] + (linear.bias is not None) for linear in linears)
+    return union * (rows + parts.down.weight.shape[0]) * element + masks
+
+
 def check_sliceable(parts: FFNParts, layer: int) -> None:
     """Core-neuron decoding gathers rows and columns of plain floating-point weights; anything else (8-bit or
     4-bit modules, tensor-subclass quantization, offloaded weights) is refused by name."""

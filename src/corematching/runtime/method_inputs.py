@@ -9,17 +9,22 @@ sample, so batch mates never change it.
 The vision tower may run outside the call that uses it: `generate` encodes the images first and passes the tower's
 output object in (`mm_encoder_outputs`). So what the tower hooks compute is also attached to that output object,
 where `fill` finds it when the call brought pre-encoded images.
+
+What passes between hooks of one tower run (the attentions until the tower returns, the tower's output until the
+feature packing reads it) is kept per thread: a tower run by another thread (generate() encodes images before it
+calls the model) never mixes into it.
 """
 
+import threading
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .. import selection
 from ..errors import UnsupportedModeError, UnsupportedModelError
 from ..methods import SparsityMethod, TokenBatch
 from ..models import ModelAdapter
+from ..selection import HASH_MODULUS, hash_mix
 
 TOWER_ATTENTION = "_corematching_vision_attention"  # attribute of a tower output: [N images, P] attention received
 TOWER_KEYS = "_corematching_vision_keys"  # attribute of a tower output: [N images, P, d] keys over heads
@@ -44,10 +49,8 @@ class MethodInputs:
         self.stage_layers = stage_layers
         self.prune_layer = stage_layers[0] if stage_layers else None
         self.current_call = current_call  # () -> the engine's CallState of the running call, or None
-        self._tower_attention: list[torch.Tensor] = []  # per tower call, until the tower returns
-        self._tower_keys: list[torch.Tensor] = []
+        self._tower_run = _TowerRun()  # per thread: what one tower run's hooks pass on
         self._tower_hooked = False  # whether the tower's output gets what the hooks computed
-        self._last_tower_output = None  # the latest tower output, which the feature packing then describes
         reads_tower = bool({"vision_attention", "vision_keys"} & self.wanted)
         self.packing = adapter.feature_packing() if reads_tower else None  # (owner, name, sources) or None
 
@@ -96,26 +99,26 @@ class MethodInputs:
         hidden = args[0] if args else kwargs["hidden_states"]
         with torch.no_grad():
             if "vision_attention" in self.wanted:
-                self._tower_attention.append(self.adapter.vision_token_attention(hidden))
+                self._tower_run.attention.append(self.adapter.vision_token_attention(hidden))
             if "vision_keys" in self.wanted:
-                self._tower_keys.append(self.adapter.vision_token_keys(hidden))
+                self._tower_run.keys.append(self.adapter.vision_token_keys(hidden))
 
     def _on_tower_done(self, module, args, kwargs, output):
         """Attach what the tower hooks computed to the tower's output (and to the running call, if any)."""
         pixels = args[0] if args else kwargs.get("pixel_values")
-        found = {}
-        if self._tower_attention:
-            found[TOWER_ATTENTION] = torch.cat(self._tower_attention, dim=0)
-            self._tower_attention = []
-        if self._tower_keys:
-            found[TOWER_KEYS] = torch.cat(self._tower_keys, dim=0)
-            self._tower_keys = []
+        found, run = {}, self._tower_run
+        if run.attention:
+            found[TOWER_ATTENTION] = torch.cat(run.attention, dim=0)
+            run.attention = []
+        if run.keys:
+            found[TOWER_KEYS] = torch.cat(run.keys, dim=0)
+            run.keys = []
         if "image_fingerprint" in self.wanted and isinstance(pixels, torch.Tensor):
             images = self.adapter.tower_images(pixels, kwargs)
             found[TOWER_HASHES] = torch.stack([content_hash(image) for image in images])
         self._attach(output, found)
         if self.packing is not None:
-            self._last_tower_output = output
+            run.last_output = output
 
     def _attach(self, output, found: dict) -> None:
         """What the hooks computed goes onto the tower's output object (generate() passes it back in) and to the
@@ -136,10 +139,11 @@ class MethodInputs:
 
         def packed(*args, **kwargs):
             result = original(*args, **kwargs)
-            if self._last_tower_output is not None:
+            run = self._tower_run
+            if run.last_output is not None:
                 with torch.no_grad():
-                    self._attach(self._last_tower_output, {TOWER_SOURCES: sources_of(original, args, kwargs)})
-                self._last_tower_output = None
+                    self._attach(run.last_output, {TOWER_SOURCES: sources_of(original, args, kwargs)})
+                run.last_output = None
             return result
 
         return [(owner, name, packed)]
@@ -212,12 +216,21 @@ class MethodInputs:
         return value
 
 
+class _TowerRun(threading.local):
+    """What the hooks of the calling thread's tower run pass on to each other."""
+
+    def __init__(self):
+        self.attention: list[torch.Tensor] = []  # [images, P] per feature-layer call, until the tower returns
+        self.keys: list[torch.Tensor] = []
+        self.last_output = None  # the latest tower output, which the feature packing then describes
+
+
 def content_hash(values: torch.Tensor) -> torch.Tensor:
     """A hash in [0, 2**31) of a tensor's exact bytes (long scalar): equal inputs give equal hashes."""
     data = values.detach().contiguous().reshape(-1).view(torch.uint8).long()
-    weights = selection.hash_mix(torch.arange(1, data.numel() + 1, device=data.device))
-    total = (data * weights).sum() % selection.HASH_MODULUS  # wraps (deterministically) past 2**24 bytes
-    return selection.hash_mix(total + data.numel())
+    weights = hash_mix(torch.arange(1, data.numel() + 1, device=data.device))
+    total = (data * weights).sum() % HASH_MODULUS  # wraps (deterministically) past 2**24 bytes
+    return hash_mix(total + data.numel())
 
 
 def _scatter_visual(flat_values: torch.Tensor, visual: torch.Tensor, name: str) -> torch.Tensor:

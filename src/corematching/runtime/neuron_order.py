@@ -11,14 +11,17 @@ through two temporaries of m rows (columns for down_proj) of one matrix at a tim
 A layer keeps that order only while decode steps of the same decision use it. Any other use of its FFN (a
 prefill, a dense call, a masked or method-defined FFN, another decision's decode step) restores the identity
 order first (Engine.ffn_forward), and so does Session.remove. A swap is its own inverse: restoring repeats it,
-which gives back the original tensors bit for bit.
+which gives back the original tensors bit for bit. That holds only when each moved tensor belongs to its one FFN:
+a tensor tied to another layer or module would move with it (check_untied refuses it).
 """
 
 import weakref
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
+from ..errors import UnsupportedModeError
 from ..models import FFNParts
 from .ffn import SlicedFFN, core_union
 
@@ -98,6 +101,43 @@ def _neuron_tensors(parts: FFNParts) -> list[tuple[torch.nn.Parameter, int]]:
     return list(unique.values())
 
 
+def check_untied(model: nn.Module, ffns: dict, layer_ffn_modules: dict) -> None:
+    """Refuse in-place reordering when a tensor it would move (ffns: {layer: FFNParts}) shares memory with a
+    parameter or buffer outside that layer's FFN module, or when the module itself serves another decoder layer
+    (layer_ffn_modules: {layer: FFN module} of every layer): reordering one layer would move the other's neurons,
+    and the swaps of two layers on one tensor do not undo each other in turn."""
+    by_storage: dict[tuple, list] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        by_storage.setdefault(_storage_key(tensor), []).append((name, tensor))
+    module_names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        module_names.setdefault(id(module), []).append(name)
+    for layer, parts in sorted(ffns.items()):
+        for other_layer, module in layer_ffn_modules.items():
+            if other_layer != layer and module is parts.module:
+                _refuse_tied(layer, "the FFN module", f"decoder layer {other_layer} (the same module)")
+        # the module's own names (one per path to it); "" (any name) when it is not found under the model
+        prefixes = tuple(f"{name}." if name else "" for name in module_names.get(id(parts.module), [""]))
+        for tensor, _ in _neuron_tensors(parts):
+            sharing = by_storage.get(_storage_key(tensor), [])
+            own = next((name for name, other in sharing if other is tensor and name.startswith(prefixes)), None)
+            for name, other in sharing:
+                if not (other is tensor and name.startswith(prefixes)):
+                    _refuse_tied(layer, own or "an FFN tensor", name)
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    return tensor.device, tensor.untyped_storage().data_ptr()
+
+
+def _refuse_tied(layer: int, name: str, other: str):
+    raise UnsupportedModeError(
+        f'neuron_weights="in_place" with tied FFN weights: in decoder layer {layer}, {name} shares its memory with '
+        f"{other}; reordering its neurons in place would move the other's too, and restoring could not undo "
+        'interleaved swaps. Use neuron_weights="copy"'
+    )
+
+
 def _exchange(parameter: torch.nn.Parameter, dim: int, swap: Swap) -> None:
     """Swap the slices at swap.inside and swap.outside along dim, in place. Both temporaries are taken before
     anything is written, so the tensor is either untouched or fully swapped."""
@@ -156,6 +196,10 @@ class NeuronOrder:
                 _exchange(parameter, dim, state.swap)
                 state.swapped.pop()
         del self._layers[layer]
+
+    def swaps(self) -> dict[int, Swap]:
+        """id -> swap of each layer out of the identity order (what restoring it needs)."""
+        return {id(state.swap): state.swap for state in self._layers.values()}
 
     def restore_all(self) -> None:
         for layer in list(self._layers):

@@ -43,19 +43,31 @@ class SparsityRecord:
     @cached_property
     def core_neurons_per_sample(self) -> list[dict[int, torch.Tensor]]:
         """Per sample: {layer: sorted 1-D LongTensor of the neurons used while decoding}; empty for a sample
-        that decodes densely (one without visual tokens)."""
+        that decodes densely (one without visual tokens). The same shape at every batch size."""
         rows = self.neuron_rows if self.neuron_rows is not None else self.visual_mask.any(1)
         sparse_rows = rows.tolist()
         return [
-            {layer: rows[b] for layer, rows in self.neurons.items()} if sparse_rows[b] else {}
+            {layer: per_row[b] for layer, per_row in self.neurons.items()} if sparse_rows[b] else {}
             for b in range(self.batch_size)
         ]
 
+    def core_neurons_of(self, sample: int) -> dict[int, torch.Tensor]:
+        """Sample `sample`'s {layer: sorted 1-D LongTensor of the neurons used while decoding}, at any batch size
+        (empty when that sample decodes densely)."""
+        if not 0 <= sample < self.batch_size:
+            raise IndexError(f"sample {sample} is out of range: the batch has {self.batch_size} samples")
+        return self.core_neurons_per_sample[sample]
+
     @cached_property
     def core_neurons(self) -> dict[int, torch.Tensor]:
-        """{layer: sorted neuron indices used while decoding}: 1-D for a batch of 1; for a larger batch each
-        value is [B, k], row b being sample b's set (see core_neurons_per_sample; the row of a sample without
-        visual tokens is unused, as that sample decodes densely)."""
+        """{layer: core neurons used while decoding}, shaped by the batch size:
+
+        - a batch of 1: each value is the sample's sorted 1-D LongTensor [k] (empty dict when it decodes densely);
+        - a larger batch: each value is a LongTensor [B, k], row b being sample b's sorted set (the row of a
+          sample without visual tokens is unused, as that sample decodes densely).
+
+        `core_neurons_of(b)` (or `core_neurons_per_sample[b]`) gives one sample's 1-D sets at every batch size.
+        """
         if self.batch_size == 1:
-            return self.core_neurons_per_sample[0]
+            return self.core_neurons_of(0)
         return dict(self.neurons)

@@ -1,6 +1,9 @@
 """`sparsify(model, method)`: attach a method to a model for a while, and detach it without a trace."""
 
+import functools
+import threading
 import weakref
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -8,16 +11,18 @@ from torch import nn
 from ..errors import UnsupportedModeError, UnsupportedModelError
 from ..methods import SparsityMethod
 from ..models import adapter_for
-from .cache_state import SessionToken
+from .cache_state import SessionToken, state_of
 from .engine import Engine
 from .ffn import check_sliceable
 from .generation_compile import note_generation_compile_off
+from .neuron_order import check_untied
 from .records import SparsityRecord
 
 NEURON_WEIGHTS = ("copy", "in_place")  # how core-neuron decoding gets its weights (see sparsify)
 
 # Entry modules currently under a session, so that two sessions never stack on one model.
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, Session]" = weakref.WeakKeyDictionary()
+_ACTIVE_LOCK = threading.Lock()
 
 
 class _FFNForward:
@@ -33,7 +38,7 @@ class _FFNForward:
 class Session:
     """A method attached to a model. Use as a context manager, or call remove() when done.
 
-    `last` is the record of the latest prefill (None before the first one).
+    `last` is the record of the calling thread's latest prefill (None before the first one).
     """
 
     def __init__(self, model: nn.Module, method: SparsityMethod, neuron_weights: str = "copy"):
@@ -47,15 +52,25 @@ class Session:
         adapter = adapter_for(model)
         method.check_layers(adapter.num_layers)
         adapter.check_prune_layer(method.prune_layer_index())
-        if adapter.entry_module in _ACTIVE:
-            raise RuntimeError("this model is already inside a corematching session; remove that one first")
+        with _ACTIVE_LOCK:  # two threads sparsifying one model: one of them is refused
+            if adapter.entry_module in _ACTIVE:
+                raise RuntimeError("this model is already inside a corematching session; remove that one first")
+            self._attach(model, method, adapter, neuron_weights)
+            _ACTIVE[adapter.entry_module] = self
+
+    def _attach(self, model: nn.Module, method: SparsityMethod, adapter, neuron_weights: str) -> None:
         self.model = model
         self.method = method
         self.adapter = adapter
+        self._lock = threading.RLock()  # one model call at a time (see sparsify: shared use)
+        self._thread = threading.local()  # per thread: calls it is inside, the record of its latest prefill
         self.token = SessionToken(f"{type(method).__name__} on {type(model).__name__}")
         self.engine = Engine(adapter, method, self.token, neuron_weights)
         for layer in self.engine.neuron_layers:
             check_sliceable(adapter.ffn(layer), layer)
+        if neuron_weights == "in_place":
+            every_ffn = {layer: adapter.ffn(layer).module for layer in range(adapter.num_layers)}
+            check_untied(model, {layer: adapter.ffn(layer) for layer in self.engine.neuron_layers}, every_ffn)
         self._handles = []
         self._replaced = []  # (object, attribute name, its previous instance value or _ABSENT), restored on remove
         try:
@@ -63,11 +78,37 @@ class Session:
         except BaseException:
             self.remove()
             raise
-        _ACTIVE[adapter.entry_module] = self
 
     @property
     def last(self) -> SparsityRecord | None:
-        return self.engine.last
+        """The record of the calling thread's latest prefill (a thread that has not called the model under the
+        session: the session's latest)."""
+        own = self._thread
+        if getattr(own, "depth", 0) or not hasattr(own, "last"):
+            return self.engine.last
+        return own.last
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes the session holds beside the model's weights now for core-neuron decoding: the sliced FFNs of the
+        conversations whose KV caches (or copies) are alive, and, in place, swap indices of reordered layers (see
+        sparsify). 0 when no such conversation is alive and no layer is reordered."""
+        return self.engine.sliced_bytes()
+
+    def held_bytes_of(self, cache) -> int:
+        """Bytes beside the model's weights that `cache` (or any copy of it) keeps alive: the sliced FFNs of the
+        decision it carries, built at its first decode step (counted before that too). A store of caches (a prefix
+        cache) adds them to the bytes of the caches it keeps."""
+        state = state_of(cache)
+        if state is None or state.owner is not self.token:
+            return 0
+        return self.engine.decision_bytes(state.decision)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the method has input-dependent state that `calibrate` sets (TEAL) and refuses to decode
+        without."""
+        return self.method.needs_calibration()
 
     @property
     def active(self) -> bool:
@@ -75,18 +116,12 @@ class Session:
 
     def _install(self) -> None:
         engine, adapter = self.engine, self.adapter
-
-        def on_entry(module, args, kwargs):
-            engine.on_entry(args, kwargs)
-
-        def on_entry_done(module, args, output):
-            engine.on_entry_done(output)
-
-        entry = adapter.entry_module
-        self._handles.append(entry.register_forward_pre_hook(on_entry, with_kwargs=True))
-        self._handles.append(entry.register_forward_hook(on_entry_done))
+        entry, top = adapter.entry_module, adapter.top_module()
+        self._replace(entry, "forward", self._entry_forward(entry.forward))
+        if top is not entry:
+            self._replace(top, "forward", self._serialized(top.forward))
         for owner, name, wrapper in engine.model_replacements():  # conversation state, inputs between layers
-            self._replace(owner, name, wrapper)
+            self._replace(owner, name, self._serialized(wrapper))  # generate() calls some outside any forward
         if not engine.changes_model:
             return
         self._handles.append(adapter.top_module().register_forward_pre_hook(_refuse_labels, with_kwargs=True))
@@ -104,12 +139,85 @@ class Session:
         for module, hook, after in engine.inputs.hooks():  # what the method asked for, caught on the way
             register = module.register_forward_hook if after else module.register_forward_pre_hook
             self._handles.append(register(hook, with_kwargs=True))
+        layer_of_module = {}
         for layer in sorted(engine.watched_layers):
             parts = adapter.ffn(layer)
             module = parts.module
+            if id(module) in layer_of_module:
+                raise UnsupportedModelError(
+                    f"decoder layers {layer_of_module[id(module)]} and {layer} share one FFN module: the session "
+                    "computes each layer's FFN with that layer's own core neurons; untie the layers' FFN modules"
+                )
+            layer_of_module[id(module)] = layer
             self._replace(module, "forward", _FFNForward(engine, layer, parts))
         for owner, name, wrapper in engine.inputs.replacements():  # methods the inputs are read from, wrapped
             self._replace(owner, name, wrapper)
+
+    @contextmanager
+    def _one_call_at_a_time(self):
+        """Hold the session's lock for a model call (re-entered by the calls nested in it); remember the record of
+        a prefill it made as the calling thread's latest."""
+        own = self._thread
+        with self._lock:
+            own.depth = getattr(own, "depth", 0) + 1
+            before = self.engine.last
+            try:
+                yield
+            finally:
+                own.depth -= 1
+                if self.engine.last is not before:
+                    own.last = self.engine.last
+
+    def _serialized(self, forward):
+        """A forward that runs under the session's lock (same signature, for generate()'s inspection)."""
+
+        @functools.wraps(forward)
+        def serialized(*args, **kwargs):
+            with self._one_call_at_a_time():
+                return forward(*args, **kwargs)
+
+        return serialized
+
+    def _entry_forward(self, forward):
+        """The entry module's forward under the session: the engine classifies the call before it and records its
+        decisions in the cache after it, all under the lock. A forward that raises leaves no call behind (hooks
+        would not run on an exception; this does)."""
+        engine = self.engine
+
+        @functools.wraps(forward)
+        def entry_forward(*args, **kwargs):
+            with self._one_call_at_a_time():
+                if not self.token.active:  # removed while this call waited for the lock: the plain model's call
+                    return forward(*args, **kwargs)
+                try:
+                    engine.on_entry(args, kwargs)
+                    output = forward(*args, **kwargs)
+                    engine.on_entry_done(output)
+                finally:
+                    engine.call = None
+                return output
+
+        return entry_forward
+
+    def calibrate(self, **inputs) -> None:
+        """Set the method's input-dependent state from one prefill of `inputs` (the model's keyword arguments:
+        input_ids, attention_mask, pixel_values, ...; a few representative prompts as one batch). TEAL's per-layer
+        thresholds come from the real tokens each of its layers sees in that prefill (after token pruning, for a
+        composed method) and stay with the method instance, for this model, until it is calibrated again. Nothing
+        else sets them: a method that needs calibration refuses to decode without it. Runs under the session's
+        lock, so calls from other threads see the state before or after, never half of it."""
+        if not self.active:
+            raise RuntimeError("this session has been removed; calibrate inside an active session")
+        if not self.needs_calibration:
+            raise ValueError(f"{type(self.method).__name__} has no input-dependent state to calibrate")
+        if inputs.get("past_key_values") is not None or inputs.get("cache") is not None:
+            raise ValueError("calibrate runs a fresh prefill: pass the prompts without a KV cache")
+        with self._lock, torch.no_grad():
+            self.engine.calibrating = True
+            try:
+                self.model(**{**inputs, "use_cache": False})
+            finally:
+                self.engine.calibrating = False
 
     def _replace(self, owner, name: str, value) -> None:
         """Set an instance attribute for the session's lifetime (remove() puts back what was there)."""
@@ -118,7 +226,12 @@ class Session:
 
     def remove(self) -> None:
         """Detach: hooks removed, replaced attributes (FFN forwards, generation settings, wrapped methods)
-        restored, FFN neurons back in their order, decisions and sliced weights dropped. Idempotent."""
+        restored, FFN neurons back in their order, decisions and sliced weights dropped. Idempotent. Waits for a
+        call in progress in another thread to finish."""
+        with self._lock:
+            self._remove()
+
+    def _remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -199,7 +312,8 @@ def sparsify(model: nn.Module, method: SparsityMethod, neuron_weights: str = "co
 
     `neuron_weights` says where core-neuron decoding (a method with neuron layers) gets the core neurons' weights:
       - "copy" (default): a gathered copy per layer of the union of the batch's core neurons, made at the first
-        decode step of a prompt and kept beside the model's weights (up to one FFN per layer of extra memory);
+        decode step of a prompt and kept beside the model's weights while the prompt's KV cache lives (see
+        "Memory" below);
       - "in_place": no copy. Each layer's FFN neurons are reordered in place (rows of gate/up and their biases,
         columns of down, which leaves the FFN's function unchanged) so that the core neurons come first, and
         decoding uses views of those first rows and columns. What stays resident beside the model is two index
@@ -209,6 +323,34 @@ def sparsify(model: nn.Module, method: SparsityMethod, neuron_weights: str = "co
         use of the layer's FFN (a prefill, a dense call, another conversation's decode step: conversations
         decoded in alternation swap at every step) and when the session is removed, which gives back the
         original tensors bit for bit. While the session is active, the FFN parameters of the neuron layers may
-        be in that other order: do not read or save them from inside it.
+        be in that other order: do not read or save them from inside it. Tied FFN weights (a tensor shared with
+        another layer or module) are refused for "in_place" (cm.UnsupportedModeError): use "copy".
+
+    Memory. Beside the model's weights a session holds, at most:
+      - per conversation whose KV cache (or a copy of it: beam search, a prefix cache) is alive and has decoded at
+        least one step with core neurons: for each neuron layer, with "copy", the gathered rows of gate/up and
+        columns of down of the union U of its batch's core neurons (|U| <= the FFN width: at most one FFN per
+        layer per such conversation) and, for a batch, a [batch, |U|] bool row mask; with "in_place", only the
+        row masks and two swap index vectors (together at most the FFN width) per layer. They are freed when the
+        last cache or copy that uses them is dropped, whichever thread drops it; `session.held_bytes` reports them;
+      - FFN weights offloaded by accelerate: the slices of the latest decision only (an earlier conversation that
+        continues reads its slices from the store again);
+      - with "in_place", for each layer still in the reordered order, its two swap index vectors (at most one
+        arrangement per layer), until the layer's next use or the session's end;
+      - the record of the latest prefill per calling thread (`session.last`: masks over the prompt and the core
+        neuron indices), and a method's calibrated state (TEAL: two floats per layer, on the method instance).
+    A call's own activations and masks are transient: they go when the call returns (or raises).
+
+    Shared use. A session serializes the model's calls: each call of the model (its forward, the language model's
+    entry when called directly, and the methods generate() calls before its first forward to read a continued
+    conversation's positions) runs under a per-session lock, so several threads (a web app's workers)
+    may call `generate` on the model at once and each gets exactly what its call gets alone; a forward that
+    raises releases the lock. Conversations interleave between calls as they do in one thread, each continuing
+    from its own cache. What a vision tower run outside a call passes on (generate() encodes images first) is kept
+    per thread. `session.last` is the calling thread's latest record. `remove()` waits for a call in progress.
+    Calls run one at a time, not in parallel: batch requests to use the hardware (the server does).
+
+    Calibration. A method with input-dependent state (TEAL's magnitude thresholds) gets it only from
+    `session.calibrate(**inputs)`, one prefill of representative prompts, and refuses to decode before it.
     """
     return Session(model, method, neuron_weights)

@@ -115,6 +115,11 @@ def build(args: argparse.Namespace):
         raise ValueError("--api-key is empty")
     allowed_hosts = allowed_hosts_for(args.allowed_hosts, args.host)
     method = from_args(args)
+    if method.needs_calibration():  # TEAL: thresholds come from representative prompts, which a server lacks
+        raise ValueError(
+            f"--method {args.method} needs calibration on representative prompts (session.calibrate) before it can "
+            "decode, and the server has none; serve a calibrated method instance from Python, or choose another"
+        )
     model, processor = cm.load_model(args.model, device=args.device)
     num_layers = adapter_for(model).num_layers
     check_for_model(method, num_layers)

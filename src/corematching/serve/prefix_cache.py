@@ -6,8 +6,8 @@ A hit never runs the prefill: the worker samples the first token from the stored
 deep copy of the stored cache, so the entry stays as it was for the next hit.
 
 The cache is bounded twice: at most `max_entries` entries and `max_bytes` bytes of tensors (the KV cache's keys
-and values, the stored logits and prompt); the least recently used entries go first, and an entry larger than
-the whole bound is not stored.
+and values, the stored logits and prompt, and the session's sliced FFNs that the stored cache keeps alive); the
+least recently used entries go first, and an entry larger than the whole bound is not stored.
 
 Only a whole prompt is matched. With a text-conditioned method (CoreMatching's match set holds the prompt's
 text), the tokens kept for a shorter prefix are not the ones a full prefill would keep, so continuing a
@@ -34,6 +34,7 @@ class PrefillEntry:
     kept_patches: list[list[int]]
     session_id: int  # the session whose decisions the cache carries
     nbytes: int = 0  # its tensors' bytes (set by PrefixCache.put)
+    held_bytes: int = 0  # what its cache keeps alive beside it: the session's sliced FFNs (Session.held_bytes_of)
 
 
 def prefix_key(job) -> tuple:
@@ -95,7 +96,7 @@ class PrefixCache:
 
     def put(self, key, entry: PrefillEntry) -> bool:
         """Store an entry (True), unless it alone is larger than max_bytes (False)."""
-        entry.nbytes = tensor_bytes([entry.cache, entry.first_logits, entry.input_ids])
+        entry.nbytes = tensor_bytes([entry.cache, entry.first_logits, entry.input_ids]) + entry.held_bytes
         with self._lock:
             self._remove(key)
             if self.max_bytes is not None and entry.nbytes > self.max_bytes:

@@ -184,9 +184,10 @@ class ModelWorker:
         for row, job in enumerate(jobs):
             visual, kept, patches = self._kept(images_of_rows[row], record, row)
             if store and "cache" in snapshot:
+                held = self._session.held_bytes_of(snapshot["cache"]) if self._session is not None else 0
                 self.prefix_cache.put(prefix_key(job), PrefillEntry(
                     snapshot["cache"], snapshot["logits"], inputs["input_ids"][:1].clone(), visual, kept, patches,
-                    self.session_id))
+                    self.session_id, held_bytes=held))
             usage = Usage(prompt_tokens=int(inputs["attention_mask"][row].sum()), visual_tokens=visual,
                           visual_tokens_kept=kept, prefill_time_s=prefill_done - started,
                           queue_time_s=started - job.enqueued_at, batch_size=len(jobs))

@@ -71,11 +71,6 @@ CHAT_TEMPLATE = (
 )
 
 
-def prompt_for(question: str) -> str:
-    """The one prompt format the bundled model was trained on."""
-    return f"<|im_start|>user\n{IMAGE_TOKEN}\n{question}<|im_end|>\n<|im_start|>assistant\n"
-
-
 def vlm_config(text_config, spec: Spec = SPECS[NAME]):
     from transformers import CLIPVisionConfig, LlavaConfig
 
