@@ -502,15 +502,8 @@ class ContinuousBatcher:
         self._session_key = key
 
     def _sliced_bytes(self) -> int:
-        """Memory of the sliced FFN weights the session holds for the core-neuron decoding of live caches (those of
-        decisions no cache uses any more are replaced by the next ones)."""
-        if self._session is None:
-            return 0
-        total = 0
-        for decision, per_layer in list(self._session.engine._sliced.values()):
-            if decision() is not None:
-                total += sum(sliced.extra_bytes for sliced in per_layer.values() if sliced is not None)
-        return total
+        """Memory of the sliced FFN weights the session holds for the core-neuron decoding of live caches."""
+        return 0 if self._session is None else self._session.held_bytes
 
 
 def percentile(values: list[float], share: float) -> float:
