@@ -365,3 +365,62 @@ def test_the_server_scheduler_answers_each_job_once_as_alone():
         assert refused.value.status == 429
     finally:
         refusing.close(1)
+
+
+def test_a_continuous_server_answers_as_the_library_and_reports_metrics():
+    """`corematching serve --batching continuous` end to end (the bundled model): concurrent requests with two
+    methods get the library's greedy answers, streamed or not; /metrics is Prometheus text."""
+    pytest.importorskip("fastapi")
+    import base64
+    import json
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from corematching.serve.process import ServerProcess
+    from corematching.vqa import answer_batch
+    from corematching.zoo import data
+
+    paths = data.image_paths("test")
+    questions = data.by_image(data.questions("test"))
+    ids = sorted(questions)[:4]
+    methods = [None, {"method": "corematching", "token_budget": 0.25}] * 2
+
+    def body(image_id, method, stream=False):
+        url = "data:image/png;base64," + base64.b64encode(open(paths[image_id], "rb").read()).decode()
+        content = [{"type": "image_url", "image_url": {"url": url}},
+                   {"type": "text", "text": questions[image_id][0].question}]
+        request = {"model": "evqa-smollm2", "max_tokens": 8, "stream": stream,
+                   "messages": [{"role": "user", "content": content}]}
+        if method:
+            request["corematching"] = method
+        return json.dumps(request).encode()
+
+    def post(server, data):
+        request = urllib.request.Request(server.base_url + "/v1/chat/completions", data=data,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.read().decode()
+
+    model, processor = cm.load_model("evqa-smollm2")
+    expected = []
+    for image_id, method in zip(ids, methods):
+        chosen = cm.CoreMatching(token_budget=0.25) if method else None
+        image = Image.open(paths[image_id])
+        result = answer_batch(model, processor, [image], [questions[image_id][0].question], chosen, 8)
+        expected.append(result.texts[0])
+    with ServerProcess(["--batching", "continuous", "--threads", "1", "--no-prefix-cache", "--max-batch-size",
+                        "4", "--kv-cache-bytes", "256M"]) as server:
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda item: json.loads(post(server, body(*item))), zip(ids, methods)))
+        streamed = post(server, body(ids[1], methods[1], stream=True))
+        with urllib.request.urlopen(server.base_url + "/metrics", timeout=30) as response:
+            metrics = response.read().decode()
+    answers = [reply["choices"][0]["message"]["content"].strip().splitlines()[0] for reply in replies]
+    assert answers == expected
+    pieces = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+    text = "".join(p["choices"][0]["delta"].get("content", "") for p in pieces if p.get("choices"))
+    assert text == replies[1]["choices"][0]["message"]["content"]
+    assert replies[1]["usage"]["visual_tokens_kept"] < replies[1]["usage"]["visual_tokens"]
+    assert "corematching_requests_finished_total 5" in metrics and "# TYPE corematching_kv_bytes gauge" in metrics
