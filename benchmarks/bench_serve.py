@@ -1,182 +1,175 @@
-"""Load on `corematching serve` (bounded, 127.0.0.1 only): requests/s and p50/p95 latency at 1, 4 and 16
-concurrent clients, dense vs CoreMatching (chosen per request with the extension field), batching on vs off.
+"""Serving under load: static against continuous batching, in one run, on the serving loop itself
+(corematching.serve.continuous.ContinuousBatcher, in process: no HTTP, so the numbers are the scheduler's).
 
-    python benchmarks/bench_serve.py                         # the README's table and plot
-    python benchmarks/bench_serve.py --requests 16 --rounds 1 --concurrency 1 4
+    python benchmarks/bench_serve.py                                   # the full table (a GPU-sized run)
+    python benchmarks/bench_serve.py --clients 1 4 --requests 8 --long 16 32 --threads 2   # a small run
 
-Each client sends easy-vqa test questions (one image each) through the official `openai` client and waits for
-the answer before sending the next (closed loop). One server per batching setting, both started on free loopback
-ports; every cell sends the same `--requests` questions, after a warm-up, in `--rounds` interleaved rounds
-(alternating order) so that a change of machine load shows in every cell alike.
+Closed-loop clients (1/4/16/32 by default) each send an easy-vqa test image with its question, wait for the
+answer, and send the next. Requests are a seeded mix of short answers (4-8 tokens) and long ones (64-256 tokens),
+generated to exactly that length (the end token is ignored), with the dense model and with CoreMatching.
+  - static: a batch of the waiting requests (up to --max-batch) runs until its longest request ends, and every
+    request of it is answered then (today's one `generate` call per batch); the next batch starts after it;
+  - continuous: requests join the running batch at the step after their prefill and leave it the step they end.
+Per cell: requests/s, generated tokens/s, p50/p95 time to first token, and p50/p95 latency of short and of long
+requests. The targets at 16 clients: continuous throughput >= 1.5x static, p95 latency of short requests <= half
+of static's; at 1 client no worse. Results go to --output (JSON) and, as a table with the command, to --doc.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
-import statistics
-import threading
+import random
+import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import openai
+import torch
+from PIL import Image
 
-from corematching.serve.examples import test_images
-from corematching.serve.process import ServerProcess
+import corematching as cm
+from corematching.serve.continuous import ContinuousBatcher, Sequence, percentile
 
-METHODS = {"dense": {"method": "dense"}, "corematching": {"method": "corematching", "token_budget": 0.25}}
-BATCHING = {"on": ["--max-batch-size", "16", "--max-wait-ms", "20"], "off": ["--max-batch-size", "1"]}
-COMMON = ["--no-prefix-cache", "--max-queue", "64"]  # every cell repeats the same questions: no cache hits
-
-
-def workload(count: int) -> list[tuple[str, str, str]]:
-    """(image data URL, question, answer) for the first `count` test questions, one per image."""
-    return [(item["url"], item["question"], item["answer"]) for item in test_images(count)]
+METHODS = {"dense": lambda: cm.Dense(), "corematching": lambda: cm.CoreMatching(token_budget=0.25)}
+SCHEDULES = ("static", "continuous")
 
 
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    rank = share * (len(ordered) - 1)
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+def questions(count: int) -> list[tuple[Image.Image, str]]:
+    """(image, question) of the first `count` easy-vqa test images."""
+    from corematching.zoo import data
+
+    paths = data.image_paths("test")
+    grouped = data.by_image(data.questions("test"))
+    out = []
+    for image_id in sorted(grouped)[:count]:
+        image = Image.open(io.BytesIO(Path(paths[image_id]).read_bytes())).convert("RGB")
+        out.append((image, grouped[image_id][0].question))
+    return out
 
 
-def run_cell(client, items, method: dict, concurrency: int, max_tokens: int) -> dict:
-    queue = list(items)
-    lock = threading.Lock()
-    latencies, batch_sizes, kept, correct = [], [], [], 0
+def encode(model, processor, image, question: str) -> dict:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return dict(inputs)
 
-    def client_loop(_):
-        nonlocal correct
-        while True:
-            with lock:
-                if not queue:
-                    return
-                url, question, answer = queue.pop()
-            started = time.perf_counter()
-            reply = client.chat.completions.create(
-                model="evqa-smollm2", max_tokens=max_tokens, extra_body={"corematching": method},
-                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                       {"type": "text", "text": question}]}])
-            elapsed = time.perf_counter() - started
-            usage = reply.usage.model_dump()
-            with lock:
-                latencies.append(elapsed)
-                batch_sizes.append(usage["batch_size"])
-                kept.append(usage["visual_tokens_kept"])
-                correct += reply.choices[0].message.content == answer
+
+def run_cell(model, processor, prompts, method, schedule: str, clients: int, requests: int, args, seed: int) -> dict:
+    """`requests` requests from `clients` closed-loop clients; returns the cell's measurements."""
+    rng = random.Random(seed)
+    plan = []  # (class, max_tokens, prompt) of each request, in sending order
+    for index in range(requests):
+        short = rng.random() < args.short_share
+        low, high = args.short if short else args.long
+        plan.append(("short" if short else "long", rng.randint(low, high), prompts[index % len(prompts)]))
+    batcher = ContinuousBatcher(model, max_batch=args.max_batch, pad_id=processor.tokenizer.pad_token_id or 0,
+                                static=schedule == "static")
+    done: list[Sequence] = []
+    sent = 0
+
+    def send() -> None:
+        nonlocal sent
+        kind, max_tokens, inputs = plan[sent]
+        sent += 1
+        sequence = Sequence(inputs=inputs, max_tokens=max_tokens, method=method, tokenizer=processor.tokenizer,
+                            tag=kind, on_done=finished)
+        batcher.submit(sequence)
+
+    def finished(sequence: Sequence) -> None:  # the client sends its next request at once
+        done.append(sequence)
+        if sent < requests:
+            send()
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(client_loop, range(concurrency)))
+    for _ in range(min(clients, requests)):
+        send()
+    batch_sizes = []
+    while len(done) < requests:
+        batcher.step()
+        batch_sizes.append(batcher.metrics()["batch_size"])
     wall = time.perf_counter() - started
-    return {
-        "latencies": latencies,
-        "wall_s": wall,
-        "requests_per_s": len(latencies) / wall,
-        "mean_batch": statistics.mean(batch_sizes),
-        "visual_tokens_kept": statistics.mean(kept),
-        "accuracy": correct / len(latencies),
-    }
+    batcher.close()
+    tokens = sum(len(s.text.tokens) for s in done)
+    row = {"requests": len(done), "wall_s": wall, "requests_per_s": len(done) / wall, "tokens_per_s": tokens / wall,
+           "mean_batch": sum(batch_sizes) / max(1, len(batch_sizes))}
+    ttft = [s.first_token_at - s.submitted_at for s in done]
+    row["ttft_p50_s"], row["ttft_p95_s"] = percentile(ttft, 0.5), percentile(ttft, 0.95)
+    for kind in ("short", "long"):
+        latency = [s.finished_at - s.submitted_at for s in done if s.tag == kind]
+        row[f"{kind}_count"] = len(latency)
+        row[f"{kind}_p50_s"], row[f"{kind}_p95_s"] = percentile(latency, 0.5), percentile(latency, 0.95)
+    return row
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for method in METHODS:
-        for batching, style in (("on", "-"), ("off", "--")):
-            cells = [r for r in rows if r["method"] == method and r["batching"] == batching]
-            x = [r["concurrency"] for r in cells]
-            label = f"{method}, batching {batching}"
-            left.plot(x, [r["requests_per_s"] for r in cells], style, marker="o", label=label)
-            right.plot(x, [r["p95_s"] for r in cells], style, marker="o", label=label)
-    for axis, title in ((left, "throughput (requests/s)"), (right, "p95 latency (s)")):
-        axis.set_xscale("log", base=2)
-        axis.set_xticks([r["concurrency"] for r in rows[:3]], [str(r["concurrency"]) for r in rows[:3]])
-        axis.set_xlabel("concurrent clients")
-        axis.set_title(title)
-        axis.grid(alpha=0.3)
-    left.legend(fontsize=8)
-    figure.suptitle("corematching serve, evqa-smollm2, CPU fp32")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+def table(rows: list[dict]) -> str:
+    lines = ["| method | schedule | clients | requests/s | tokens/s | TTFT p50 / p95 (s) | short p50 / p95 (s) | "
+             "long p50 / p95 (s) | mean batch |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['schedule']} | {r['clients']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} "
+            f"| {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | {r['short_p50_s']:.2f} / {r['short_p95_s']:.2f} | "
+            f"{r['long_p50_s']:.2f} / {r['long_p95_s']:.2f} | {r['mean_batch']:.1f} |")
+    return "\n".join(lines)
 
 
-def merge(parts: list[dict]) -> dict:
-    """One cell from its rounds: the median round's requests/s (and the range), latencies pooled."""
-    latencies = [x for part in parts for x in part["latencies"]]
-    rates = [part["requests_per_s"] for part in parts]
-    return {
-        "requests": len(latencies),
-        "requests_per_s": statistics.median(rates),
-        "requests_per_s_min": min(rates),
-        "requests_per_s_max": max(rates),
-        "p50_s": percentile(latencies, 0.5),
-        "p95_s": percentile(latencies, 0.95),
-        "mean_batch": statistics.mean(part["mean_batch"] for part in parts),
-        "visual_tokens_kept": statistics.mean(part["visual_tokens_kept"] for part in parts),
-        "accuracy": statistics.mean(part["accuracy"] for part in parts),
-        "load_average_1min": max(part["load_average_1min"] for part in parts),
-    }
+def ratios(rows: list[dict]) -> str:
+    """Continuous against static per method and client count: throughput ratio, short p95 ratio."""
+    lines = ["| method | clients | throughput continuous / static | short p95 continuous / static |",
+             "|---|---:|---:|---:|"]
+    cells = {(r["method"], r["clients"], r["schedule"]): r for r in rows}
+    for (method, clients, schedule), cont in cells.items():
+        if schedule != "continuous" or (method, clients, "static") not in cells:
+            continue
+        static = cells[(method, clients, "static")]
+        short = cont["short_p95_s"] / static["short_p95_s"] if static["short_p95_s"] == static["short_p95_s"] else 0
+        lines.append(f"| {method} | {clients} | {cont['tokens_per_s'] / static['tokens_per_s']:.2f}x | {short:.2f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=24, help="requests per cell and round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over all cells, in alternating order")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--max-tokens", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of each server")
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/serve.json"))
-    parser.add_argument("--plot", type=Path, default=Path("benchmarks/results/serve.png"))
+    parser.add_argument("--model", default="evqa-smollm2")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--requests", type=int, default=64, help="requests per cell")
+    parser.add_argument("--short", type=int, nargs=2, default=[4, 8], help="short answers: min and max tokens")
+    parser.add_argument("--long", type=int, nargs=2, default=[64, 256], help="long answers: min and max tokens")
+    parser.add_argument("--short-share", type=float, default=0.5)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/serve_load.json"))
+    parser.add_argument("--doc", type=Path, default=Path("docs/serving-load.md"))
     args = parser.parse_args()
-    items = workload(args.requests)
-    servers = {batching: ServerProcess([*flags, *COMMON, "--threads", str(args.threads)])
-               for batching, flags in BATCHING.items()}
-    try:
-        clients = {}
-        for batching, server in servers.items():  # both up at once; an idle server costs no CPU
-            server.start()
-            clients[batching] = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0,
-                                              timeout=600)
-            for method in METHODS.values():  # warm-up
-                run_cell(clients[batching], items[:4], method, 1, args.max_tokens)
-        cells = [(c, m, b) for c in args.concurrency for m in METHODS for b in BATCHING]
-        parts: dict[tuple, list] = {cell: [] for cell in cells}
-        for round_index in range(args.rounds):  # interleaved, so that a change in machine load hits every cell
-            for cell in cells if round_index % 2 == 0 else reversed(cells):
-                concurrency, name, batching = cell
-                part = run_cell(clients[batching], items, METHODS[name], concurrency, args.max_tokens)
-                part["load_average_1min"] = os.getloadavg()[0]
-                parts[cell].append(part)
-                print(json.dumps({"round": round_index, "method": name, "batching": batching,
-                                  "concurrency": concurrency, **{k: v for k, v in part.items() if k != "latencies"}}),
-                      flush=True)
-    finally:
-        for server in servers.values():
-            server.stop()
-    rows = [{"method": m, "batching": b, "concurrency": c, **merge(parts[(c, m, b)])} for c, m, b in cells]
-    rows.sort(key=lambda r: (r["method"], r["batching"] == "off", r["concurrency"]))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, processor = cm.load_model(args.model, device=args.device)
+    prompts = [encode(model, processor, image, question) for image, question in questions(16)]
+    rows = []
+    with torch.no_grad():
+        for name in args.methods:  # warm-up: one request per schedule
+            for schedule in SCHEDULES:
+                run_cell(model, processor, prompts, METHODS[name](), schedule, 1, 1, args, seed=0)
+        for clients in args.clients:
+            for name in args.methods:
+                for schedule in SCHEDULES:  # the same seeded plan for both schedules
+                    row = run_cell(model, processor, prompts, METHODS[name](), schedule, clients, args.requests,
+                                   args, seed=clients)
+                    row.update(method=name, schedule=schedule, clients=clients)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(rows, indent=1) + "\n")
-    plot(rows, args.plot)
-    print("\n| method | batching | clients | requests/s (median of rounds) | range over rounds | p50 latency (s) | "
-          "p95 latency (s) | mean batch | visual tokens kept | accuracy |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['method']} | {r['batching']} | {r['concurrency']} | {r['requests_per_s']:.2f} | "
-              f"{r['requests_per_s_min']:.2f}-{r['requests_per_s_max']:.2f} | {r['p50_s']:.3f} | {r['p95_s']:.3f} | "
-              f"{r['mean_batch']:.1f} | {r['visual_tokens_kept']:.0f} | {r['accuracy']:.0%} |")
-    loads = [r["load_average_1min"] for r in rows]
-    print(f"\nCPU load average (1 min) during the cells: up to {max(loads):.1f} on {os.cpu_count()} cores")
-    print(f"plot: {args.plot}\nrows: {args.output}")
+    device = str(next(model.parameters()).device)
+    command = "python " + " ".join(sys.argv)
+    text = (f"{table(rows)}\n\n{ratios(rows)}\n\n`{command}` on {device} ({torch.get_num_threads()} threads, "
+            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end)\n")
+    print("\n" + text)
+    if args.doc:
+        print(f"(paste into {args.doc}; rows in {args.output})")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..request_methods import documented
+from .continuous import ContinuousScheduler, metrics_text
 from .errors import APIError, bad_request
 from .guard import Guard
 from .jobs import Job, Outcome
@@ -39,8 +40,14 @@ BODY_TIMEOUT_S = 60.0
 
 def create_app(worker: ModelWorker, limits: Limits, *, max_batch_size: int, max_wait_s: float, max_pending: int,
                shutdown_timeout_s: float = 60.0, max_body_bytes: int = MAX_BODY_BYTES, api_key: str | None = None,
-               allowed_hosts: frozenset[str] | None = None, body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
-    scheduler = Scheduler(worker.run, max_batch_size, max_wait_s, max_pending)
+               allowed_hosts: frozenset[str] | None = None, body_timeout_s: float = BODY_TIMEOUT_S,
+               batching: str = "static", kv_budget_bytes: int | None = None) -> FastAPI:
+    if batching == "continuous":  # requests join and leave the running batch at every decode step
+        scheduler = ContinuousScheduler(worker, max_batch_size, max_pending, kv_budget_bytes)
+    elif batching == "static":
+        scheduler = Scheduler(worker.run, max_batch_size, max_wait_s, max_pending)
+    else:
+        raise ValueError(f"batching must be 'static' or 'continuous', got {batching!r}")
     worker.on_finished = scheduler.finished
     started = int(time.time())
 
@@ -70,6 +77,10 @@ def create_app(worker: ModelWorker, limits: Limits, *, max_batch_size: int, max_
     async def health():
         return {"status": "ok", "model": limits.model_name, "unfinished_requests": scheduler.pending,
                 "batches_run": scheduler.batches_run}
+
+    @app.get("/metrics")
+    async def metrics():  # Prometheus text format: queue length, batch size, tokens/s, KV bytes
+        return PlainTextResponse(metrics_text(scheduler), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():

@@ -44,6 +44,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests per batch (1: no batching)")
     parser.add_argument("--max-wait-ms", type=float, default=20.0,
                         help="how long the oldest waiting request may wait for batch mates")
+    parser.add_argument("--batching", choices=["static", "continuous"], default="static",
+                        help="static: a batch runs until its longest request ends; continuous: requests join and "
+                        "leave the running batch at every decode step")
+    parser.add_argument("--kv-cache-bytes", type=byte_count, default=None,
+                        help="continuous batching: KV cache bytes the running requests may reserve (kept tokens "
+                        "plus max_tokens, and sliced FFN weights); a request that can never fit gets 429")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests waiting or running at most; one more gets 429")
     parser.add_argument("--max-images", type=int, default=1, help="images per request")
@@ -134,7 +140,8 @@ def build(args: argparse.Namespace):
     return create_app(worker, limits, max_batch_size=args.max_batch_size, max_wait_s=args.max_wait_ms / 1000,
                       max_pending=args.max_queue, shutdown_timeout_s=args.shutdown_timeout,
                       max_body_bytes=args.max_body_bytes, api_key=api_key, allowed_hosts=allowed_hosts,
-                      body_timeout_s=args.body_timeout)
+                      body_timeout_s=args.body_timeout, batching=args.batching,
+                      kv_budget_bytes=args.kv_cache_bytes)
 
 
 def main(argv: list[str]) -> int:
