@@ -367,8 +367,8 @@ def qwen_vl(version: str):
     images = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2,
                                       merge_size=2, image_mean=CLIP_MEAN, image_std=CLIP_STD)
     processor_class = transformers.Qwen2VLProcessor if version == "2" else transformers.Qwen2_5_VLProcessor
-    processor = processor_class(image_processor=images, tokenizer=tokenizer,
-                                video_processor=transformers.Qwen2VLVideoProcessor(), chat_template=QWEN_TEMPLATE)
+    processor = with_videos_if_possible(processor_class, "Qwen2VLVideoProcessor", image_processor=images,
+                                        tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
     return model, processor
 
 
@@ -434,10 +434,9 @@ FAMILIES = {
                needs_torchvision=True),
         Family("llava-onevision", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "LlavaOnevisionForConditionalGeneration",
                llava_onevision, needs_torchvision=True),
-        Family("qwen2-vl", "Qwen/Qwen2-VL-2B-Instruct", "Qwen2VLForConditionalGeneration", lambda: qwen_vl("2"),
-               needs_torchvision=True),
+        Family("qwen2-vl", "Qwen/Qwen2-VL-2B-Instruct", "Qwen2VLForConditionalGeneration", lambda: qwen_vl("2")),
         Family("qwen2.5-vl", "Qwen/Qwen2.5-VL-3B-Instruct", "Qwen2_5_VLForConditionalGeneration",
-               lambda: qwen_vl("2.5"), needs_torchvision=True),
+               lambda: qwen_vl("2.5")),
         Family("mistral3", "mistralai/Mistral-Small-3.1-24B-Instruct-2503", "Mistral3ForConditionalGeneration",
                mistral3, needs_torchvision=True),
         Family("smolvlm", "HuggingFaceTB/SmolVLM-256M-Instruct", "SmolVLMForConditionalGeneration", smolvlm,
@@ -447,12 +446,22 @@ FAMILIES = {
 
 
 def torchvision_missing() -> str | None:
-    """Why processors with a video processor cannot be built here, or None when they can."""
-    try:
-        import torchvision  # noqa: F401
-    except Exception as error:  # ImportError, or a build that does not match this torch (RuntimeError)
-        return f"torchvision does not import ({type(error).__name__}: {str(error).splitlines()[0][:80]})"
-    return None
+    """Why torchvision cannot be used here (video processors need it), or None when it can."""
+    from corematching.processors import torchvision_missing
+
+    return torchvision_missing()
+
+
+def with_videos_if_possible(processor_class, video_processor_class: str, **arguments):
+    """The processor with the family's video processor, or, when torchvision is missing (transformers' video
+    processors need it), the same processor class with images only, as `cm.load_model` builds it."""
+    import transformers
+
+    from corematching.processors import images_only
+
+    if torchvision_missing():
+        return images_only(processor_class)(**arguments)
+    return processor_class(video_processor=getattr(transformers, video_processor_class)(), **arguments)
 
 
 def save(name: str, folder: Path) -> Path:

@@ -94,14 +94,16 @@ def load_model(name_or_path: str = BUNDLED, device: str | torch.device | None = 
         from .build import load_bundled
 
         return load_bundled(name_or_path, device=torch.device(device), dtype=dtype)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from ..processors import load_processor
 
     if not options.get("local_files_only"):
         check_reachable(name_or_path)
     hub_keys = ("revision", "cache_dir", "local_files_only", "token")  # what the processor's loading takes too
     hub_options = {key: options[key] for key in hub_keys if key in options}
     try:
-        processor = AutoProcessor.from_pretrained(name_or_path, **hub_options)
+        processor = load_processor(name_or_path, **hub_options)
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, **options)
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot load model {name_or_path!r}: {str(error).splitlines()[0]}") from error
