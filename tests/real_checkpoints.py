@@ -289,10 +289,8 @@ def internvl():
     model = finish(InternVLForConditionalGeneration(config), tokenizer)
     images = GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=1,
                                       max_patches=12, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
-    from transformers import InternVLVideoProcessor
-
-    processor = InternVLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=InternVLVideoProcessor(),
-                                  image_seq_length=256, chat_template=template)
+    processor = with_videos_if_possible(InternVLProcessor, "InternVLVideoProcessor", image_processor=images,
+                                        tokenizer=tokenizer, image_seq_length=256, chat_template=template)
     return model, processor
 
 
@@ -323,10 +321,8 @@ def llava_onevision():
     images = LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384},
                                              image_grid_pinpoints=ONEVISION_PINPOINTS, image_mean=HALF,
                                              image_std=HALF, do_pad=True)
-    from transformers import LlavaOnevisionVideoProcessor
-
-    processor = LlavaOnevisionProcessor(image_processor=images, tokenizer=tokenizer,
-                                        video_processor=LlavaOnevisionVideoProcessor(), num_image_tokens=729,
+    processor = with_videos_if_possible(LlavaOnevisionProcessor, "LlavaOnevisionVideoProcessor",
+                                        image_processor=images, tokenizer=tokenizer, num_image_tokens=729,
                                         vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
                                         chat_template=template)
     return model, processor
@@ -379,9 +375,12 @@ def mistral3():
         Mistral3Config,
         Mistral3ForConditionalGeneration,
         PixtralImageProcessorPil,
-        PixtralProcessor,
         PixtralVisionConfig,
     )
+
+    from corematching.processors import real_processor_class
+
+    PixtralProcessor = real_processor_class("PixtralProcessor")  # transformers' own: a placeholder sans torchvision
 
     template = "{{ bos_token }}" + plain_template("[INST]", "[IMG]", "", end="[/INST]")
     tokenizer = byte_tokenizer(["[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"], bos="<s>",
@@ -430,15 +429,14 @@ FAMILIES = {
         Family("llava-next", "llava-hf/llava-v1.6-mistral-7b-hf", "LlavaNextForConditionalGeneration", llava_next),
         Family("gemma3", "google/gemma-3-4b-it", "Gemma3ForConditionalGeneration", gemma3),
         Family("idefics3", "HuggingFaceM4/Idefics3-8B-Llama3", "Idefics3ForConditionalGeneration", idefics3),
-        Family("internvl", "OpenGVLab/InternVL3-1B-hf", "InternVLForConditionalGeneration", internvl,
-               needs_torchvision=True),
+        Family("internvl", "OpenGVLab/InternVL3-1B-hf", "InternVLForConditionalGeneration", internvl),
         Family("llava-onevision", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "LlavaOnevisionForConditionalGeneration",
-               llava_onevision, needs_torchvision=True),
+               llava_onevision),
         Family("qwen2-vl", "Qwen/Qwen2-VL-2B-Instruct", "Qwen2VLForConditionalGeneration", lambda: qwen_vl("2")),
         Family("qwen2.5-vl", "Qwen/Qwen2.5-VL-3B-Instruct", "Qwen2_5_VLForConditionalGeneration",
                lambda: qwen_vl("2.5")),
         Family("mistral3", "mistralai/Mistral-Small-3.1-24B-Instruct-2503", "Mistral3ForConditionalGeneration",
-               mistral3, needs_torchvision=True),
+               mistral3),
         Family("smolvlm", "HuggingFaceTB/SmolVLM-256M-Instruct", "SmolVLMForConditionalGeneration", smolvlm,
                needs_torchvision=True),
     )

@@ -89,6 +89,8 @@ def pixtral_processor():
         stand_in = types.ModuleType(fast, "PIL stand-in: get_resize_output_image_size for PixtralProcessor")
         stand_in.get_resize_output_image_size = pil.get_resize_output_image_size
         sys.modules[fast] = stand_in
+        logger.warning("PixtralProcessor: %s; its image-size helper comes from the PIL image processor",
+                       torchvision_missing())
     return importlib.import_module("transformers.models.pixtral.processing_pixtral").PixtralProcessor
 
 
