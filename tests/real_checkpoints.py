@@ -416,9 +416,9 @@ def smolvlm():
     model = finish(transformers.SmolVLMForConditionalGeneration(config), tokenizer)
     images = transformers.SmolVLMImageProcessorPil(size={"longest_edge": 2048}, max_image_size={"longest_edge": 512},
                                                    do_image_splitting=True, image_mean=HALF, image_std=HALF)
-    processor = transformers.SmolVLMProcessor(image_processor=images, tokenizer=tokenizer,
-                                              video_processor=transformers.SmolVLMVideoProcessor(), image_seq_len=64,
-                                              chat_template=template)
+    processor = with_videos_if_possible(transformers.SmolVLMProcessor, "SmolVLMVideoProcessor",
+                                        image_processor=images, tokenizer=tokenizer, image_seq_len=64,
+                                        chat_template=template)
     return model, processor
 
 
@@ -437,8 +437,7 @@ FAMILIES = {
                lambda: qwen_vl("2.5")),
         Family("mistral3", "mistralai/Mistral-Small-3.1-24B-Instruct-2503", "Mistral3ForConditionalGeneration",
                mistral3),
-        Family("smolvlm", "HuggingFaceTB/SmolVLM-256M-Instruct", "SmolVLMForConditionalGeneration", smolvlm,
-               needs_torchvision=True),
+        Family("smolvlm", "HuggingFaceTB/SmolVLM-256M-Instruct", "SmolVLMForConditionalGeneration", smolvlm),
     )
 }
 
@@ -458,7 +457,7 @@ def with_videos_if_possible(processor_class, video_processor_class: str, **argum
     from corematching.processors import images_only
 
     if torchvision_missing():
-        return images_only(processor_class)(**arguments)
+        return images_only(processor_class)(video_processor=None, **arguments)
     return processor_class(video_processor=getattr(transformers, video_processor_class)(), **arguments)
 
 

@@ -94,6 +94,21 @@ def pixtral_processor():
     return importlib.import_module("transformers.models.pixtral.processing_pixtral").PixtralProcessor
 
 
+class NoVideoProcessor:
+    """Stands in for the video processor of an images-only processor: it has no frame settings (None, as when a
+    caller sets none) and refuses videos by name."""
+
+    num_frames = None
+    fps = None
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError(f"videos need a video processor, and transformers' need torchvision: {torchvision_missing()}")
+
+    def __getattr__(self, name):
+        raise AttributeError(f"no video processor (videos need torchvision: {torchvision_missing()}); "
+                             f"asked for its {name!r}")
+
+
 @lru_cache(maxsize=None)
 def images_only(processor_class):
     """`processor_class` without its video processor (itself when it has none): it loads, saves and runs as the
@@ -117,6 +132,7 @@ def images_only(processor_class):
         "__doc__": f"{processor_class.__name__} with images only (no video processor: torchvision is missing).",
         "__qualname__": processor_class.__qualname__,
         "drops_videos": True,
+        VIDEO: NoVideoProcessor(),  # a class attribute: what reads it finds no video settings; it is never saved
         "get_attributes": classmethod(get_attributes),
         "from_args_and_dict": classmethod(from_args_and_dict),
     })
