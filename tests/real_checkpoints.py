@@ -368,6 +368,36 @@ def qwen_vl(version: str):
     return model, processor
 
 
+def qwen3_vl():
+    """Qwen/Qwen3-VL-2B-Instruct: native resolution, patch 16, temporal patch 2, 2 x 2 merge (one token per 32 x 32
+    pixels) between 65536 and 16777216 pixels, learned position embeddings (48 x 48) interpolated to the grid;
+    DeepStack features from three vision layers added after the first three decoder layers; interleaved M-RoPE."""
+    import transformers
+    from transformers import Qwen2VLImageProcessorPil
+
+    tokenizer = byte_tokenizer(QWEN_TOKENS, eos="<|im_end|>", pad="<|endoftext|>", chat_template=QWEN_TEMPLATE)
+    ids = {name: token_id(tokenizer, token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=TEXT_LAYERS,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=8192,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 5000000.0,
+                                 "mrope_interleaved": True},
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+                initializer_range=0.2)
+    vision = dict(depth=3, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[0, 1, 2])
+    config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+    torch.manual_seed(0)
+    model = finish(transformers.Qwen3VLForConditionalGeneration(config), tokenizer)
+    images = Qwen2VLImageProcessorPil(size={"shortest_edge": 65536, "longest_edge": 16777216}, patch_size=16,
+                                      temporal_patch_size=2, merge_size=2, image_mean=HALF, image_std=HALF)
+    processor = with_videos_if_possible(transformers.Qwen3VLProcessor, "Qwen3VLVideoProcessor", image_processor=images,
+                                        tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
+    return model, processor
+
+
 def mistral3():
     """mistralai/Mistral-Small-3.1-24B-Instruct-2503: Pixtral at native resolution up to a longest edge of 1540 px,
     patch 14, 2 x 2 merge; an [IMG_BREAK] token after each row of tokens and [IMG_END] after the image."""
@@ -435,6 +465,7 @@ FAMILIES = {
         Family("qwen2-vl", "Qwen/Qwen2-VL-2B-Instruct", "Qwen2VLForConditionalGeneration", lambda: qwen_vl("2")),
         Family("qwen2.5-vl", "Qwen/Qwen2.5-VL-3B-Instruct", "Qwen2_5_VLForConditionalGeneration",
                lambda: qwen_vl("2.5")),
+        Family("qwen3-vl", "Qwen/Qwen3-VL-2B-Instruct", "Qwen3VLForConditionalGeneration", qwen3_vl),
         Family("mistral3", "mistralai/Mistral-Small-3.1-24B-Instruct-2503", "Mistral3ForConditionalGeneration",
                mistral3),
         Family("smolvlm", "HuggingFaceTB/SmolVLM-256M-Instruct", "SmolVLMForConditionalGeneration", smolvlm),
