@@ -139,7 +139,6 @@ class Family:
     real: str  # the real checkpoint whose geometry and preprocessing this one has
     model_class: str  # the class AutoModelForImageTextToText loads it as
     build: object  # () -> (model, processor)
-    needs_torchvision: bool = False  # its processor has a video processor (transformers requires torchvision)
 
 
 def llava_1_5():
