@@ -62,7 +62,9 @@ def load_model(name_or_path: str = BUNDLED, device: str | torch.device | None = 
 
     ``"evqa-smollm2"`` and ``"scenes-smollm2"`` are the project's own small real VLMs, loaded offline; anything
     else goes to ``transformers`` (``AutoModelForImageTextToText``/``AutoProcessor``). fp32 on CPU by default
-    (bf16 matmuls are very slow on CPUs), bf16 on accelerators.
+    (bf16 matmuls are very slow on CPUs), bf16 on accelerators. Without torchvision, processors that take a video
+    processor (Qwen-VL, InternVL, LLaVA-OneVision, SmolVLM) are built with images only, and Pixtral's without its
+    torchvision import (`corematching.processors.load_processor`, which logs a warning saying so).
 
     `options` go to ``from_pretrained`` as they would from a transformers user: ``device_map`` (then the model is
     placed by it, not moved to `device`), ``max_memory``, ``offload_folder``, ``attn_implementation`` ("sdpa" or
