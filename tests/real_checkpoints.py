@@ -139,7 +139,6 @@ class Family:
     real: str  # the real checkpoint whose geometry and preprocessing this one has
     model_class: str  # the class AutoModelForImageTextToText loads it as
     build: object  # () -> (model, processor)
-    needs_torchvision: bool = False  # its processor has a video processor (transformers requires torchvision)
 
 
 def llava_1_5():
@@ -289,10 +288,8 @@ def internvl():
     model = finish(InternVLForConditionalGeneration(config), tokenizer)
     images = GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=1,
                                       max_patches=12, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
-    from transformers import InternVLVideoProcessor
-
-    processor = InternVLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=InternVLVideoProcessor(),
-                                  image_seq_length=256, chat_template=template)
+    processor = with_videos_if_possible(InternVLProcessor, "InternVLVideoProcessor", image_processor=images,
+                                        tokenizer=tokenizer, image_seq_length=256, chat_template=template)
     return model, processor
 
 
@@ -323,10 +320,8 @@ def llava_onevision():
     images = LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384},
                                              image_grid_pinpoints=ONEVISION_PINPOINTS, image_mean=HALF,
                                              image_std=HALF, do_pad=True)
-    from transformers import LlavaOnevisionVideoProcessor
-
-    processor = LlavaOnevisionProcessor(image_processor=images, tokenizer=tokenizer,
-                                        video_processor=LlavaOnevisionVideoProcessor(), num_image_tokens=729,
+    processor = with_videos_if_possible(LlavaOnevisionProcessor, "LlavaOnevisionVideoProcessor",
+                                        image_processor=images, tokenizer=tokenizer, num_image_tokens=729,
                                         vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
                                         chat_template=template)
     return model, processor
@@ -367,8 +362,38 @@ def qwen_vl(version: str):
     images = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2,
                                       merge_size=2, image_mean=CLIP_MEAN, image_std=CLIP_STD)
     processor_class = transformers.Qwen2VLProcessor if version == "2" else transformers.Qwen2_5_VLProcessor
-    processor = processor_class(image_processor=images, tokenizer=tokenizer,
-                                video_processor=transformers.Qwen2VLVideoProcessor(), chat_template=QWEN_TEMPLATE)
+    processor = with_videos_if_possible(processor_class, "Qwen2VLVideoProcessor", image_processor=images,
+                                        tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
+    return model, processor
+
+
+def qwen3_vl():
+    """Qwen/Qwen3-VL-2B-Instruct: native resolution, patch 16, temporal patch 2, 2 x 2 merge (one token per 32 x 32
+    pixels) between 65536 and 16777216 pixels, learned position embeddings (48 x 48) interpolated to the grid;
+    DeepStack features from three vision layers added after the first three decoder layers; interleaved M-RoPE."""
+    import transformers
+    from transformers import Qwen2VLImageProcessorPil
+
+    tokenizer = byte_tokenizer(QWEN_TOKENS, eos="<|im_end|>", pad="<|endoftext|>", chat_template=QWEN_TEMPLATE)
+    ids = {name: token_id(tokenizer, token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=TEXT_LAYERS,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=8192,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 5000000.0,
+                                 "mrope_interleaved": True},
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+                initializer_range=0.2)
+    vision = dict(depth=3, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[0, 1, 2])
+    config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+    torch.manual_seed(0)
+    model = finish(transformers.Qwen3VLForConditionalGeneration(config), tokenizer)
+    images = Qwen2VLImageProcessorPil(size={"shortest_edge": 65536, "longest_edge": 16777216}, patch_size=16,
+                                      temporal_patch_size=2, merge_size=2, image_mean=HALF, image_std=HALF)
+    processor = with_videos_if_possible(transformers.Qwen3VLProcessor, "Qwen3VLVideoProcessor", image_processor=images,
+                                        tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
     return model, processor
 
 
@@ -379,9 +404,12 @@ def mistral3():
         Mistral3Config,
         Mistral3ForConditionalGeneration,
         PixtralImageProcessorPil,
-        PixtralProcessor,
         PixtralVisionConfig,
     )
+
+    from corematching.processors import real_processor_class
+
+    PixtralProcessor = real_processor_class("PixtralProcessor")  # transformers' own: a placeholder sans torchvision
 
     template = "{{ bos_token }}" + plain_template("[INST]", "[IMG]", "", end="[/INST]")
     tokenizer = byte_tokenizer(["[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"], bos="<s>",
@@ -417,9 +445,9 @@ def smolvlm():
     model = finish(transformers.SmolVLMForConditionalGeneration(config), tokenizer)
     images = transformers.SmolVLMImageProcessorPil(size={"longest_edge": 2048}, max_image_size={"longest_edge": 512},
                                                    do_image_splitting=True, image_mean=HALF, image_std=HALF)
-    processor = transformers.SmolVLMProcessor(image_processor=images, tokenizer=tokenizer,
-                                              video_processor=transformers.SmolVLMVideoProcessor(), image_seq_len=64,
-                                              chat_template=template)
+    processor = with_videos_if_possible(transformers.SmolVLMProcessor, "SmolVLMVideoProcessor",
+                                        image_processor=images, tokenizer=tokenizer, image_seq_len=64,
+                                        chat_template=template)
     return model, processor
 
 
@@ -430,29 +458,37 @@ FAMILIES = {
         Family("llava-next", "llava-hf/llava-v1.6-mistral-7b-hf", "LlavaNextForConditionalGeneration", llava_next),
         Family("gemma3", "google/gemma-3-4b-it", "Gemma3ForConditionalGeneration", gemma3),
         Family("idefics3", "HuggingFaceM4/Idefics3-8B-Llama3", "Idefics3ForConditionalGeneration", idefics3),
-        Family("internvl", "OpenGVLab/InternVL3-1B-hf", "InternVLForConditionalGeneration", internvl,
-               needs_torchvision=True),
+        Family("internvl", "OpenGVLab/InternVL3-1B-hf", "InternVLForConditionalGeneration", internvl),
         Family("llava-onevision", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "LlavaOnevisionForConditionalGeneration",
-               llava_onevision, needs_torchvision=True),
-        Family("qwen2-vl", "Qwen/Qwen2-VL-2B-Instruct", "Qwen2VLForConditionalGeneration", lambda: qwen_vl("2"),
-               needs_torchvision=True),
+               llava_onevision),
+        Family("qwen2-vl", "Qwen/Qwen2-VL-2B-Instruct", "Qwen2VLForConditionalGeneration", lambda: qwen_vl("2")),
         Family("qwen2.5-vl", "Qwen/Qwen2.5-VL-3B-Instruct", "Qwen2_5_VLForConditionalGeneration",
-               lambda: qwen_vl("2.5"), needs_torchvision=True),
+               lambda: qwen_vl("2.5")),
+        Family("qwen3-vl", "Qwen/Qwen3-VL-2B-Instruct", "Qwen3VLForConditionalGeneration", qwen3_vl),
         Family("mistral3", "mistralai/Mistral-Small-3.1-24B-Instruct-2503", "Mistral3ForConditionalGeneration",
-               mistral3, needs_torchvision=True),
-        Family("smolvlm", "HuggingFaceTB/SmolVLM-256M-Instruct", "SmolVLMForConditionalGeneration", smolvlm,
-               needs_torchvision=True),
+               mistral3),
+        Family("smolvlm", "HuggingFaceTB/SmolVLM-256M-Instruct", "SmolVLMForConditionalGeneration", smolvlm),
     )
 }
 
 
 def torchvision_missing() -> str | None:
-    """Why processors with a video processor cannot be built here, or None when they can."""
-    try:
-        import torchvision  # noqa: F401
-    except Exception as error:  # ImportError, or a build that does not match this torch (RuntimeError)
-        return f"torchvision does not import ({type(error).__name__}: {str(error).splitlines()[0][:80]})"
-    return None
+    """Why torchvision cannot be used here (video processors need it), or None when it can."""
+    from corematching.processors import torchvision_missing
+
+    return torchvision_missing()
+
+
+def with_videos_if_possible(processor_class, video_processor_class: str, **arguments):
+    """The processor with the family's video processor, or, when torchvision is missing (transformers' video
+    processors need it), the same processor class with images only, as `cm.load_model` builds it."""
+    import transformers
+
+    from corematching.processors import images_only
+
+    if torchvision_missing():
+        return images_only(processor_class)(video_processor=None, **arguments)
+    return processor_class(video_processor=getattr(transformers, video_processor_class)(), **arguments)
 
 
 def save(name: str, folder: Path) -> Path:

@@ -15,17 +15,7 @@ import corematching as cm
 from corematching import cli, layout
 from corematching.vqa import answer_batch
 
-
-def _family_params():
-    missing = real_checkpoints.torchvision_missing()
-    return [
-        pytest.param(name, marks=pytest.mark.skip(reason=f"{name}'s processor needs torchvision: {missing}"))
-        if family.needs_torchvision and missing else name
-        for name, family in sorted(real_checkpoints.FAMILIES.items())
-    ]
-
-
-FAMILIES = _family_params()
+FAMILIES = sorted(real_checkpoints.FAMILIES)
 _LOADED = {}
 
 
@@ -169,8 +159,9 @@ def test_the_server_worker_answers_a_batch_of_two_requests(name, loaded, one_thr
     for outcome, visual in zip(outcomes, expected_visual):
         assert isinstance(outcome.text, str) and outcome.usage.completion_tokens == 2
         assert outcome.usage.batch_size == 2
-        assert outcome.usage.visual_tokens == visual and outcome.usage.visual_tokens_kept == 8
-        assert [len(kept) for kept in outcome.kept_patches] == [8]
+        kept = min(8, visual)  # a 64 px picture is 4 tokens to Qwen-VL (one per 28 x 28 pixels, 56 px at least)
+        assert outcome.usage.visual_tokens == visual and outcome.usage.visual_tokens_kept == kept
+        assert [len(patches) for patches in outcome.kept_patches] == [kept]
         assert outcome.grid == worker.adapter.image_grid
 
 
@@ -198,6 +189,35 @@ def test_load_model_passes_from_pretrained_options_through(checkpoint_dir, tmp_p
     assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
     with cm.sparsify(model, cm.CoreMatching()):  # what sparsify needs survives the options
         pass
+
+
+@pytest.mark.skipif(real_checkpoints.torchvision_missing() is None, reason="torchvision imports: AutoProcessor is used")
+def test_without_torchvision_a_processor_has_images_only_and_refuses_videos(loaded, tmp_path, caplog):
+    """Qwen2-VL's processor without torchvision: built under its own class name from the saved files, with a log
+    line saying why; a video is refused naming torchvision; saved again it is the checkpoint's processor (no video
+    processor in its files) and loads again."""
+    import numpy as np
+
+    _LOADED.pop("qwen2-vl", None)
+    with caplog.at_level("WARNING", logger="corematching.processors"):
+        _, processor = loaded("qwen2-vl")
+    assert "building its Qwen2VLProcessor without a video processor" in caplog.text
+    assert type(processor).__name__ == "Qwen2VLProcessor"
+    video = np.zeros((4, 64, 64, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="videos need a video processor.*torchvision"):
+        processor(text=["<|vision_start|><|video_pad|><|vision_end|>What happens?"], videos=[video],
+                  return_tensors="pt")
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    assert saved["processor_class"] == "Qwen2VLProcessor" and "video_processor" not in saved
+    from corematching.processors import load_processor
+
+    again = load_processor(str(tmp_path))
+    square, _ = pictures()
+    prompt = "<|vision_start|><|image_pad|><|vision_end|>What?"
+    first, second = (each(images=[square], text=[prompt], return_tensors="pt") for each in (processor, again))
+    assert torch.equal(first["input_ids"], second["input_ids"])
+    assert torch.equal(first["pixel_values"], second["pixel_values"])
 
 
 def test_load_model_refuses_remote_code_and_unknown_options(checkpoint_dir):
@@ -261,8 +281,8 @@ def test_tiles_follow_the_shape_of_the_picture():
 
 
 def _family_models():
-    """(model, inputs of a prompt with two images of different sizes) of the tiny models of the family tests for
-    the families whose real processor needs torchvision (Qwen3-VL's default prune layer is its own issue)."""
+    """(model, inputs of a prompt with two images of different sizes) of the tiny models of the family tests (the
+    real checkpoints above put one image in each prompt)."""
     import test_family_idefics3 as idefics3
     import test_family_internvl as internvl
     import test_family_llava_next as anyres
@@ -282,8 +302,8 @@ def _family_models():
 
 @pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "mistral3", "internvl", "llava-onevision", "smolvlm"])
 def test_the_default_method_runs_on_every_family(family, one_thread):
-    """cm.CoreMatching() with every default (prune layer 1, a quarter of each image's tokens) on the families the
-    real checkpoints above cannot cover here; those they cover run it in test_loads_like_a_checkpoint_and_answers."""
+    """cm.CoreMatching() with every default (prune layer 1, a quarter of each image's tokens) on a prompt with two
+    images; test_loads_like_a_checkpoint_and_answers runs it on every family's real checkpoint."""
     model, inputs = _family_models()[family]()
     method = cm.CoreMatching()
     with cm.sparsify(model, method) as session, torch.no_grad():

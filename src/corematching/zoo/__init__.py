@@ -62,7 +62,9 @@ def load_model(name_or_path: str = BUNDLED, device: str | torch.device | None = 
 
     ``"evqa-smollm2"`` and ``"scenes-smollm2"`` are the project's own small real VLMs, loaded offline; anything
     else goes to ``transformers`` (``AutoModelForImageTextToText``/``AutoProcessor``). fp32 on CPU by default
-    (bf16 matmuls are very slow on CPUs), bf16 on accelerators.
+    (bf16 matmuls are very slow on CPUs), bf16 on accelerators. Without torchvision, processors that take a video
+    processor (Qwen-VL, InternVL, LLaVA-OneVision, SmolVLM) are built with images only, and Pixtral's without its
+    torchvision import (`corematching.processors.load_processor`, which logs a warning saying so).
 
     `options` go to ``from_pretrained`` as they would from a transformers user: ``device_map`` (then the model is
     placed by it, not moved to `device`), ``max_memory``, ``offload_folder``, ``attn_implementation`` ("sdpa" or
@@ -94,14 +96,16 @@ def load_model(name_or_path: str = BUNDLED, device: str | torch.device | None = 
         from .build import load_bundled
 
         return load_bundled(name_or_path, device=torch.device(device), dtype=dtype)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from ..processors import load_processor
 
     if not options.get("local_files_only"):
         check_reachable(name_or_path)
     hub_keys = ("revision", "cache_dir", "local_files_only", "token")  # what the processor's loading takes too
     hub_options = {key: options[key] for key in hub_keys if key in options}
     try:
-        processor = AutoProcessor.from_pretrained(name_or_path, **hub_options)
+        processor = load_processor(name_or_path, **hub_options)
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, **options)
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot load model {name_or_path!r}: {str(error).splitlines()[0]}") from error
