@@ -12,18 +12,20 @@ where `fill` finds it when the call brought pre-encoded images.
 
 What passes between hooks of one tower run (the attentions until the tower returns, the tower's output until the
 feature packing reads it) is kept per thread: a tower run by another thread (generate() encodes images before it
-calls the model) never mixes into it.
+calls the model) never mixes into it. So is the call the hooks capture for: the engine hands it over explicitly
+with `begin` when a call that chooses tokens starts, and takes it back with `end`.
 """
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import UnsupportedModeError, UnsupportedModelError
 from ..methods import SparsityMethod, TokenBatch
-from ..models import ModelAdapter
+from ..models import EntryCall, ModelAdapter
 from ..selection import HASH_MODULUS, hash_mix
 
 TOWER_ATTENTION = "_corematching_vision_attention"  # attribute of a tower output: [N images, P] attention received
@@ -41,15 +43,12 @@ ONE_PER_PATCH = (
 
 
 class MethodInputs:
-    def __init__(
-        self, adapter: ModelAdapter, method: SparsityMethod, stage_layers: tuple[int, ...], current_call: Callable
-    ):
+    def __init__(self, adapter: ModelAdapter, method: SparsityMethod, stage_layers: tuple[int, ...]):
         self.adapter = adapter
         self.wanted = frozenset(method.wants_inputs()) if stage_layers else frozenset()
         self.stage_layers = stage_layers
         self.prune_layer = stage_layers[0] if stage_layers else None
-        self.current_call = current_call  # () -> the engine's CallState of the running call, or None
-        self._tower_run = _TowerRun()  # per thread: what one tower run's hooks pass on
+        self._tower_run = _TowerRun()  # per thread: what one tower run's hooks pass on, and the call they serve
         self._tower_hooked = False  # whether the tower's output gets what the hooks computed
         reads_tower = bool({"vision_attention", "vision_keys"} & self.wanted)
         self.packing = adapter.feature_packing() if reads_tower else None  # (owner, name, sources) or None
@@ -74,9 +73,17 @@ class MethodInputs:
         self._tower_hooked = any(hook == self._on_tower_done for _, hook, _ in hooks)
         return hooks
 
+    def begin(self, call: Any) -> None:
+        """The calling thread's hooks now capture for `call` (a LiveCall that chooses tokens: what they catch goes
+        into `call.tokens.captured`; the last-attention hook reads `call.decision_valid`)."""
+        self._tower_run.call = call
+
+    def end(self) -> None:
+        """The calling thread's call is over: the hooks capture for none."""
+        self._tower_run.call = None
+
     def _choosing_call(self):
-        call = self.current_call()
-        return call if call is not None and call.chooses_tokens else None
+        return self._tower_run.call
 
     def _prune_attention_hook(self, layer: int) -> Callable:
         def on_prune_attention(module, args, kwargs):
@@ -84,7 +91,7 @@ class MethodInputs:
             if call is not None:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 with torch.no_grad():
-                    call.captured["last_attention"] = self.adapter.last_token_attention(
+                    call.tokens.captured["last_attention"] = self.adapter.last_token_attention(
                         layer, hidden, kwargs.get("position_embeddings"), call.decision_valid
                     )
 
@@ -93,7 +100,7 @@ class MethodInputs:
     def _on_first_layer(self, module, args, kwargs):
         call = self._choosing_call()
         if call is not None:
-            call.captured["input_embeddings"] = args[0] if args else kwargs["hidden_states"]
+            call.tokens.captured["input_embeddings"] = args[0] if args else kwargs["hidden_states"]
 
     def _on_vision_attention(self, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -127,7 +134,7 @@ class MethodInputs:
             object.__setattr__(output, name, value)
         call = self._choosing_call()
         if call is not None:
-            call.captured.update(found)
+            call.tokens.captured.update(found)
 
     def replacements(self) -> list[tuple[object, str, Callable]]:
         """(owner, method name, wrapper) to install for the session: the family's feature packing, wrapped to
@@ -148,11 +155,14 @@ class MethodInputs:
 
         return [(owner, name, packed)]
 
-    def fill(self, batch: TokenBatch, call, hidden_states: torch.Tensor) -> None:
-        """Put what the method asked for into batch; hidden_states [B, T, H]: the input of the layer after the
-        stage's layer (a later stage of several gets only hidden_states and last_attention: the method's checks
-        refuse the others)."""
-        captured = call.captured
+    def fill(
+        self, batch: TokenBatch, captured: dict, entry: EntryCall, visual: torch.Tensor, hidden_states: torch.Tensor
+    ) -> None:
+        """Put what the method asked for into batch, from what the hooks `captured` in the call `entry` (whose
+        visual tokens are visual [B, T]); hidden_states [B, T, H]: the input of the layer after the stage's layer
+        (a later stage of several gets only hidden_states and last_attention: the method's checks refuse the
+        others)."""
+        call = _Captured(captured, entry, visual)
         if "hidden_states" in self.wanted:
             batch.hidden_states = hidden_states
         if "input_embeddings" in self.wanted:
@@ -223,6 +233,14 @@ class _TowerRun(threading.local):
         self.attention: list[torch.Tensor] = []  # [images, P] per feature-layer call, until the tower returns
         self.keys: list[torch.Tensor] = []
         self.last_output = None  # the latest tower output, which the feature packing then describes
+        self.call = None  # the LiveCall that chooses tokens in this thread (None: none)
+
+
+class _Captured:
+    """What `fill` reads of the call: what the hooks caught, its entry call and its visual tokens [B, T]."""
+
+    def __init__(self, captured: dict, entry: EntryCall, visual: torch.Tensor):
+        self.captured, self.entry, self.visual = captured, entry, visual
 
 
 def content_hash(values: torch.Tensor) -> torch.Tensor:
