@@ -24,13 +24,15 @@ from ..methods import SparsityMethod
 from ..models import FFNParts, ModelAdapter
 from .assisted import AssistedPrompt
 from .cache_state import CacheState, NeuronDecision, SessionToken, attach_state, state_of
-from .call_plan import CallClassifier, CallKind, CallPlan, LayerRoles, LiveCall
+from .call_plan import CallClassifier, CallKind, CallPlan, LayerRoles
 from .conversation import ConversationKeeper
 from .core_decoding import CoreDecoding
+from .live_call import LiveCall
 from .method_inputs import MethodInputs
 from .neuron_order import NeuronOrder
 from .offload import is_offloaded
 from .records import SparsityRecord
+from .stage_keys import stage_slots_after
 from .token_removal import TokenRemoval
 
 __all__ = ["CallKind", "CallPlan", "Engine", "LiveCall"]
@@ -159,7 +161,7 @@ class Engine:
         elif state is None:  # a dense cache extended with chosen tokens
             state = CacheState(self.token, past)
         if state.removed_tokens or any(stage.layout is not None for stage in call.tokens.stages):
-            state.stages = self.removal.stage_slots_after(call, state)
+            state.stages = stage_slots_after(call, state, len(self.stage_layers))
         state.length = past + length
         attach_state(cache, state, self.stage_layers)
 

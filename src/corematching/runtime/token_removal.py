@@ -2,25 +2,26 @@
 
 At the entry of layer K + 1 (K a stage's prune layer) of a call that chooses tokens, the method gets a TokenBatch
 over the tokens the previous stage kept (the first stage: all of the call's) and returns which visual tokens go
-on; the kept ones are gathered into packed rows (packing.py). Every layer of the stage then gets:
+on; the kept ones (with the method's merged hidden states, if it merges) are gathered into packed rows
+(packing.py). Every layer of the stage then gets, from stage_keys.py:
   - the attention mask over its keys: the cache slots its layers hold (a CacheState says which tokens those are),
     then the call's kept tokens, each at its original position (masks.py builds it once per stage and rule);
   - the position ids and position embeddings gathered at the kept tokens.
-A call that removes nothing over a cache that holds every token leaves the layers untouched. After the call,
-`stage_slots_after` says which tokens each stage's cache slots hold, for the next call's keys.
+A call that removes nothing over a cache that holds every token leaves the layers untouched. Several prompts
+packed in one row (position ids restarting, no mask, no cache) keep their blocks apart in those masks; assisted
+decoding's candidates take no part in the choice and always go on.
 """
 
 import torch
-from transformers.cache_utils import BaseQuantizedLayer
 
 from ..errors import UnsupportedModeError
 from ..methods import SparsityMethod, TokenBatch
 from ..models import ModelAdapter
-from .cache_state import CacheState, StageSlots
-from .call_plan import CallKind, LayerRoles, LiveCall, StageCall
-from .masks import upper_attention_mask
+from .call_plan import CallKind, LayerRoles
+from .live_call import LiveCall, StageCall
 from .method_inputs import MethodInputs
 from .packing import PackedLayout, pack_kept_tokens, packed_sequence_ids
+from .stage_keys import prepare_stage_keys, upper_mask, upper_positions
 
 
 class TokenRemoval:
@@ -41,15 +42,16 @@ class TokenRemoval:
             if stage.hidden_index is not None:  # gather the surviving tokens (with the method's merged states)
                 merged, call.tokens.merged_hidden = call.tokens.merged_hidden, None
                 hidden = _gather_hidden(inputs.hidden_states if merged is None else merged, stage.hidden_index)
-                mask = self._upper_mask(call, stage_index, layer, inputs)
+                mask = upper_mask(self.adapter, call, stage_index, layer, inputs)
+                positions = upper_positions(self.adapter, stage, inputs)
                 return self.adapter.write_layer_inputs(
-                    args, kwargs, hidden_states=hidden, attention_mask=mask, **self._upper_positions(stage, inputs)
+                    args, kwargs, hidden_states=hidden, attention_mask=mask, **positions
                 )
         if not stages or stages[-1].keys is None:
             return None
         stage_index = len(stages) - 1
-        mask = self._upper_mask(call, stage_index, layer, inputs)
-        positions = self._upper_positions(stages[stage_index], inputs)
+        mask = upper_mask(self.adapter, call, stage_index, layer, inputs)
+        positions = upper_positions(self.adapter, stages[stage_index], inputs)
         return self.adapter.write_layer_inputs(args, kwargs, attention_mask=mask, **positions)
 
     def _start_stage(self, call: LiveCall, stage_index: int, inputs) -> StageCall:
@@ -68,7 +70,7 @@ class TokenRemoval:
                 source = previous.source_index.gather(1, chosen.source_index)
                 stage.layout = PackedLayout(source, chosen.slot_valid, chosen.all_valid)
         call.tokens.stages.append(stage)
-        self._prepare_stage_keys(call, stage_index, stage, inputs)
+        prepare_stage_keys(self.adapter, call, stage_index, stage, inputs)
         return stage
 
     def _packed_sequences(self, call: LiveCall, inputs) -> torch.Tensor | None:
@@ -140,150 +142,6 @@ class TokenRemoval:
                 )
             tokens.merged_hidden = decision.merged_hidden.to(hidden_states.dtype)
         return pack_kept_tokens(keep)
-
-    def _prepare_stage_keys(self, call: LiveCall, stage_index: int, stage: StageCall, inputs) -> None:
-        """The keys the stage's layers attend to in this call (cached slots, then the call's kept tokens), and
-        the gathered positions of the kept tokens."""
-        plan = call.plan
-        state = plan.state
-        removed_before = state is not None and state.removed_tokens
-        if stage.layout is None and not removed_before:
-            return  # nothing removed so far: these layers run as in the dense model
-        if removed_before:
-            cached = state.stages[stage_index]
-            cached_index, cached_valid, all_cached_valid = cached.index, cached.valid, cached.all_valid
-        else:  # a dense cache, or none: only a 2-D mask can mark a slot invalid
-            cached_index, cached_valid = dense_slots(call)
-            all_cached_valid = plan.past == 0 or plan.entry.attention_mask is None
-        layout = stage.layout
-        if layout is not None:
-            new_index, new_valid, all_new_valid = layout.source_index, layout.slot_valid, layout.all_valid
-        else:
-            new_index = torch.arange(plan.valid.shape[1], device=plan.valid.device).expand_as(plan.valid)
-            new_valid, all_new_valid = plan.valid, plan.entry.attention_mask is None
-        new_group = plan.images.image_index.gather(1, new_index) if plan.images is not None else None
-        stage.keys = (
-            torch.cat([cached_index, new_index + plan.past], dim=1),
-            torch.cat([cached_valid, new_valid], dim=1),
-            all_cached_valid and all_new_valid,
-            new_group,  # [B, q'] image of each new kept token (-1: text), for bidirectional image attention
-        )
-        if layout is not None:
-            stage.inputs["position_ids"] = self.adapter.gather_position_ids(inputs.position_ids, layout.source_index)
-
-    def _upper_positions(self, stage: StageCall, inputs) -> dict:
-        """The position inputs of a stage's layer: the gathered position ids, and the position embeddings this
-        layer received gathered at the kept tokens. Layers may receive different embeddings (Gemma 3's local and
-        global layers have their own rotary bases); each distinct one is gathered once per stage and call."""
-        if stage.layout is None:
-            return stage.inputs
-        source = inputs.position_embeddings
-        gathered = next((done for seen, done in stage.embeddings if seen is source), None)
-        if gathered is None:
-            gathered = self.adapter.gather_position_embeddings(source, stage.layout.source_index)
-            stage.embeddings.append((source, gathered))
-        return {**stage.inputs, "position_embeddings": gathered}
-
-    def _upper_mask(self, call: LiveCall, stage_index: int, layer: int, inputs):
-        """The attention mask of layer `layer` (of stage `stage_index`) for this call, built once for the stage's
-        layers with the same rule (their caches hold the same slots, so they see the same key window)."""
-        stage = call.tokens.stages[stage_index]
-        rule = call.plan.rules[layer]
-        if rule not in stage.masks:
-            key_index, key_valid, all_valid, new_group = stage.keys
-            num_queries = key_index.shape[1] - _cached_slots(call, stage_index)
-            offset, mask_length = _key_window(inputs.cache, layer, num_queries, key_index.shape[1])
-            # packed rows come without a cache: the keys are the call's own tokens
-            sequences = call.tokens.sequences
-            key_sequence = None if sequences is None else sequences.gather(1, key_index[:, offset:])
-            stage.masks[rule] = upper_attention_mask(
-                key_index[:, offset:],
-                key_valid[:, offset:],
-                num_queries,
-                rule,
-                new_group,
-                self.adapter.attention_implementation(),
-                inputs.hidden_states.dtype,
-                all_valid and offset == 0,
-                mask_length,
-                key_sequence,
-            )
-        return stage.masks[rule]
-
-    def stage_slots_after(self, call: LiveCall, state: CacheState) -> list[StageSlots]:
-        """Each stage's slots once this call's tokens are added: the cached ones, then the call's kept ones."""
-        plan = call.plan
-        past, device = plan.past, plan.valid.device
-        if state.removed_tokens:
-            cached = state.stages
-        else:
-            index, valid = dense_slots(call)
-            cached = [StageSlots(index, valid, bool(valid.all()))] * len(self.roles.stage_layers)
-        in_place = None  # the call's tokens, every one in place (a stage that removed none of them)
-        slots = []
-        for old, stage in zip(cached, call.tokens.stages):
-            if stage.layout is not None:
-                layout = stage.layout
-                new = StageSlots(layout.source_index + past, layout.slot_valid, layout.all_valid)
-            else:
-                if in_place is None:
-                    all_valid = plan.entry.attention_mask is None or bool(plan.valid.all())  # one check per call
-                    index = torch.arange(past, past + plan.valid.shape[1], device=device).expand_as(plan.valid)
-                    in_place = StageSlots(index, plan.valid, all_valid)
-                new = in_place
-            slots.append(
-                StageSlots(
-                    torch.cat([old.index, new.index], dim=1),
-                    torch.cat([old.valid, new.valid], dim=1),
-                    old.all_valid and new.all_valid,
-                )
-            )
-        return slots
-
-
-def dense_slots(call: LiveCall) -> tuple[torch.Tensor, torch.Tensor]:
-    """The slots of a cache whose past tokens all went through every layer: [B, past] index and validity."""
-    plan = call.plan
-    batch, past, device = plan.valid.shape[0], plan.past, plan.valid.device
-    index = torch.arange(past, device=device).expand(batch, past)
-    mask = plan.entry.attention_mask
-    if mask is None:
-        return index, torch.ones_like(index, dtype=torch.bool)
-    return index, mask[:, :past].to(device=device, dtype=torch.bool)
-
-
-def _key_window(cache, layer: int, num_queries: int, num_keys: int) -> tuple[int, int]:
-    """(first slot, mask length) of the keys layer `layer`'s attention sees: every slot, the last ones a
-    sliding-window cache keeps, or a static cache's whole buffer."""
-    if cache is None:
-        return 0, num_keys
-    layers = getattr(cache, "layers", None)
-    if layers is not None and layer < len(layers):
-        cache_layer = layers[layer]
-        if isinstance(cache_layer, BaseQuantizedLayer):
-            raise UnsupportedModeError(
-                "a quantized KV cache: it calibrates its quantization on the tokens it holds, which token "
-                "removal changes, so the result would differ from the dense model's; use an unquantized cache"
-            )
-        found = int(cache_layer.get_seq_length())
-        if found != num_keys - num_queries:
-            raise UnsupportedModeError(
-                f"the KV cache of layer {layer} holds {found} tokens, but the sparsified sequence so far has "
-                f"{num_keys - num_queries}: the cache was changed outside the session"
-            )
-    length, offset = cache.get_mask_sizes(num_queries, layer)
-    length, offset = int(length), int(offset)
-    if offset + length < num_keys:
-        raise UnsupportedModeError(f"a KV cache of type {type(cache).__name__} that drops keys the mask needs")
-    return offset, length
-
-
-def _cached_slots(call: LiveCall, stage_index: int) -> int:
-    """Slots the layers of a stage held before this call."""
-    state = call.plan.state
-    if state is not None and state.removed_tokens:
-        return state.stages[stage_index].width
-    return call.plan.past
 
 
 def _tokens_kept_so_far(batch: TokenBatch, layout: PackedLayout) -> TokenBatch:
