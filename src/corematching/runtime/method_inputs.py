@@ -7,8 +7,9 @@ when the tokens are chosen, at the entry of layer K + 1. Only the inputs asked f
 sample, so batch mates never change it.
 
 The vision tower may run outside the call that uses it: `generate` encodes the images first and passes the tower's
-output object in (`mm_encoder_outputs`). So what the tower hooks compute is also attached to that output object,
-where `fill` finds it when the call brought pre-encoded images.
+output object in (`mm_encoder_outputs`). So what the tower hooks compute is also kept per output object (by its
+identity, for as long as the object lives: `TowerResults`), where `fill` finds it when the call brought
+pre-encoded images. Nothing is written onto transformers' objects.
 
 What passes between hooks of one tower run (the attentions until the tower returns, the tower's output until the
 feature packing reads it) is kept per thread: a tower run by another thread (generate() encodes images before it
@@ -17,6 +18,7 @@ with `begin` when a call that chooses tokens starts, and takes it back with `end
 """
 
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -28,12 +30,12 @@ from ..methods import SparsityMethod, TokenBatch
 from ..models import EntryCall, ModelAdapter
 from ..selection import HASH_MODULUS, hash_mix
 
-TOWER_ATTENTION = "_corematching_vision_attention"  # attribute of a tower output: [N images, P] attention received
-TOWER_KEYS = "_corematching_vision_keys"  # attribute of a tower output: [N images, P, d] keys over heads
-TOWER_HASHES = "_corematching_image_hashes"  # attribute of a tower output: [N images] hashes of its pixel inputs
-# attribute of a tower output whose patches are packed into the image tokens (tiles, unpadding, newline tokens):
+TOWER_ATTENTION = "vision_attention"  # per tower output: [N images, P] attention received
+TOWER_KEYS = "vision_keys"  # per tower output: [N images, P, d] keys over heads
+TOWER_HASHES = "image_hashes"  # per tower output: [N images] hashes of its pixel inputs
+# per tower output whose patches are packed into the image tokens (tiles, unpadding, newline tokens):
 # [visual tokens of its images, in order] the flat index (tower row * P + patch) of each token's patch
-TOWER_SOURCES = "_corematching_patch_sources"
+TOWER_SOURCES = "patch_sources"
 
 
 ONE_PER_PATCH = (
@@ -49,6 +51,7 @@ class MethodInputs:
         self.stage_layers = stage_layers
         self.prune_layer = stage_layers[0] if stage_layers else None
         self._tower_run = _TowerRun()  # per thread: what one tower run's hooks pass on, and the call they serve
+        self.tower_results = TowerResults()  # tower output object -> what the hooks computed for it
         self._tower_hooked = False  # whether the tower's output gets what the hooks computed
         reads_tower = bool({"vision_attention", "vision_keys"} & self.wanted)
         self.packing = adapter.feature_packing() if reads_tower else None  # (owner, name, sources) or None
@@ -128,10 +131,9 @@ class MethodInputs:
             run.last_output = output
 
     def _attach(self, output, found: dict) -> None:
-        """What the hooks computed goes onto the tower's output object (generate() passes it back in) and to the
-        running call, if it chooses tokens."""
-        for name, value in found.items():
-            object.__setattr__(output, name, value)
+        """What the hooks computed is kept for the tower's output object (generate() passes it back in) and goes
+        to the running call, if it chooses tokens."""
+        self.tower_results.add(output, found)
         call = self._choosing_call()
         if call is not None:
             call.tokens.captured.update(found)
@@ -217,13 +219,48 @@ class MethodInputs:
         pre-encoded image outputs it brought."""
         if name in call.captured:
             return call.captured[name]
-        value = getattr(call.entry.image_inputs, name, None)
+        value = self.tower_results.get(call.entry.image_inputs, name)
         if value is None:
             raise UnsupportedModeError(
                 f"this method needs {what}, but the call's images were encoded outside this session (or the encoded "
                 "outputs were copied, as beam search expands them); pass pixel values in the call"
             )
         return value
+
+
+class TowerResults:
+    """What the tower hooks computed, per tower output object: by the object's identity, while it lives (a copy of
+    the object is another object, with nothing kept for it)."""
+
+    def __init__(self):
+        self._by_output: dict[int, tuple[weakref.ref, dict]] = {}
+
+    def add(self, output, found: dict) -> None:
+        key = id(output)
+        entry = self._by_output.get(key)
+        if entry is None or entry[0]() is not output:
+            try:
+                reference = weakref.ref(output, _forget(self._by_output, key))
+            except TypeError:  # an output that cannot be referenced weakly: nothing kept for later calls
+                return
+            entry = self._by_output[key] = (reference, {})
+        entry[1].update(found)
+
+    def get(self, output, name: str):
+        """What was kept under `name` for `output` (None: nothing)."""
+        entry = self._by_output.get(id(output))
+        return entry[1].get(name) if entry is not None and entry[0]() is output else None
+
+
+def _forget(by_output: dict, key: int):
+    """The callback of an output's weak reference: drop what was kept for it when it goes."""
+
+    def forget(reference: weakref.ref) -> None:
+        entry = by_output.get(key)
+        if entry is not None and entry[0] is reference:
+            by_output.pop(key, None)
+
+    return forget
 
 
 class _TowerRun(threading.local):
