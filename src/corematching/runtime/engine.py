@@ -5,10 +5,11 @@ It coordinates three rooms, each a module a newcomer can read on its own:
                     (the method decides), extend (a cache this session filled: decode steps, verified tokens, a new
                     turn) or dense (the model runs untouched), with its normalised mask and one FFN mode per layer.
   token_removal.py  at the layer after each prune stage, chooses the tokens that go on and rewrites the inputs of
-                    the layers after it (packed kept tokens, their masks and positions); after the call, records
-                    which tokens each stage's cache slots hold.
+                    the layers after it (packed kept tokens); stage_keys.py gives those layers their keys, masks
+                    and positions, and after the call, which tokens each stage's cache slots hold.
   core_decoding.py  runs every watched FFN by the plan's mode: dense, observed (a prefill choosing core neurons),
                     masked, the method's own, or sliced to the prefill's core neurons (and keeps those slices).
+A running call is a LiveCall (live_call.py): the plan, and what each room has done in it so far, one part each.
 The session's hooks call in here: `on_entry` / `on_entry_done` around the entry module, `on_layer` before each
 decoder layer after K, `ffn_forward` in place of the FFN forward of the watched layers. Everything a call decides
 travels with the KV cache it fills (cache_state.py): fresh calls attach the decision, extend calls read it.
