@@ -270,3 +270,19 @@ def test_masks_per_layer_type_built_over_the_kept_token_cache_are_refused():
 def test_methods_ranking_by_the_vision_tower_attention_are_refused():
     with pytest.raises(cm.UnsupportedModelError, match="the vision tower's attention are not supported"):
         cm.sparsify(model_of(), cm.VisionZip(dominant=2, contextual=1))
+
+
+def test_the_adapter_keeps_no_state_of_a_call():
+    """Whether images attend both ways is a property of each call (its token_type_ids), read from the call itself:
+    reading another call in between changes neither the adapter nor the first call's rule."""
+    from corematching.models import adapter_for
+
+    adapter = adapter_for(model_of())
+    before = dict(vars(adapter))
+    with_types = adapter.read_entry_call((), batch([TWO_IMAGES]))
+    without_types = adapter.read_entry_call((), batch([TWO_IMAGES], token_types=False))
+    global_layer = LAYER_TYPES.index("full_attention")
+    assert adapter.attention_rule(global_layer, with_types).bidirectional_images
+    assert not adapter.attention_rule(global_layer, without_types).bidirectional_images
+    assert vars(adapter).keys() == before.keys()
+    assert all(vars(adapter)[name] is value for name, value in before.items())

@@ -14,7 +14,7 @@ from tiny_llava import build_pixels, build_prompt, build_tiny_llava, left_pad
 from transformers import DynamicCache
 
 import corematching as cm
-from corematching.runtime import engine as engine_module
+from corematching.runtime import core_decoding as decoding_module
 from corematching.runtime import neuron_order
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -296,15 +296,15 @@ def test_an_unknown_neuron_weights_value_is_refused(tiny_llava):
 def slices(monkeypatch):
     """Weak references to every sliced FFN the engine builds: .live() -> (count, bytes) of those still alive."""
     built = []
-    gather, prefix = engine_module.SlicedFFN.gather, engine_module.prefix_ffn
+    gather, prefix = decoding_module.SlicedFFN.gather, decoding_module.prefix_ffn
 
     def record(ffn):
         if ffn is not None and not any(ref() is ffn for ref in built):
             built.append(weakref.ref(ffn))
         return ffn
 
-    monkeypatch.setattr(engine_module.SlicedFFN, "gather", staticmethod(lambda *args: record(gather(*args))))
-    monkeypatch.setattr(engine_module, "prefix_ffn", lambda *args: record(prefix(*args)))
+    monkeypatch.setattr(decoding_module.SlicedFFN, "gather", staticmethod(lambda *args: record(gather(*args))))
+    monkeypatch.setattr(decoding_module, "prefix_ffn", lambda *args: record(prefix(*args)))
 
     class Slices:
         @staticmethod

@@ -253,8 +253,9 @@ class ModelAdapter:
             return fixed_size_images(visual, self.tokens_per_image, self.image_grid)
         return images_of_sizes(visual, sizes, self.sub_images(call))
 
-    def attention_rule(self, layer: int) -> "AttentionRule":
-        """How decoder layer `layer` masks attention (from the language model's config by default)."""
+    def attention_rule(self, layer: int, call: EntryCall | None = None) -> "AttentionRule":
+        """How decoder layer `layer` masks attention in `call` (from the language model's config by default; a
+        family whose rule depends on the call's inputs reads them from `call`)."""
         config = self.language_model.config
         layer_types = getattr(config, "layer_types", None)
         window = None

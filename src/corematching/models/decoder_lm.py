@@ -10,7 +10,7 @@ slides when `sliding_window` is set (Mistral).
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import AttentionRule, FFNParts, ModelAdapter, gated_mlp_parts
+from .base import AttentionRule, EntryCall, FFNParts, ModelAdapter, gated_mlp_parts
 
 # Decoder language models whose layers have the gated FFN and the masks described above, by class name.
 LANGUAGE_MODELS = ("LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model", "Gemma3TextModel")
@@ -61,5 +61,5 @@ class DecoderLanguageModelAdapter(ModelAdapter):
     def ffn(self, layer: int) -> FFNParts:
         return gated_mlp_parts(self.decoder_layers[layer], layer)
 
-    def attention_rule(self, layer: int) -> AttentionRule:
+    def attention_rule(self, layer: int, call: EntryCall | None = None) -> AttentionRule:
         return AttentionRule(sliding_window=sliding_window_of(self.language_model.config, layer))

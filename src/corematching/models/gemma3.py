@@ -14,6 +14,7 @@ bases).
 """
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -22,6 +23,11 @@ from ..errors import UnsupportedModeError, UnsupportedModelError
 from .base import AttentionRule, EntryCall, bind_arguments
 from .decoder_lm import DecoderLanguageModelAdapter
 from .llava import image_token_id_of, read_llava_call
+
+
+@dataclass
+class Gemma3EntryCall(EntryCall):
+    images_bidirectional: bool = False  # the call passes token_type_ids: its images attend both ways
 
 
 class Gemma3Adapter(DecoderLanguageModelAdapter):
@@ -45,14 +51,13 @@ class Gemma3Adapter(DecoderLanguageModelAdapter):
         self.tokens_per_image = int(config.mm_tokens_per_image)
         side = int(round(self.tokens_per_image**0.5))
         self.image_grid = (side, side) if side * side == self.tokens_per_image else None
-        self.images_bidirectional = False  # whether the current call attends both ways inside images
         self._entry_signature = inspect.signature(self.entry_module.forward)
         self.check_attention()
 
     def read_entry_call(self, args: tuple, kwargs: dict) -> EntryCall:
-        call = read_llava_call(self._entry_signature, args, kwargs)
         token_type_ids = bind_arguments(self._entry_signature, args, kwargs).get("token_type_ids")
-        self.images_bidirectional = token_type_ids is not None
+        read = read_llava_call(self._entry_signature, args, kwargs)
+        call = Gemma3EntryCall(**vars(read), images_bidirectional=token_type_ids is not None)
         if token_type_ids is not None and call.image_inputs is not None:
             past = int(call.cache.get_seq_length()) if call.cache is not None else 0
             if past:  # a later turn: the model reads token_type_ids by position, from the start of the sequence
@@ -81,9 +86,10 @@ class Gemma3Adapter(DecoderLanguageModelAdapter):
                 "images): the layers after the prune layer could not reproduce the model's image blocks"
             )
 
-    def attention_rule(self, layer: int) -> AttentionRule:
+    def attention_rule(self, layer: int, call: EntryCall | None = None) -> AttentionRule:
         rule = super().attention_rule(layer)
-        return AttentionRule(sliding_window=rule.sliding_window, bidirectional_images=self.images_bidirectional)
+        bidirectional = bool(getattr(call, "images_bidirectional", False))
+        return AttentionRule(sliding_window=rule.sliding_window, bidirectional_images=bidirectional)
 
     def vision_attention_module(self) -> nn.Module:
         raise UnsupportedModelError(

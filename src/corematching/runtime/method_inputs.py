@@ -7,31 +7,35 @@ when the tokens are chosen, at the entry of layer K + 1. Only the inputs asked f
 sample, so batch mates never change it.
 
 The vision tower may run outside the call that uses it: `generate` encodes the images first and passes the tower's
-output object in (`mm_encoder_outputs`). So what the tower hooks compute is also attached to that output object,
-where `fill` finds it when the call brought pre-encoded images.
+output object in (`mm_encoder_outputs`). So what the tower hooks compute is also kept per output object (by its
+identity, for as long as the object lives: `TowerResults`), where `fill` finds it when the call brought
+pre-encoded images. Nothing is written onto transformers' objects.
 
 What passes between hooks of one tower run (the attentions until the tower returns, the tower's output until the
 feature packing reads it) is kept per thread: a tower run by another thread (generate() encodes images before it
-calls the model) never mixes into it.
+calls the model) never mixes into it. So is the call the hooks capture for: the engine hands it over explicitly
+with `begin` when a call that chooses tokens starts, and takes it back with `end`.
 """
 
 import threading
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import UnsupportedModeError, UnsupportedModelError
 from ..methods import SparsityMethod, TokenBatch
-from ..models import ModelAdapter
+from ..models import EntryCall, ModelAdapter
 from ..selection import HASH_MODULUS, hash_mix
 
-TOWER_ATTENTION = "_corematching_vision_attention"  # attribute of a tower output: [N images, P] attention received
-TOWER_KEYS = "_corematching_vision_keys"  # attribute of a tower output: [N images, P, d] keys over heads
-TOWER_HASHES = "_corematching_image_hashes"  # attribute of a tower output: [N images] hashes of its pixel inputs
-# attribute of a tower output whose patches are packed into the image tokens (tiles, unpadding, newline tokens):
+TOWER_ATTENTION = "vision_attention"  # per tower output: [N images, P] attention received
+TOWER_KEYS = "vision_keys"  # per tower output: [N images, P, d] keys over heads
+TOWER_HASHES = "image_hashes"  # per tower output: [N images] hashes of its pixel inputs
+# per tower output whose patches are packed into the image tokens (tiles, unpadding, newline tokens):
 # [visual tokens of its images, in order] the flat index (tower row * P + patch) of each token's patch
-TOWER_SOURCES = "_corematching_patch_sources"
+TOWER_SOURCES = "patch_sources"
 
 
 ONE_PER_PATCH = (
@@ -41,15 +45,13 @@ ONE_PER_PATCH = (
 
 
 class MethodInputs:
-    def __init__(
-        self, adapter: ModelAdapter, method: SparsityMethod, stage_layers: tuple[int, ...], current_call: Callable
-    ):
+    def __init__(self, adapter: ModelAdapter, method: SparsityMethod, stage_layers: tuple[int, ...]):
         self.adapter = adapter
         self.wanted = frozenset(method.wants_inputs()) if stage_layers else frozenset()
         self.stage_layers = stage_layers
         self.prune_layer = stage_layers[0] if stage_layers else None
-        self.current_call = current_call  # () -> the engine's CallState of the running call, or None
-        self._tower_run = _TowerRun()  # per thread: what one tower run's hooks pass on
+        self._tower_run = _TowerRun()  # per thread: what one tower run's hooks pass on, and the call they serve
+        self.tower_results = TowerResults()  # tower output object -> what the hooks computed for it
         self._tower_hooked = False  # whether the tower's output gets what the hooks computed
         reads_tower = bool({"vision_attention", "vision_keys"} & self.wanted)
         self.packing = adapter.feature_packing() if reads_tower else None  # (owner, name, sources) or None
@@ -74,9 +76,17 @@ class MethodInputs:
         self._tower_hooked = any(hook == self._on_tower_done for _, hook, _ in hooks)
         return hooks
 
+    def begin(self, call: Any) -> None:
+        """The calling thread's hooks now capture for `call` (a LiveCall that chooses tokens: what they catch goes
+        into `call.tokens.captured`; the last-attention hook reads `call.decision_valid`)."""
+        self._tower_run.call = call
+
+    def end(self) -> None:
+        """The calling thread's call is over: the hooks capture for none."""
+        self._tower_run.call = None
+
     def _choosing_call(self):
-        call = self.current_call()
-        return call if call is not None and call.chooses_tokens else None
+        return self._tower_run.call
 
     def _prune_attention_hook(self, layer: int) -> Callable:
         def on_prune_attention(module, args, kwargs):
@@ -84,7 +94,7 @@ class MethodInputs:
             if call is not None:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 with torch.no_grad():
-                    call.captured["last_attention"] = self.adapter.last_token_attention(
+                    call.tokens.captured["last_attention"] = self.adapter.last_token_attention(
                         layer, hidden, kwargs.get("position_embeddings"), call.decision_valid
                     )
 
@@ -93,7 +103,7 @@ class MethodInputs:
     def _on_first_layer(self, module, args, kwargs):
         call = self._choosing_call()
         if call is not None:
-            call.captured["input_embeddings"] = args[0] if args else kwargs["hidden_states"]
+            call.tokens.captured["input_embeddings"] = args[0] if args else kwargs["hidden_states"]
 
     def _on_vision_attention(self, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -121,13 +131,12 @@ class MethodInputs:
             run.last_output = output
 
     def _attach(self, output, found: dict) -> None:
-        """What the hooks computed goes onto the tower's output object (generate() passes it back in) and to the
-        running call, if it chooses tokens."""
-        for name, value in found.items():
-            object.__setattr__(output, name, value)
+        """What the hooks computed is kept for the tower's output object (generate() passes it back in) and goes
+        to the running call, if it chooses tokens."""
+        self.tower_results.add(output, found)
         call = self._choosing_call()
         if call is not None:
-            call.captured.update(found)
+            call.tokens.captured.update(found)
 
     def replacements(self) -> list[tuple[object, str, Callable]]:
         """(owner, method name, wrapper) to install for the session: the family's feature packing, wrapped to
@@ -148,11 +157,14 @@ class MethodInputs:
 
         return [(owner, name, packed)]
 
-    def fill(self, batch: TokenBatch, call, hidden_states: torch.Tensor) -> None:
-        """Put what the method asked for into batch; hidden_states [B, T, H]: the input of the layer after the
-        stage's layer (a later stage of several gets only hidden_states and last_attention: the method's checks
-        refuse the others)."""
-        captured = call.captured
+    def fill(
+        self, batch: TokenBatch, captured: dict, entry: EntryCall, visual: torch.Tensor, hidden_states: torch.Tensor
+    ) -> None:
+        """Put what the method asked for into batch, from what the hooks `captured` in the call `entry` (whose
+        visual tokens are visual [B, T]); hidden_states [B, T, H]: the input of the layer after the stage's layer
+        (a later stage of several gets only hidden_states and last_attention: the method's checks refuse the
+        others)."""
+        call = _Captured(captured, entry, visual)
         if "hidden_states" in self.wanted:
             batch.hidden_states = hidden_states
         if "input_embeddings" in self.wanted:
@@ -207,13 +219,48 @@ class MethodInputs:
         pre-encoded image outputs it brought."""
         if name in call.captured:
             return call.captured[name]
-        value = getattr(call.entry.image_inputs, name, None)
+        value = self.tower_results.get(call.entry.image_inputs, name)
         if value is None:
             raise UnsupportedModeError(
                 f"this method needs {what}, but the call's images were encoded outside this session (or the encoded "
                 "outputs were copied, as beam search expands them); pass pixel values in the call"
             )
         return value
+
+
+class TowerResults:
+    """What the tower hooks computed, per tower output object: by the object's identity, while it lives (a copy of
+    the object is another object, with nothing kept for it)."""
+
+    def __init__(self):
+        self._by_output: dict[int, tuple[weakref.ref, dict]] = {}
+
+    def add(self, output, found: dict) -> None:
+        key = id(output)
+        entry = self._by_output.get(key)
+        if entry is None or entry[0]() is not output:
+            try:
+                reference = weakref.ref(output, _forget(self._by_output, key))
+            except TypeError:  # an output that cannot be referenced weakly: nothing kept for later calls
+                return
+            entry = self._by_output[key] = (reference, {})
+        entry[1].update(found)
+
+    def get(self, output, name: str):
+        """What was kept under `name` for `output` (None: nothing)."""
+        entry = self._by_output.get(id(output))
+        return entry[1].get(name) if entry is not None and entry[0]() is output else None
+
+
+def _forget(by_output: dict, key: int):
+    """The callback of an output's weak reference: drop what was kept for it when it goes."""
+
+    def forget(reference: weakref.ref) -> None:
+        entry = by_output.get(key)
+        if entry is not None and entry[0] is reference:
+            by_output.pop(key, None)
+
+    return forget
 
 
 class _TowerRun(threading.local):
@@ -223,6 +270,14 @@ class _TowerRun(threading.local):
         self.attention: list[torch.Tensor] = []  # [images, P] per feature-layer call, until the tower returns
         self.keys: list[torch.Tensor] = []
         self.last_output = None  # the latest tower output, which the feature packing then describes
+        self.call = None  # the LiveCall that chooses tokens in this thread (None: none)
+
+
+class _Captured:
+    """What `fill` reads of the call: what the hooks caught, its entry call and its visual tokens [B, T]."""
+
+    def __init__(self, captured: dict, entry: EntryCall, visual: torch.Tensor):
+        self.captured, self.entry, self.visual = captured, entry, visual
 
 
 def content_hash(values: torch.Tensor) -> torch.Tensor:
