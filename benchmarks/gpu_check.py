@@ -333,7 +333,8 @@ def offload_timing(tiny: bool, device, dtype, new_tokens: int, reps: int) -> str
     summary = offload_bench.summarize({"dense": records.pop("dense (offloaded)"), **records})
     text = config.text_config
     lines = [
-        f"{'LLaVA-1.5-7B geometry at tiny widths' if tiny else 'Vicuna-7B geometry'} ({text.num_hidden_layers} layers, hidden {text.hidden_size}, FFN "
+        f"{'LLaVA-1.5-7B geometry at tiny widths' if tiny else 'Vicuna-7B geometry'} "
+        f"({text.num_hidden_layers} layers, hidden {text.hidden_size}, FFN "
         f"{text.intermediate_size}, vocabulary {text.vocab_size}) with bench_offload's smaller vision tower (CLIP "
         "hidden 256, 4 layers, 336 px / 14: 576 visual tokens, not CLIP-L/336); K = 2, 64 of 576 visual tokens "
         f"kept, core neurons on layers {prune_layer + 1}-{layers - 1}. Budget {format_bytes(planned.budget)} "
@@ -355,7 +356,7 @@ def offload_timing(tiny: bool, device, dtype, new_tokens: int, reps: int) -> str
             f"| {row['decode_s_per_token']:.4f} | {row['end_to_end_s']:.2f} "
             f"| {row.get('decode_s_per_token_speedup', 1):.2f} | {row.get('end_to_end_s_speedup', 1):.2f} | {peak} "
             f"| {format_bytes(int(row['host_to_device_bytes']))} | {format_bytes(int(row['streamed_bytes']))} "
-            f"| {format_bytes(int(row['resident_slice_bytes']))} |"
+            f"| {format_bytes(int(row['resident_slice_bytes'])) if row['resident_slice_bytes'] else '-'} |"
         )  # fmt: skip
     del model, store
     return "\n".join(lines)
@@ -391,12 +392,13 @@ def main(argv: list[str] | None = None) -> int:
     sections = [header]
     for title, run in (
         ("Batch invariance (CoreMatching, core neurons after K; 8 tokens)",
-         lambda: check_batch_invariance(model, device, dtype, 8)),
-        ("In-place neuron order (8 tokens, batch of 2)", lambda: check_in_place(model, device, dtype, 8)),
-        (f"Timing, batch 1, median of {args.reps}", lambda: timing(model, device, dtype, args.new_tokens, args.reps)),
+         lambda built: check_batch_invariance(built, device, dtype, 8)),
+        ("In-place neuron order (8 tokens, batch of 2)", lambda built: check_in_place(built, device, dtype, 8)),
+        (f"Timing, batch 1, median of {args.reps}",
+         lambda built: timing(built, device, dtype, args.new_tokens, args.reps)),
     ):
         part_started = time.perf_counter()
-        table = run()
+        table = run(model)
         sections.append(f"## {title}\n\n{table}\n\n({time.perf_counter() - part_started:.0f} s)\n")
         print(sections[-1], flush=True)
     del model  # the offloaded model below is built on its own
