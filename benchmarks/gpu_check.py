@@ -8,9 +8,16 @@
      layers, 4096 wide, FFN 11008) in bf16 with sdpa, batch 1: dense, CoreMatching with token pruning alone (64
      of 576 tokens) and with core neurons on every layer after K: prefill time, decode time per token, end to end
      for a 32-token answer, torch.cuda.max_memory_allocated.
+  4. FFN originals offloaded (the paper's setting: a 12 GB Titan Xp, smaller than the model): LLaVA-1.5-7B's
+     language model geometry with bench_offload.py's smaller vision tower, bf16, random weights drawn parameter by
+     parameter; corematching's plan at a 12 GiB budget puts the FFNs of layers 3-31 in pinned CPU memory behind
+     accelerate's offload hooks and everything else on the GPU. Dense (every offloaded FFN copied in at every
+     forward) against CoreMatching (64 of 576 tokens, core neurons after K at beta 0.4 and 0.2: slices read once
+     per prefill, decoding from them on the GPU), batch 1, interleaved: prefill, decode per token, end to end,
+     max_memory_allocated, bytes copied host->device; ratios from the one run (--skip-offload leaves it out).
 One markdown table per part, printed and written to --output (with the device named).
 
-    python benchmarks/gpu_check.py --output benchmarks/results/gpu_check.md      # on a GPU (~3 minutes)
+    python benchmarks/gpu_check.py --output benchmarks/results/gpu_check.md      # on a GPU (~5 minutes)
     python benchmarks/gpu_check.py --tiny --device cpu --output /tmp/check.md    # the same code, tiny widths
 
 --tiny keeps the geometry (336 px, patch 14, 576 visual tokens) but makes every width and depth tiny, so that
@@ -241,7 +248,7 @@ def build_offloaded_model(config, device, dtype, planned):
         else:
             value = torch.randn(parameter.shape, generator=generator, dtype=dtype, device=device).mul_(0.02)
         if any(name.startswith(module + ".") for module in offloaded):
-            host[name] = value.cpu().pin_memory() if pin else value.cpu()
+            host[name] = torch.empty(parameter.shape, dtype=dtype, pin_memory=pin).copy_(value)
             set_module_tensor_to_device(model, name, "meta")
         else:
             set_module_tensor_to_device(model, name, device, value=value)
@@ -309,6 +316,8 @@ def offloaded_run(model, method, inputs: dict, new_tokens: int, store: CountingS
 def offload_timing(tiny: bool, device, dtype, new_tokens: int, reps: int) -> str:
     """Dense offloaded against CoreMatching at beta 0.4 and 0.2, interleaved, ratios from this one run."""
     offload_bench = bench_offload_module()
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # the hooks' execution device, by index
     shape = TINY_OFFLOAD if tiny else dict(scale=1.0, layers=offload_bench.LAYERS)
     config = offload_bench.model_config(**shape)
     prune_layer, layers = offload_bench.PRUNE_LAYER, shape["layers"]
@@ -358,6 +367,10 @@ def offload_timing(tiny: bool, device, dtype, new_tokens: int, reps: int) -> str
             f"| {format_bytes(int(row['host_to_device_bytes']))} | {format_bytes(int(row['streamed_bytes']))} "
             f"| {format_bytes(int(row['resident_slice_bytes'])) if row['resident_slice_bytes'] else '-'} |"
         )  # fmt: skip
+    if device.type == "cuda":
+        peak = max(row["max_memory_allocated"] for row in summary.values())
+        lines += ["", f"Largest max_memory_allocated {format_bytes(int(peak))}: "
+                  f"{'within' if peak <= planned.budget else 'ABOVE'} the budget of {format_bytes(planned.budget)}."]
     del model, store
     return "\n".join(lines)
 
