@@ -187,7 +187,7 @@ TINY_OFFLOAD = dict(scale=1 / 32, layers=10)  # hidden 128, FFN 320, vocabulary 
 
 
 def bench_offload_module():
-    """benchmarks/bench_offload.py (its model geometry, random weights and prompt), loaded from beside this file."""
+    """benchmarks/bench_offload.py (its model geometry, prompt and summary of ratios), loaded from beside this file."""
     path = Path(__file__).with_name("bench_offload.py")
     spec = importlib.util.spec_from_file_location("bench_offload", path)
     module = importlib.util.module_from_spec(spec)
