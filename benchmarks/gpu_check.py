@@ -8,9 +8,16 @@
      layers, 4096 wide, FFN 11008) in bf16 with sdpa, batch 1: dense, CoreMatching with token pruning alone (64
      of 576 tokens) and with core neurons on every layer after K: prefill time, decode time per token, end to end
      for a 32-token answer, torch.cuda.max_memory_allocated.
+  4. FFN originals offloaded (the paper's setting: a 12 GB Titan Xp, smaller than the model): LLaVA-1.5-7B's
+     language model geometry with bench_offload.py's smaller vision tower, bf16, random weights drawn parameter by
+     parameter; corematching's plan at a 12 GiB budget puts the FFNs of layers 3-31 in pinned CPU memory behind
+     accelerate's offload hooks and everything else on the GPU. Dense (every offloaded FFN copied in at every
+     forward) against CoreMatching (64 of 576 tokens, core neurons after K at beta 0.4 and 0.2: slices read once
+     per prefill, decoding from them on the GPU), batch 1, interleaved: prefill, decode per token, end to end,
+     max_memory_allocated, bytes copied host->device; ratios from the one run (--skip-offload leaves it out).
 One markdown table per part, printed and written to --output (with the device named).
 
-    python benchmarks/gpu_check.py --output benchmarks/results/gpu_check.md      # on a GPU (~3 minutes)
+    python benchmarks/gpu_check.py --output benchmarks/results/gpu_check.md      # on a GPU (~5 minutes)
     python benchmarks/gpu_check.py --tiny --device cpu --output /tmp/check.md    # the same code, tiny widths
 
 --tiny keeps the geometry (336 px, patch 14, 576 visual tokens) but makes every width and depth tiny, so that
@@ -20,15 +27,19 @@ the whole script runs on a CPU in seconds (tests/test_bench.py runs it so).
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.util
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import OffloadedWeightsLoader
 
 import corematching as cm
 from corematching import bench
+from corematching.plan import format_bytes, plan_memory
 
 IMAGE_TOKEN, PAD, BOS = 32000, 32001, 1
 VISUAL_TOKENS = 576  # 336 px / patch 14 = 24 x 24
@@ -168,6 +179,202 @@ def timing(model, device, dtype, new_tokens: int, reps: int) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------- offloaded FFNs
+
+OFFLOAD_BUDGET = "12GiB"  # the paper's Titan Xp
+OFFLOAD_BETAS = (0.4, 0.2)
+TINY_OFFLOAD = dict(scale=1 / 32, layers=10)  # hidden 128, FFN 320, vocabulary 1024; the same 576 visual tokens
+
+
+def bench_offload_module():
+    """benchmarks/bench_offload.py (its model geometry, prompt and summary of ratios), loaded from beside this file."""
+    path = Path(__file__).with_name("bench_offload.py")
+    spec = importlib.util.spec_from_file_location("bench_offload", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class CountingStore(OffloadedWeightsLoader):
+    """accelerate's in-memory offload store, counting the bytes its hooks take out (each one copied to the device)."""
+
+    def __init__(self, state_dict: dict):
+        super().__init__(state_dict=state_dict)
+        self.bytes = 0
+
+    def __getitem__(self, key: str):
+        tensor = super().__getitem__(key)
+        self.bytes += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+def offload_plan(config, device, dtype, method, planning: dict, tiny: bool):
+    """The plan at 12 GiB (the GPU), or (--tiny) at the smallest budget that keeps the method's beta with FFN
+    originals offloaded, so that offload really happens at tiny widths."""
+    dtype_name = str(dtype).replace("torch.", "")
+    budget = OFFLOAD_BUDGET
+    if tiny:
+        dense = plan_memory(config, 1 << 50, dtype_name, method, device=device.type, **planning).dense_bytes
+        budget = dense - 1
+    planned = plan_memory(config, budget, dtype_name, method, device=device.type, **planning)
+    if not planned.offload or planned.beta != method.beta or list(planned.neuron_layers) != method.neuron_layers:
+        raise SystemExit(f"gpu_check: the plan at {format_bytes(planned.budget)} is not FFNs of layers "
+                         f"{method.neuron_layers[0]}-{method.neuron_layers[-1]} offloaded at beta {method.beta}:\n"
+                         + planned.explain())  # fmt: skip
+    return planned
+
+
+def build_offloaded_model(config, device, dtype, planned):
+    """The model with random weights, built parameter by parameter (nothing whole anywhere): everything on `device`
+    but the planned FFN originals, which go to CPU memory (pinned on an accelerator) behind accelerate's offload
+    hooks, as `dispatch_model` places them. Weights are drawn on `device` (fast on a GPU) with bench_offload's
+    rule (norms 1, biases 0, other weights N(0, 0.02))."""
+    from accelerate import init_empty_weights
+    from accelerate.hooks import attach_align_device_hook_on_blocks
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import LlavaForConditionalGeneration
+
+    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) computed as usual
+        model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=dtype)
+    offloaded = {name for name, place in planned.device_map.items() if place != device.type}
+    pin = device.type == "cuda"
+    generator = torch.Generator(device).manual_seed(0)
+    host = {}
+    for name, parameter in model.named_parameters():
+        if name.endswith("norm.weight") or "layernorm" in name or "layer_norm" in name:
+            value = torch.ones(parameter.shape, dtype=dtype, device=device)
+        elif name.endswith("bias"):
+            value = torch.zeros(parameter.shape, dtype=dtype, device=device)
+        else:
+            value = torch.randn(parameter.shape, generator=generator, dtype=dtype, device=device).mul_(0.02)
+        if any(name.startswith(module + ".") for module in offloaded):
+            host[name] = torch.empty(parameter.shape, dtype=dtype, pin_memory=pin).copy_(value)
+            set_module_tensor_to_device(model, name, "meta")
+        else:
+            set_module_tensor_to_device(model, name, device, value=value)
+        del value
+    for name, buffer in model.named_buffers():
+        set_module_tensor_to_device(model, name, device, value=buffer)
+    store = CountingStore(host)
+    attach_align_device_hook_on_blocks(
+        model, execution_device={name: device for name in planned.device_map},
+        offload={name: name in offloaded for name in planned.device_map}, weights_map=store,
+    )  # fmt: skip
+    model.generation_config.eos_token_id = None  # every answer is exactly max_new_tokens long
+    model.generation_config.pad_token_id = 0
+    return model.eval(), store, sum(t.numel() * t.element_size() for t in host.values())
+
+
+class SyncedClock(bench.StepClock):
+    """bench's step clock, waiting for the device before each stamp."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device = device
+
+    def __call__(self, input_ids, scores):
+        synchronize(self.device)
+        return super().__call__(input_ids, scores)
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def offloaded_run(model, method, inputs: dict, new_tokens: int, store: CountingStore, device) -> dict:
+    from transformers import LogitsProcessorList
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    streamed_before = store.bytes
+    clock = SyncedClock(device)
+    with cm.sparsify(model, method) as session:
+        synchronize(device)
+        start = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       logits_processor=LogitsProcessorList([clock]))
+        synchronize(device)
+        end = time.perf_counter()
+        record = session.last
+    steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+    slices_read = getattr(record, "slice_bytes_read", None) or 0
+    return {
+        "prefill_s": clock.stamps[0] - start,
+        "decode_s_per_token": statistics.mean(steps),
+        "end_to_end_s": end - start,
+        "max_memory_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "streamed_bytes": store.bytes - streamed_before,  # FFN originals copied in by accelerate's hooks
+        "slice_bytes_read": slices_read,  # core slices copied from the same store
+        "host_to_device_bytes": store.bytes - streamed_before + slices_read,
+        "resident_slice_bytes": getattr(record, "resident_slice_bytes", None) or 0,
+    }
+
+
+def offload_timing(tiny: bool, device, dtype, new_tokens: int, reps: int) -> str:
+    """Dense offloaded against CoreMatching at beta 0.4 and 0.2, interleaved, ratios from this one run."""
+    offload_bench = bench_offload_module()
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # the hooks' execution device, by index
+    shape = TINY_OFFLOAD if tiny else dict(scale=1.0, layers=offload_bench.LAYERS)
+    config = offload_bench.model_config(**shape)
+    prune_layer, layers = offload_bench.PRUNE_LAYER, shape["layers"]
+    sparse = {f"CoreMatching, beta {beta}": cm.CoreMatching(
+        prune_layer=prune_layer, token_budget=offload_bench.KEPT_VISUAL, beta=beta,
+        neuron_layers=list(range(prune_layer + 1, layers))) for beta in OFFLOAD_BETAS}  # fmt: skip
+    planning = dict(text_tokens=offload_bench.TEXT, visual_tokens=offload_bench.VISUAL, answer_tokens=new_tokens)
+    planned = offload_plan(config, device, dtype, next(iter(sparse.values())), planning, tiny)
+    started = time.perf_counter()
+    model, store, offloaded_bytes = build_offloaded_model(config, device, dtype, planned)
+    built = time.perf_counter() - started
+    inputs = {key: value.to(device) for key, value in offload_bench.build_inputs(config.image_token_id).items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    runs = {"dense (offloaded)": cm.Dense(), **sparse}
+    for method in runs.values():
+        offloaded_run(model, method, inputs, 2, store, device)  # warm-up
+    records = {name: [] for name in runs}
+    order = list(runs)
+    for rep in range(reps):
+        for name in order if rep % 2 == 0 else order[::-1]:
+            records[name].append(offloaded_run(model, runs[name], inputs, new_tokens, store, device))
+    summary = offload_bench.summarize({"dense": records.pop("dense (offloaded)"), **records})
+    text = config.text_config
+    lines = [
+        f"{'LLaVA-1.5-7B geometry at tiny widths' if tiny else 'Vicuna-7B geometry'} "
+        f"({text.num_hidden_layers} layers, hidden {text.hidden_size}, FFN "
+        f"{text.intermediate_size}, vocabulary {text.vocab_size}) with bench_offload's smaller vision tower (CLIP "
+        "hidden 256, 4 layers, 336 px / 14: 576 visual tokens, not CLIP-L/336); K = 2, 64 of 576 visual tokens "
+        f"kept, core neurons on layers {prune_layer + 1}-{layers - 1}. Budget {format_bytes(planned.budget)} "
+        f"({'the smallest that offloads, --tiny' if tiny else 'max_memory of a 12 GB Titan Xp'}): "
+        f"{format_bytes(offloaded_bytes)} of FFN originals in CPU memory"
+        f"{' (pinned)' if device.type == 'cuda' else ''}, the rest on the device; built in {built:.0f} s. Batch 1, "
+        f"{new_tokens} new tokens, {reps} repetitions interleaved (order reversed every other); times are medians, "
+        "speedups medians of the per-repetition ratios; host->device is weights only (FFN originals streamed by "
+        "the hooks + core slices read).",
+        "",
+        "| run | prefill s | decode s/token | end to end s | decode x | end to end x | max_memory_allocated "
+        "| host->device | FFN originals streamed | slices resident |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in summary.items():
+        peak = format_bytes(int(row["max_memory_allocated"])) if "max_memory_allocated" in row else "-"
+        lines.append(
+            f"| {'dense (offloaded)' if name == 'dense' else name} | {row['prefill_s']:.3f} "
+            f"| {row['decode_s_per_token']:.4f} | {row['end_to_end_s']:.2f} "
+            f"| {row.get('decode_s_per_token_speedup', 1):.2f} | {row.get('end_to_end_s_speedup', 1):.2f} | {peak} "
+            f"| {format_bytes(int(row['host_to_device_bytes']))} | {format_bytes(int(row['streamed_bytes']))} "
+            f"| {format_bytes(int(row['resident_slice_bytes'])) if row['resident_slice_bytes'] else '-'} |"
+        )  # fmt: skip
+    if device.type == "cuda":
+        peak = max(row["max_memory_allocated"] for row in summary.values())
+        lines += ["", f"Largest max_memory_allocated {format_bytes(int(peak))}: "
+                  f"{'within' if peak <= planned.budget else 'ABOVE'} the budget of {format_bytes(planned.budget)}."]
+    del model, store
+    return "\n".join(lines)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -181,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="markdown file for the tables")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--offload-reps", type=int, default=2, help="repetitions of the offloaded comparison")
+    parser.add_argument("--skip-offload", action="store_true", help="leave out the offloaded comparison")
     parser.add_argument("--note", default="", help="a line for the file's header (gpu_check.sh: the CUDA tests)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -196,13 +405,24 @@ def main(argv: list[str] | None = None) -> int:
     sections = [header]
     for title, run in (
         ("Batch invariance (CoreMatching, core neurons after K; 8 tokens)",
-         lambda: check_batch_invariance(model, device, dtype, 8)),
-        ("In-place neuron order (8 tokens, batch of 2)", lambda: check_in_place(model, device, dtype, 8)),
-        (f"Timing, batch 1, median of {args.reps}", lambda: timing(model, device, dtype, args.new_tokens, args.reps)),
+         lambda built: check_batch_invariance(built, device, dtype, 8)),
+        ("In-place neuron order (8 tokens, batch of 2)", lambda built: check_in_place(built, device, dtype, 8)),
+        (f"Timing, batch 1, median of {args.reps}",
+         lambda built: timing(built, device, dtype, args.new_tokens, args.reps)),
     ):
         part_started = time.perf_counter()
-        table = run()
+        table = run(model)
         sections.append(f"## {title}\n\n{table}\n\n({time.perf_counter() - part_started:.0f} s)\n")
+        print(sections[-1], flush=True)
+    del model  # the offloaded model below is built on its own
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if not args.skip_offload:
+        part_started = time.perf_counter()
+        table = offload_timing(args.tiny, device, dtype, args.new_tokens, args.offload_reps)
+        sections.append(f"## FFN originals offloaded to CPU memory, core slices on the device\n\n{table}\n\n"
+                        f"({time.perf_counter() - part_started:.0f} s)\n")
         print(sections[-1], flush=True)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

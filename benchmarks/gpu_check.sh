@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one go, with random weights (nothing is downloaded; about 3-5 minutes on one
+# Everything that needs a GPU, in one go, with random weights (nothing is downloaded; about 5-7 minutes on one
 # GPU): the CUDA-marked tests, then benchmarks/gpu_check.py (batch invariance in bf16, in-place neuron order,
-# LLaVA-1.5-7B-size timing). The tables go to $1 (default benchmarks/results/gpu_check.md).
+# LLaVA-1.5-7B-size timing, and the 7B model at a 12 GiB budget with FFN originals offloaded to pinned CPU memory,
+# dense against CoreMatching). The tables go to $1 (default benchmarks/results/gpu_check.md).
 #   benchmarks/gpu_check.sh [output.md]            PYTHON=... to use another interpreter than .venv/bin/python
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -255,7 +255,9 @@ def test_vision_flops_of_tiled_images_are_measured(one_thread):
 
 def test_gpu_check_runs_its_checks_with_tiny_widths(tmp_path, one_thread):
     """benchmarks/gpu_check.py, the script run when a GPU is lent, runs here with --tiny on the CPU: its batch
-    invariance and in-place checks hold, and its timing table has the three methods."""
+    invariance and in-place checks hold, its timing table has the three methods, and its offloaded comparison
+    really offloads: dense streams the FFN originals at every forward, CoreMatching once, then decodes from
+    resident slices."""
     import importlib.util
     from pathlib import Path
 
@@ -265,9 +267,21 @@ def test_gpu_check_runs_its_checks_with_tiny_widths(tmp_path, one_thread):
     spec.loader.exec_module(gpu_check)
     output = tmp_path / "gpu_check.md"
     assert gpu_check.main(["--tiny", "--device", "cpu", "--output", str(output), "--new-tokens", "3",
-                           "--reps", "1"]) == 0
-    text = output.read_text()
+                           "--reps", "1", "--offload-reps", "1"]) == 0
+    text, offloaded = output.read_text().split("## FFN originals offloaded to CPU memory, core slices on the device")
     assert "| 0 | 602 | yes |" in text and "| FFN weights bit for bit the same after the session | yes |" in text
     assert "| same tokens, in place and copy | yes |" in text
     rows = [line for line in text.splitlines() if line.startswith("| dense") or line.startswith("| CoreMatching")]
     assert [row.split(" | ")[1] for row in rows] == ["576/576", "64/576", "64/576"]
+    from corematching.plan import parse_bytes
+
+    cells = [line.strip("| ").split(" | ") for line in offloaded.splitlines() if line.startswith("| ")][1:]
+    assert [row[0] for row in cells] == ["dense (offloaded)", "CoreMatching, beta 0.4", "CoreMatching, beta 0.2"]
+    # rows after the header; columns 7-9: host->device bytes, FFN originals streamed by the hooks, core slices resident
+    assert cells[0][9] == "-"  # dense decodes from nothing resident but the streamed originals
+    host, streamed = ([parse_bytes(row[column]) for row in cells] for column in (7, 8))
+    slices = [parse_bytes(row[9]) for row in cells[1:]]
+    # 3 new tokens: dense brings every offloaded FFN in at each of 3 forwards, CoreMatching at its prefill only
+    assert streamed[1] > 0 and all(math.isclose(streamed[0], 3 * value, rel_tol=0.01) for value in streamed[1:])
+    assert 0 < slices[1] < slices[0]  # beta 0.2 keeps fewer core neurons than 0.4
+    assert host[0] == streamed[0] and all(h > s for h, s in zip(host[1:], streamed[1:]))  # + the slices read
