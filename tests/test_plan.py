@@ -19,9 +19,11 @@ from corematching import plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# The peak RSS of a generation above the process before loading is within 20% of the planned model part; the whole
-# process's peak is below the planned total.
+# The peak RSS of a generation above the process before loading is at least 80% of the planned model part and at
+# most 120% of it plus what a fresh process's first generate costs; the whole process's peak is below the planned
+# total.
 PEAK_TOLERANCE = 0.20
+FIRST_RUN_SLACK = 48 * 2**20  # bytes a fresh process's first generate adds beyond the model (see the peak test)
 TEXT, ANSWER, KEPT = 31, 8, 8  # the prompt below: BOS + 20 + 10 text tokens, one 36-token image
 
 
@@ -190,7 +192,11 @@ def test_the_planned_total_is_near_the_measured_peak_rss(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     above_process = measured["peak"] - measured["before"]
-    assert abs(above_process - result.total) <= PEAK_TOLERANCE * result.total, (above_process, result.total)
+    # The plan may not overcount by more than the tolerance; above it, a fresh process's first generate also pays
+    # for lazy imports and allocator arenas (measured up to 45 MiB above the plan in a new virtual environment), which
+    # the plan counts in its process part (plan.RUNTIME_BYTES), not in the model's.
+    assert above_process >= (1 - PEAK_TOLERANCE) * result.total, (above_process, result.total)
+    assert above_process <= (1 + PEAK_TOLERANCE) * result.total + FIRST_RUN_SLACK, (above_process, result.total)
     assert measured["peak"] <= result.total + plan.RUNTIME_BYTES, (measured["peak"], result.total)
 
 
