@@ -30,7 +30,9 @@ import torch
 from PIL import Image
 
 import corematching as cm
-from corematching.serve.continuous import ContinuousBatcher, Sequence, percentile
+from corematching.serve.continuous import ContinuousBatcher
+from corematching.serve.metrics import percentile
+from corematching.serve.sequence import Sequence
 
 METHODS = {"dense": lambda: cm.Dense(), "corematching": lambda: cm.CoreMatching(token_budget=0.25)}
 SCHEDULES = ("static", "continuous")

@@ -1,6 +1,6 @@
-"""The continuous-batching loop (serve/continuous.py): token choice on the device (seeded sampling batch-invariant),
-incremental text and stop sequences, and the batcher: requests arriving at random steps get the tokens they get
-alone, whatever method, budget or client comes and goes around them."""
+"""The continuous-batching loop (serve/continuous.py and its modules): token choice on the device (seeded
+sampling batch-invariant), incremental text and stop sequences, and the batcher: requests arriving at random steps
+get the tokens they get alone, whatever method, budget or client comes and goes around them."""
 
 import random
 
@@ -9,15 +9,10 @@ import torch
 from tiny_llava import build_pixels, build_prompt, build_tiny_llava
 
 import corematching as cm
-from corematching.serve.continuous import (
-    ContinuousBatcher,
-    MemoryRefused,
-    Sequence,
-    StreamText,
-    choose_tokens,
-    combine_inputs,
-    new_generator,
-)
+from corematching.serve.choose import choose_tokens, new_generator
+from corematching.serve.continuous import ContinuousBatcher
+from corematching.serve.sequence import MemoryRefused, Sequence, combine_inputs
+from corematching.serve.stream_text import StreamText
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -329,8 +324,9 @@ def wait_for(condition, timeout: float = 120.0) -> None:
 def test_the_server_scheduler_answers_each_job_once_as_alone():
     """Jobs submitted while others decode get their answers alone; a cancelled one is reported once, as
     cancelled; /metrics reads the numbers in the Prometheus format; a job that can never fit gets 429."""
-    from corematching.serve.continuous import ContinuousScheduler, metrics_text
+    from corematching.serve.continuous_scheduler import ContinuousScheduler
     from corematching.serve.errors import APIError
+    from corematching.serve.metrics import metrics_text
 
     model = build_tiny_llava()
     with torch.no_grad():
