@@ -43,14 +43,19 @@ class ContinuousBatcher:
     `metrics`: one thread calls `step`)."""
 
     def __init__(self, model, max_batch: int = 16, kv_budget_bytes: int | None = None, pad_id: int = 0,
-                 static: bool = False):
+                 static: bool = False, join_wait_steps: int = 0):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if join_wait_steps < 0:
+            raise ValueError(f"join_wait_steps must be >= 0, got {join_wait_steps}")
         self.model = model
         self.max_batch = max_batch
         self.kv_budget_bytes = kv_budget_bytes
         self.pad_id = pad_id
         self.static = static
+        # While a batch runs, arrivals may wait up to this many decode steps for others, so that they are
+        # prefilled together (one prefill pauses the batch instead of several); 0: each step admits what waits.
+        self.join_wait_steps = join_wait_steps
         self.layers = model.config.get_text_config().num_hidden_layers
         self.token_bytes = kv_bytes_per_token(model) * self.layers  # one token in every layer
         self.device = next(model.parameters()).device
@@ -89,6 +94,7 @@ class ContinuousBatcher:
             raise ValueError("a Sequence needs the tokenizer that decodes its tokens")
         sequence.text = StreamText(sequence.tokenizer, sequence.max_tokens, sequence.stop, sequence.eos_ids)
         with self._lock:
+            sequence.queued_step = self.steps
             self._waiting.append(sequence)
 
     def cancel(self, sequence: Sequence) -> None:
@@ -206,6 +212,9 @@ class ContinuousBatcher:
                 return []
             key = self._rows[0].key if self._rows else self._waiting[0].key
             room = self.max_batch - len(self._rows)
+            if self._rows and len(self._waiting) < room and \
+                    self.steps - self._waiting[0].queued_step < self.join_wait_steps:
+                return []  # the batch runs on; more arrivals may come to share the prefill
             budget = None
             if self.kv_budget_bytes is not None:
                 budget = self.kv_budget_bytes - sum(s.reserved_bytes for s in self._rows) - self._sliced_bytes()

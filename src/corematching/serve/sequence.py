@@ -40,6 +40,7 @@ class Sequence:
     text: StreamText | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     reserved_bytes: int = 0  # KV bytes the request holds in the admission count
+    queued_step: int = 0  # the batcher's decode step count when it was submitted
     record: object = None  # the session's record of the prefill this request was part of
     record_row: int = 0
     error: BaseException | None = None
