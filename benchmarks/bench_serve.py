@@ -97,7 +97,8 @@ def run_cell(model, processor, prompts, method, schedule: str, clients: int, req
     batcher.close()
     tokens = sum(len(s.text.tokens) for s in done)
     row = {"requests": len(done), "wall_s": wall, "requests_per_s": len(done) / wall, "tokens_per_s": tokens / wall,
-           "mean_batch": sum(batch_sizes) / max(1, len(batch_sizes))}
+           "mean_batch": sum(batch_sizes) / max(1, len(batch_sizes)), "prefills": batcher.prefills,
+           "join_wait_steps": batcher.join_wait_steps}
     ttft = [s.first_token_at - s.submitted_at for s in done]
     row["ttft_p50_s"], row["ttft_p95_s"] = percentile(ttft, 0.5), percentile(ttft, 0.95)
     for kind in ("short", "long"):

@@ -53,8 +53,9 @@ class ContinuousBatcher:
         self.kv_budget_bytes = kv_budget_bytes
         self.pad_id = pad_id
         self.static = static
-        # While a batch runs, arrivals may wait up to this many decode steps for others, so that they are
-        # prefilled together (one prefill pauses the batch instead of several); 0: each step admits what waits.
+        # While a batch runs, arrivals may wait up to this many decode steps for others (and for rows to finish),
+        # so that they are prefilled together: one prefill pauses the batch instead of several. 0: each step
+        # admits what waits and fits.
         self.join_wait_steps = join_wait_steps
         self.layers = model.config.get_text_config().num_hidden_layers
         self.token_bytes = kv_bytes_per_token(model) * self.layers  # one token in every layer
@@ -212,9 +213,9 @@ class ContinuousBatcher:
                 return []
             key = self._rows[0].key if self._rows else self._waiting[0].key
             room = self.max_batch - len(self._rows)
-            if self._rows and len(self._waiting) < room and \
+            if self._rows and len(self._waiting) < self.max_batch and \
                     self.steps - self._waiting[0].queued_step < self.join_wait_steps:
-                return []  # the batch runs on; more arrivals may come to share the prefill
+                return []  # the batch runs on; rows may finish and more arrivals come to share the prefill
             budget = None
             if self.kv_budget_bytes is not None:
                 budget = self.kv_budget_bytes - sum(s.reserved_bytes for s in self._rows) - self._sliced_bytes()
