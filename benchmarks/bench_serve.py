@@ -30,7 +30,9 @@ import torch
 from PIL import Image
 
 import corematching as cm
-from corematching.serve.continuous import ContinuousBatcher, Sequence, percentile
+from corematching.serve.continuous import ContinuousBatcher
+from corematching.serve.metrics import percentile
+from corematching.serve.sequence import Sequence
 
 METHODS = {"dense": lambda: cm.Dense(), "corematching": lambda: cm.CoreMatching(token_budget=0.25)}
 SCHEDULES = ("static", "continuous")
@@ -65,8 +67,9 @@ def run_cell(model, processor, prompts, method, schedule: str, clients: int, req
         short = rng.random() < args.short_share
         low, high = args.short if short else args.long
         plan.append(("short" if short else "long", rng.randint(low, high), prompts[index % len(prompts)]))
+    static = schedule == "static"
     batcher = ContinuousBatcher(model, max_batch=args.max_batch, pad_id=processor.tokenizer.pad_token_id or 0,
-                                static=schedule == "static")
+                                static=static, join_wait_steps=0 if static else args.join_wait_steps)
     done: list[Sequence] = []
     sent = 0
 
@@ -94,7 +97,8 @@ def run_cell(model, processor, prompts, method, schedule: str, clients: int, req
     batcher.close()
     tokens = sum(len(s.text.tokens) for s in done)
     row = {"requests": len(done), "wall_s": wall, "requests_per_s": len(done) / wall, "tokens_per_s": tokens / wall,
-           "mean_batch": sum(batch_sizes) / max(1, len(batch_sizes))}
+           "mean_batch": sum(batch_sizes) / max(1, len(batch_sizes)), "prefills": batcher.prefills,
+           "join_wait_steps": batcher.join_wait_steps}
     ttft = [s.first_token_at - s.submitted_at for s in done]
     row["ttft_p50_s"], row["ttft_p95_s"] = percentile(ttft, 0.5), percentile(ttft, 0.95)
     for kind in ("short", "long"):
@@ -129,6 +133,36 @@ def ratios(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Throughput and p95 latency of short requests against clients, static against continuous, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (speed, latency) = plt.subplots(1, 2, figsize=(10, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        for schedule, style in (("static", "--"), ("continuous", "-")):
+            cells = sorted((r for r in rows if r["method"] == method and r["schedule"] == schedule),
+                           key=lambda r: r["clients"])
+            if not cells:
+                continue
+            clients = [r["clients"] for r in cells]
+            label = f"{method}, {schedule}"
+            speed.plot(clients, [r["tokens_per_s"] for r in cells], style, marker="o", label=label)
+            latency.plot(clients, [r["short_p95_s"] for r in cells], style, marker="o", label=label)
+    for axes, title in ((speed, "throughput (generated tokens/s)"), (latency, "short requests: p95 latency (s)")):
+        axes.set_xscale("log", base=2)
+        axes.set_xlabel("closed-loop clients")
+        axes.set_title(title)
+        axes.grid(alpha=0.3)
+    speed.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="evqa-smollm2")
@@ -139,11 +173,20 @@ def main() -> None:
     parser.add_argument("--short-share", type=float, default=0.5)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--join-wait-steps", type=int, default=0,
+                        help="continuous: decode steps an arrival may wait for others to share its prefill")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/serve_load.json"))
     parser.add_argument("--doc", type=Path, default=Path("docs/serving-load.md"))
+    parser.add_argument("--plot", type=Path, default=None, help="draw the results as a PNG here")
+    parser.add_argument("--plot-only", action="store_true", help="only draw --plot from the rows in --output")
     args = parser.parse_args()
+    if args.plot_only:
+        if args.plot is None:
+            parser.error("--plot-only needs --plot PATH")
+        plot(json.loads(args.output.read_text()), args.plot)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     model, processor = cm.load_model(args.model, device=args.device)
@@ -168,6 +211,8 @@ def main() -> None:
     text = (f"{table(rows)}\n\n{ratios(rows)}\n\n`{command}` on {device} ({torch.get_num_threads()} threads, "
             f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end)\n")
     print("\n" + text)
+    if args.plot:
+        plot(rows, args.plot)
     if args.doc:
         print(f"(paste into {args.doc}; rows in {args.output})")
 

@@ -1,6 +1,6 @@
-"""The continuous-batching loop (serve/continuous.py): token choice on the device (seeded sampling batch-invariant),
-incremental text and stop sequences, and the batcher: requests arriving at random steps get the tokens they get
-alone, whatever method, budget or client comes and goes around them."""
+"""The continuous-batching loop (serve/continuous.py and its modules): token choice on the device (seeded
+sampling batch-invariant), incremental text and stop sequences, and the batcher: requests arriving at random steps
+get the tokens they get alone, whatever method, budget or client comes and goes around them."""
 
 import random
 
@@ -9,15 +9,10 @@ import torch
 from tiny_llava import build_pixels, build_prompt, build_tiny_llava
 
 import corematching as cm
-from corematching.serve.continuous import (
-    ContinuousBatcher,
-    MemoryRefused,
-    Sequence,
-    StreamText,
-    choose_tokens,
-    combine_inputs,
-    new_generator,
-)
+from corematching.serve.choose import choose_tokens, new_generator
+from corematching.serve.continuous import ContinuousBatcher
+from corematching.serve.sequence import MemoryRefused, Sequence, combine_inputs
+from corematching.serve.stream_text import StreamText
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -245,6 +240,37 @@ def test_admission_by_memory_queues_or_refuses():
             small.submit(make_sequence(0, CORE))
 
 
+def test_arrivals_wait_a_few_steps_to_share_one_prefill():
+    """With join_wait_steps, requests arriving one step apart while a batch runs are prefilled in one call (and
+    get their tokens alone); one that waited its steps joins alone."""
+    model = build_tiny_llava()
+    with torch.no_grad():
+        expected = alone_tokens(model, lambda i, m: make_sequence(i, m, max_tokens=12), [CORE] * 4)
+        sequences = [make_sequence(index, CORE, max_tokens=12) for index in range(4)]
+        batcher = ContinuousBatcher(model, max_batch=8, join_wait_steps=3)
+        batcher.submit(sequences[0])
+        batcher.step()  # the first request runs alone
+        batcher.submit(sequences[1])
+        batcher.step()
+        batcher.submit(sequences[2])
+        for _ in range(2):
+            batcher.step()
+        assert batcher.prefills == 1 and batcher.metrics()["queue_length"] == 2  # still gathering
+        batcher.step()  # the oldest arrival saw its 3 decode steps pass: both join in one prefill
+        assert batcher.prefills == 2 and batcher.metrics()["batch_size"] == 3
+        batcher.submit(sequences[3])
+        for _ in range(3):
+            batcher.step()
+        assert batcher.prefills == 2
+        batcher.step()
+        assert batcher.prefills == 3  # alone, after waiting its steps
+        batcher.run_until_idle()
+        batcher.close()
+        assert [s.text.tokens for s in sequences] == expected
+        with pytest.raises(ValueError, match="join_wait_steps"):
+            ContinuousBatcher(model, join_wait_steps=-1)
+
+
 def test_metrics_count_the_running_batch():
     model = build_tiny_llava()
     with torch.no_grad():
@@ -329,8 +355,9 @@ def wait_for(condition, timeout: float = 120.0) -> None:
 def test_the_server_scheduler_answers_each_job_once_as_alone():
     """Jobs submitted while others decode get their answers alone; a cancelled one is reported once, as
     cancelled; /metrics reads the numbers in the Prometheus format; a job that can never fit gets 429."""
-    from corematching.serve.continuous import ContinuousScheduler, metrics_text
+    from corematching.serve.continuous_scheduler import ContinuousScheduler
     from corematching.serve.errors import APIError
+    from corematching.serve.metrics import metrics_text
 
     model = build_tiny_llava()
     with torch.no_grad():

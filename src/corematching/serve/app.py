@@ -22,11 +22,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..request_methods import documented
-from .continuous import ContinuousScheduler, metrics_text
+from .continuous_scheduler import ContinuousScheduler
 from .errors import APIError, bad_request
 from .guard import Guard
 from .jobs import Job, Outcome
 from .methods import method_name, method_settings
+from .metrics import metrics_text
 from .protocol import Limits, parse_chat_request, parse_json
 from .scheduler import Scheduler
 from .worker import ModelWorker

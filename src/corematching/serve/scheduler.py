@@ -19,7 +19,43 @@ from .errors import APIError
 log = logging.getLogger("corematching.serve")
 
 
-class Scheduler:
+class DrainingQueue:
+    """What the schedulers share: `_unfinished` holds the accepted jobs not yet finished (guarded by the condition
+    `_lock`), `_thread` runs the batches; closing refuses new jobs and waits for the accepted ones."""
+
+    _unfinished: set | dict
+    _lock: threading.Condition
+    _closing: bool
+    _thread: threading.Thread
+    max_pending: int
+
+    def _refuse_when_full(self) -> None:
+        """Called under `_lock` before accepting a job: 503 while closing, 429 when `max_pending` are unfinished."""
+        if self._closing:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+        if len(self._unfinished) >= self.max_pending:
+            raise APIError(429, f"the server is busy: {self.max_pending} requests are already queued or "
+                           "running; retry later", code="queue_full")
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._unfinished)
+
+    def close(self, timeout_s: float = 60.0) -> bool:
+        """Refuse new jobs, let the accepted ones finish (up to timeout_s), stop the thread. True if drained."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+            while self._unfinished and time.monotonic() < deadline:
+                self._lock.wait(deadline - time.monotonic())
+            drained = not self._unfinished
+        self._thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
+        return drained
+
+
+class Scheduler(DrainingQueue):
     def __init__(self, run_batch, max_batch_size: int, max_wait_s: float, max_pending: int):
         if max_batch_size < 1 or max_pending < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and max_pending must be >= 1, max_wait_s >= 0")
@@ -39,11 +75,7 @@ class Scheduler:
 
     def submit(self, job) -> None:
         with self._lock:
-            if self._closing:
-                raise APIError(503, "the server is shutting down", code="shutting_down")
-            if len(self._unfinished) >= self.max_pending:
-                raise APIError(429, f"the server is busy: {self.max_pending} requests are already queued or "
-                               "running; retry later", code="queue_full")
+            self._refuse_when_full()
             self._unfinished.add(job)
             self._waiting.append(job)
             self._lock.notify_all()
@@ -61,23 +93,6 @@ class Scheduler:
                 self._waiting.remove(job)
                 self._unfinished.discard(job)
                 self._lock.notify_all()
-
-    @property
-    def pending(self) -> int:
-        with self._lock:
-            return len(self._unfinished)
-
-    def close(self, timeout_s: float = 60.0) -> bool:
-        """Refuse new jobs, let the accepted ones finish (up to timeout_s), stop the thread. True if drained."""
-        deadline = time.monotonic() + timeout_s
-        with self._lock:
-            self._closing = True
-            self._lock.notify_all()
-            while self._unfinished and time.monotonic() < deadline:
-                self._lock.wait(deadline - time.monotonic())
-            drained = not self._unfinished
-        self._thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
-        return drained
 
     # ------------------------------------------------------------------------------------------ batching thread
 

@@ -23,11 +23,12 @@ import corematching as cm
 from .. import layout
 from ..models import adapter_for
 from .collate import collate
-from .decoding import BatchFollower, RequestText
+from .decoding import BatchFollower
 from .errors import APIError, bad_request
 from .jobs import Job, Outcome, Usage
 from .prefix_cache import PrefillEntry, PrefixCache, continued_copy, prefix_key
 from .sampling import BatchChooser, RequestSampler
+from .stream_text import StreamText
 
 log = logging.getLogger("corematching.serve")
 
@@ -149,7 +150,7 @@ class ModelWorker:
                 self.on_finished(job)
 
     def _texts_and_samplers(self, jobs):
-        texts = [RequestText(self.tokenizer, job.request.max_tokens, job.request.stop,
+        texts = [StreamText(self.tokenizer, job.request.max_tokens, job.request.stop,
                              set() if job.request.ignore_eos else self.eos_ids) for job in jobs]
         samplers = [RequestSampler(job.request.temperature, job.request.top_p, job.request.seed) for job in jobs]
         follower = BatchFollower(texts, on_text=lambda row, piece: jobs[row].emit("text", piece),
@@ -222,7 +223,7 @@ class ModelWorker:
 
     # ------------------------------------------------------------------------------------------ reporting
 
-    def _complete(self, job: Job, text: RequestText, usage: Usage, prefill_done: float, patches) -> None:
+    def _complete(self, job: Job, text: StreamText, usage: Usage, prefill_done: float, patches) -> None:
         piece = text.end_at_limit()  # when generate stopped before the request finished on its own
         if piece:
             job.emit("text", piece)
