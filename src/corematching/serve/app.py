@@ -42,9 +42,9 @@ BODY_TIMEOUT_S = 60.0
 def create_app(worker: ModelWorker, limits: Limits, *, max_batch_size: int, max_wait_s: float, max_pending: int,
                shutdown_timeout_s: float = 60.0, max_body_bytes: int = MAX_BODY_BYTES, api_key: str | None = None,
                allowed_hosts: frozenset[str] | None = None, body_timeout_s: float = BODY_TIMEOUT_S,
-               batching: str = "static", kv_budget_bytes: int | None = None) -> FastAPI:
+               batching: str = "static", kv_budget_bytes: int | None = None, join_wait_steps: int = 0) -> FastAPI:
     if batching == "continuous":  # requests join and leave the running batch at every decode step
-        scheduler = ContinuousScheduler(worker, max_batch_size, max_pending, kv_budget_bytes)
+        scheduler = ContinuousScheduler(worker, max_batch_size, max_pending, kv_budget_bytes, join_wait_steps)
     elif batching == "static":
         scheduler = Scheduler(worker.run, max_batch_size, max_wait_s, max_pending)
     else:

@@ -50,6 +50,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-cache-bytes", type=byte_count, default=None,
                         help="continuous batching: KV cache bytes the running requests may reserve (kept tokens "
                         "plus max_tokens, and sliced FFN weights); a request that can never fit gets 429")
+    parser.add_argument("--join-wait-steps", type=int, default=0,
+                        help="continuous batching: decode steps an arrival may wait so that others share its prefill")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests waiting or running at most; one more gets 429")
     parser.add_argument("--max-images", type=int, default=1, help="images per request")
@@ -141,7 +143,7 @@ def build(args: argparse.Namespace):
                       max_pending=args.max_queue, shutdown_timeout_s=args.shutdown_timeout,
                       max_body_bytes=args.max_body_bytes, api_key=api_key, allowed_hosts=allowed_hosts,
                       body_timeout_s=args.body_timeout, batching=args.batching,
-                      kv_budget_bytes=args.kv_cache_bytes)
+                      kv_budget_bytes=args.kv_cache_bytes, join_wait_steps=args.join_wait_steps)
 
 
 def main(argv: list[str]) -> int:

@@ -26,11 +26,13 @@ class ContinuousScheduler(DrainingQueue):
     unfinished ones, gets 429; a client that goes away cancels its request at the next step (its text so far is
     not sent again, and it is reported once)."""
 
-    def __init__(self, worker, max_batch_size: int, max_pending: int, kv_budget_bytes: int | None = None):
+    def __init__(self, worker, max_batch_size: int, max_pending: int, kv_budget_bytes: int | None = None,
+                 join_wait_steps: int = 0):
         if max_batch_size < 1 or max_pending < 1:
             raise ValueError("max_batch_size and max_pending must be >= 1")
         self.worker = worker
-        self.batcher = ContinuousBatcher(worker.model, max_batch_size, kv_budget_bytes, worker.pad_id)
+        self.batcher = ContinuousBatcher(worker.model, max_batch_size, kv_budget_bytes, worker.pad_id,
+                                         join_wait_steps=join_wait_steps)
         self.max_pending = max_pending
         self._unfinished: dict = {}  # job -> its Sequence, until it is reported
         self._lock = threading.Condition()
