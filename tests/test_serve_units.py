@@ -9,12 +9,12 @@ import torch
 pytest.importorskip("fastapi")
 
 import corematching as cm  # noqa: E402
-from corematching.serve.decoding import RequestText  # noqa: E402
 from corematching.serve.errors import APIError  # noqa: E402
 from corematching.serve.images import local_path  # noqa: E402
 from corematching.serve.methods import parse_method  # noqa: E402
 from corematching.serve.protocol import Limits, parse_chat_request  # noqa: E402
 from corematching.serve.sampling import RequestSampler  # noqa: E402
+from corematching.serve.stream_text import StreamText  # noqa: E402
 
 
 class CharTokenizer:
@@ -25,7 +25,7 @@ class CharTokenizer:
 
 
 def stream(text: str, stop: list[str], max_tokens: int = 100, eos_ids=frozenset({0})):
-    follower = RequestText(CharTokenizer(), max_tokens, stop, set(eos_ids))
+    follower = StreamText(CharTokenizer(), max_tokens, stop, set(eos_ids))
     pieces = [follower.add(ord(char)) for char in text]
     pieces.append(follower.add(0))  # the end token
     return pieces, follower
@@ -43,7 +43,7 @@ def test_streamed_pieces_add_up_to_the_answer_and_never_show_part_of_a_stop_sequ
 def test_token_limit_and_ignored_end_token():
     pieces, follower = stream("abcdef", stop=[], max_tokens=3)
     assert "".join(pieces) == "abc" and follower.finish_reason == "length"
-    follower = RequestText(CharTokenizer(), 5, [], eos_ids=set())
+    follower = StreamText(CharTokenizer(), 5, [], eos_ids=set())
     follower.add(0)
     assert follower.finish_reason is None and follower.tokens == [0]
 

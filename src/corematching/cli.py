@@ -14,10 +14,10 @@ import argparse
 import importlib
 import sys
 
-from . import method_spec
+from . import demo, method_spec
 from .errors import UnsupportedModelError
 
-SUBCOMMANDS = {"eval": "eval_command", "bench": "bench", "plan": "plan", "serve": "serve.cli", "demo": "demo"}
+SUBCOMMANDS = {"eval": "eval_command", "bench": "bench", "plan": "plan", "serve": "serve.cli"}  # demo: see main
 
 # the method options and building live in the library (method_spec); kept here under their old names
 build_method = method_spec.from_args
@@ -32,8 +32,8 @@ def make_parser(command: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] == "demo":  # the demo keeps its own first word (`corematching demo --questions N`)
-        return importlib.import_module(".demo", __package__).main(argv)
+    if demo.wants_demo(argv):  # the demo keeps its own first word (`corematching demo --questions N`)
+        return demo.main(argv)
     name = argv[0] if argv[0] in SUBCOMMANDS else None
     module = importlib.import_module("." + (SUBCOMMANDS[name] if name else "ask"), __package__)
     if name == "serve":  # the server reports its own errors

@@ -7,8 +7,6 @@ import torch
 
 from .stream_text import StreamText
 
-RequestText = StreamText  # the static path follows its rows with the continuous path's incremental text
-
 
 class BatchFollower:
     """A transformers StoppingCriteria over a batch: feeds each row's newest token to its StreamText, passes
