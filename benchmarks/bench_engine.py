@@ -52,7 +52,7 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import corematching as cm
-from corematching.bench import peak_rss_during
+from corematching.apps.bench import peak_rss_during
 from corematching.runtime.ffn import SlicedFFN as SLICED_FFN
 
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS, VOCAB = 2048, 5632, 32, 4, 8, 32064

@@ -1,5 +1,5 @@
 """Serving under load: static against continuous batching, in one run, on the serving loop itself
-(corematching.serve.continuous.ContinuousBatcher, in process: no HTTP, so the numbers are the scheduler's).
+(corematching.apps.serve.continuous.ContinuousBatcher, in process: no HTTP, so the numbers are the scheduler's).
 
     python benchmarks/bench_serve.py                                   # the full table (a GPU-sized run)
     python benchmarks/bench_serve.py --clients 1 4 --requests 8 --long 16 32 --threads 2   # a small run
@@ -30,9 +30,9 @@ import torch
 from PIL import Image
 
 import corematching as cm
-from corematching.serve.continuous import ContinuousBatcher
-from corematching.serve.metrics import percentile
-from corematching.serve.sequence import Sequence
+from corematching.apps.serve.continuous import ContinuousBatcher
+from corematching.apps.serve.metrics import percentile
+from corematching.apps.serve.sequence import Sequence
 
 METHODS = {"dense": lambda: cm.Dense(), "corematching": lambda: cm.CoreMatching(token_budget=0.25)}
 SCHEDULES = ("static", "continuous")

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import openai
 
-from corematching.serve.examples import test_images
-from corematching.serve.process import ServerProcess
+from corematching.apps.serve.examples import test_images
+from corematching.apps.serve.process import ServerProcess
 
 METHODS = {"dense": {"method": "dense"}, "corematching": {"method": "corematching", "token_budget": 0.25}}
 BATCHING = {"on": ["--max-batch-size", "16", "--max-wait-ms", "20"], "off": ["--max-batch-size", "1"]}

@@ -38,7 +38,7 @@ import torch
 from accelerate.utils import OffloadedWeightsLoader
 
 import corematching as cm
-from corematching import bench
+from corematching.apps import bench
 from corematching.plan import format_bytes, plan_memory
 
 IMAGE_TOKEN, PAD, BOS = 32000, 32001, 1

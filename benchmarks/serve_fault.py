@@ -31,8 +31,8 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
-from corematching.serve.examples import test_images
-from corematching.serve.process import ServerProcess
+from corematching.apps.serve.examples import test_images
+from corematching.apps.serve.process import ServerProcess
 
 MODEL = "evqa-smollm2"
 KEY = "fault-test-key"

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import corematching as cm
-from corematching.evaluate import eval_questions, run_eval, summarize
+from corematching.apps.evaluate import eval_questions, run_eval, summarize
 
 RUNS = Path("runs/study")
 RESULTS = Path(__file__).parent / "results"

@@ -14,8 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from corematching.bench import intervals_overlap
-from corematching.bench import plot as bench_plot
+from corematching.apps.bench import intervals_overlap
+from corematching.apps.bench import plot as bench_plot
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ROOT / "docs" / "comparison" / "accuracy-flops.jsonl"

@@ -503,7 +503,7 @@ def vlm_methods(num_layers: int) -> dict:
 
 def run_vlm(args) -> None:
     import corematching as cm
-    from corematching.evaluate import eval_questions, run_eval
+    from corematching.apps.evaluate import eval_questions, run_eval
 
     model, processor = cm.load_model("evqa-smollm2")
     items = eval_questions("test-2000")[: args.questions]

@@ -9,7 +9,7 @@ Questions: the first PER_KIND (40) questions of each of the seven kinds of the e
 seed=1)` (in the set's order) at the main prune layer and before the language model, the first PER_KIND_LAYERS
 (20) of each kind at the other prune layers, and for the fresh-seed check the first PER_KIND of each kind of
 `scenes.sample(FRESH_POOL, seed=11)`. The model is scenes-smollm2 with the weights of WEIGHTS_COMMIT, read from
-git. Answers are greedy and scored by exact match through the evaluator of `corematching.zoo.scenes_eval` (one
+git. Answers are greedy and scored by exact match through the evaluator of `corematching.apps.scenes_eval` (one
 JSON-lines file per setting in runs/scenes-study-<weights commit>/, resumed where it stopped).
 Workers claim settings through lock files, so two of them never run the same setting.
 
@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 
 import corematching as cm
+from corematching.apps.scenes_eval import queried_patches
+from corematching.apps.scenes_eval import run as eval_run
 from corematching.zoo import scenes
-from corematching.zoo.scenes_eval import queried_patches
-from corematching.zoo.scenes_eval import run as eval_run
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "studies" / "results"
@@ -753,7 +753,7 @@ def pictures() -> None:
 
     from PIL import Image
 
-    from corematching.viz import kept_patches_overlay, save_side_by_side
+    from corematching.apps.viz import kept_patches_overlay, save_side_by_side
 
     items = balanced(EVAL_SEED, EVAL_POOL)
     panels_of = [(f"L{MAIN_LAYER}-{p}-12.5", NAMES[p]) for p in LAYERED]

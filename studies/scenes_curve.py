@@ -31,7 +31,7 @@ def curve(record: dict) -> tuple[list[int], list[float]]:
 def dense_per_kind() -> dict[str, tuple[float, float]]:
     """{kind: (dense accuracy %, share of the most common answer %)} on the evaluation set, shipped weights."""
     import corematching as cm
-    from corematching import evaluate
+    from corematching.apps import evaluate
 
     items = evaluate.eval_questions("scenes")
     model, processor = cm.load_model("scenes-smollm2")

@@ -9,7 +9,8 @@ from tiny_llava import build_pixels, build_prompt
 from torch.utils.flop_counter import FlopCounterMode
 
 import corematching as cm
-from corematching import bench, cli, flops, method_spec
+from corematching import flops
+from corematching.apps import bench, cli, method_spec
 
 # ---------------------------------------------------------------------------------------------- FLOPs by hand
 
@@ -138,7 +139,7 @@ def test_user_method_by_module_path(tmp_path, monkeypatch):
     assert method_spec.expand("my_methods:Plain", [0.5]) == ["my_methods:Plain:token_budget=0.5"]
     with pytest.raises(ValueError, match=r"Plain does not take beta \(it takes seed, token_budget\)"):
         method_spec.build("my_methods:Plain:beta=0.5")
-    from corematching.evaluate import method_settings
+    from corematching.apps.evaluate import method_settings
     assert method_settings(plain) == {"method": "Plain", "token_budget": 8, "seed": 0}
     with pytest.raises(ValueError, match="not a corematching method"):
         method_spec.build("my_methods:NotAMethod")

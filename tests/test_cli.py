@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from corematching import cli
+from corematching.apps import cli
 
 
 def run_cli(args, capsys):

@@ -1,4 +1,4 @@
-"""The continuous-batching loop (serve/continuous.py and its modules): token choice on the device (seeded
+"""The continuous-batching loop (apps/serve/continuous.py and its modules): token choice on the device (seeded
 sampling batch-invariant), incremental text and stop sequences, and the batcher: requests arriving at random steps
 get the tokens they get alone, whatever method, budget or client comes and goes around them."""
 
@@ -9,10 +9,10 @@ import torch
 from tiny_llava import build_pixels, build_prompt, build_tiny_llava
 
 import corematching as cm
-from corematching.serve.choose import choose_tokens, new_generator
-from corematching.serve.continuous import ContinuousBatcher
-from corematching.serve.sequence import MemoryRefused, Sequence, combine_inputs
-from corematching.serve.stream_text import StreamText
+from corematching.apps.serve.choose import choose_tokens, new_generator
+from corematching.apps.serve.continuous import ContinuousBatcher
+from corematching.apps.serve.sequence import MemoryRefused, Sequence, combine_inputs
+from corematching.apps.serve.stream_text import StreamText
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -334,8 +334,8 @@ class FakeJob:
 def fake_worker(model):
     from types import SimpleNamespace
 
+    from corematching.apps.serve.worker import ModelWorker
     from corematching.models import adapter_for
-    from corematching.serve.worker import ModelWorker
 
     worker = SimpleNamespace(model=model, pad_id=0, eos_ids={2}, tokenizer=CharTokenizer(), grid=(6, 6),
                              adapter=adapter_for(model), batch_inputs=lambda jobs: jobs[0].inputs)
@@ -355,9 +355,9 @@ def wait_for(condition, timeout: float = 120.0) -> None:
 def test_the_server_scheduler_answers_each_job_once_as_alone():
     """Jobs submitted while others decode get their answers alone; a cancelled one is reported once, as
     cancelled; /metrics reads the numbers in the Prometheus format; a job that can never fit gets 429."""
-    from corematching.serve.continuous_scheduler import ContinuousScheduler
-    from corematching.serve.errors import APIError
-    from corematching.serve.metrics import metrics_text
+    from corematching.apps.serve.continuous_scheduler import ContinuousScheduler
+    from corematching.apps.serve.errors import APIError
+    from corematching.apps.serve.metrics import metrics_text
 
     model = build_tiny_llava()
     with torch.no_grad():
@@ -405,7 +405,7 @@ def test_a_continuous_server_answers_as_the_library_and_reports_metrics():
 
     from PIL import Image
 
-    from corematching.serve.process import ServerProcess
+    from corematching.apps.serve.process import ServerProcess
     from corematching.vqa import answer_batch
     from corematching.zoo import data
 

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from corematching import cli, distributed, evaluate
-from corematching.distributed import Shard
+from corematching.apps import cli, distributed, evaluate
+from corematching.apps.distributed import Shard
 from corematching.vqa import BatchAnswers
 
 VENV_BIN = Path(sys.executable).parent

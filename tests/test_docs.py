@@ -94,7 +94,7 @@ def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch):
 
 
 def command_help(subcommand: str, capsys) -> str:
-    from corematching import cli
+    from corematching.apps import cli
 
     with pytest.raises(SystemExit) as leaving:
         cli.main([subcommand, "--help"] if subcommand else ["--help"])
@@ -166,7 +166,7 @@ def test_paired_difference():
 
 
 def test_the_demo_prints_what_its_run_measured(tmp_path, capsys):
-    from corematching import demo
+    from corematching.apps import demo
     from corematching.stats import wilson_interval
 
     args = demo.parse_args(["--questions", "4", "--models", "scenes-smollm2", "--timing-prompts", "1",
@@ -188,14 +188,14 @@ def test_the_demo_prints_what_its_run_measured(tmp_path, capsys):
 
 
 def test_python_m_corematching_is_the_demo_without_arguments_or_after_the_word_demo():
-    from corematching.demo import wants_demo
+    from corematching.apps.demo import wants_demo
 
     assert wants_demo([]) and wants_demo(["demo", "--questions", "20"])
     assert not wants_demo(["--image", "x.png", "--question", "q"]) and not wants_demo(["eval", "--output", "a"])
 
 
 def test_the_demo_refuses_bad_settings(capsys):
-    from corematching import demo
+    from corematching.apps import demo
 
     for argv, problem in ((["--questions", "1"], "--questions"), (["--budget", "1.5"], "--budget"),
                           (["--models", "llava"], "--models takes")):

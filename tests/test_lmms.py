@@ -13,7 +13,7 @@ from PIL import Image
 
 import corematching as cm
 from corematching import vqa
-from corematching.integrations import lmms_eval_task
+from corematching.apps.integrations import lmms_eval_task
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("lmms_eval") is None,
@@ -32,7 +32,7 @@ def test_entry_point_registers_the_model():
 
 
 def test_model_args_build_the_method():
-    from corematching.integrations.lmms_eval_model import build_method
+    from corematching.apps.integrations.lmms_eval_model import build_method
 
     assert build_method("corematching", budget=64, prune_layer=2) == cm.CoreMatching(token_budget=64, prune_layer=2)
     assert build_method("random", budget="0.25", seed="3") == cm.RandomTokens(token_budget=0.25, seed=3)

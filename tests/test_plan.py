@@ -16,6 +16,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 import corematching as cm
 from corematching import plan
+from corematching.apps import plan_command
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -203,19 +204,19 @@ def test_the_planned_total_is_near_the_measured_peak_rss(tmp_path):
 def test_the_cli_function_prints_the_plan(tmp_path, capsys):
     llava_7b_config().save_pretrained(tmp_path)
     parser = argparse.ArgumentParser()
-    plan.add_parser(parser.add_subparsers())
+    plan_command.add_parser(parser.add_subparsers())
     args = parser.parse_args(["plan", "--model", str(tmp_path), "--memory", "12GiB", "--token-budget", "64"])
     assert args.run(args) == 0
     assert "core neurons at beta 0.4" in capsys.readouterr().out
     args = parser.parse_args(["plan", "--model", str(tmp_path), "--memory", "2GiB"])
     assert args.run(args) == 1
     assert "does not fit" in capsys.readouterr().out
-    assert plan.main(["--model", str(tmp_path), "--memory", "40GiB", "--dtype", "float32"]) == 0
+    assert plan_command.main(["--model", str(tmp_path), "--memory", "40GiB", "--dtype", "float32"]) == 0
     assert "nothing offloaded" in capsys.readouterr().out
 
 
 def test_corematching_plan_is_a_subcommand(tmp_path, capsys):
-    from corematching.cli import main
+    from corematching.apps.cli import main
 
     llava_7b_config().save_pretrained(tmp_path)
     assert main(["plan", "--model", str(tmp_path), "--memory", "12GiB", "--token-budget", "64"]) == 0

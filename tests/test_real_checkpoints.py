@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 import corematching as cm
-from corematching import cli, layout
+from corematching import layout
+from corematching.apps import cli
 from corematching.vqa import answer_batch
 
 FAMILIES = sorted(real_checkpoints.FAMILIES)
@@ -125,10 +126,10 @@ def test_the_server_worker_answers_a_batch_of_two_requests(name, loaded, one_thr
     tokens and kept tokens in `usage`, and its kept patches per image, counted on the adapter's layout."""
     import asyncio
 
-    from corematching.serve.images import LoadedImage
-    from corematching.serve.jobs import Job
-    from corematching.serve.protocol import ChatRequest
-    from corematching.serve.worker import ModelWorker
+    from corematching.apps.serve.images import LoadedImage
+    from corematching.apps.serve.jobs import Job
+    from corematching.apps.serve.protocol import ChatRequest
+    from corematching.apps.serve.worker import ModelWorker
 
     model, processor = loaded(name)
     worker = ModelWorker(model, processor)
@@ -234,7 +235,7 @@ def test_load_model_refuses_remote_code_and_unknown_options(checkpoint_dir):
 
 
 def test_a_mask_is_laid_over_a_grid_that_does_not_divide_it():
-    from corematching.evaluate import covered_patches
+    from corematching.apps.evaluate import covered_patches
 
     mask = torch.zeros(64, 64, dtype=torch.bool)
     mask[:32, :32] = True  # the top-left quarter: 12 x 12 of LLaVA-1.5's 24 x 24 patches
@@ -251,7 +252,7 @@ def test_object_recall_maps_the_mask_onto_every_tile_and_the_global_view(loaded)
     fills tile 0 (169 patches), 3 columns of tile 1, 3 rows of tile 4 (the third 0.44 covered: a patch counts from
     a quarter), 8 of tile 5's top-left 3 x 3 (not the corner, 0.44 x 0.44 covered) and 4 x 4 patches of the global
     view."""
-    from corematching.evaluate import object_recall
+    from corematching.apps.evaluate import object_recall
     from corematching.vqa import prompts_for
 
     model, processor = loaded("idefics3")
@@ -320,7 +321,7 @@ def test_the_default_method_runs_on_every_family(family, one_thread):
 def test_a_centre_cropping_processor_shows_the_middle_of_a_wide_picture(loaded):
     """LLaVA-1.5's CLIP preprocessing resizes the shorter side to 336 px and cuts the middle 336 x 336: of a
     160 x 80 picture its 24 x 24 grid shows the middle half; an object in the left quarter is not in it."""
-    from corematching.evaluate import object_recall
+    from corematching.apps.evaluate import object_recall
     from corematching.vqa import prompts_for
 
     model, processor = loaded("llava-1.5")

@@ -217,7 +217,7 @@ def test_scenes_model_answers_fixed_scenes(scenes_model):
 
 
 def test_scene_eval_sets_are_the_documented_samples():
-    from corematching import evaluate
+    from corematching.apps import evaluate
 
     assert evaluate.default_set("scenes-smollm2") == "scenes"
     assert evaluate.default_set("evqa-smollm2") == "test-2000"
@@ -241,7 +241,7 @@ def patch_recall(mask: np.ndarray, kept: list[int]) -> float | None:
 
 def test_eval_on_scenes_records_kinds_and_the_queried_objects_recall(scenes_model, tmp_path):
     import corematching as cm
-    from corematching import evaluate
+    from corematching.apps import evaluate
 
     model, processor = scenes_model
     items = evaluate.eval_questions("scenes:5:6")
@@ -263,7 +263,7 @@ def test_eval_on_scenes_records_kinds_and_the_queried_objects_recall(scenes_mode
 
 
 def test_the_eval_command_measures_scenes_smollm2_on_scene_questions(tmp_path, capsys):
-    from corematching import cli
+    from corematching.apps import cli
 
     output = tmp_path / "dense.jsonl"
     assert cli.main(["eval", "--model", "scenes-smollm2", "--method", "dense", "--limit", "3", "--output",

@@ -20,15 +20,15 @@ import torch
 pytest.importorskip("fastapi")
 
 import corematching as cm  # noqa: E402
-from corematching import method_spec  # noqa: E402
-from corematching.method_spec import MethodSpecError  # noqa: E402
-from corematching.request_methods import REQUEST_SETTINGS, build_from_request  # noqa: E402
-from corematching.serve.errors import APIError  # noqa: E402
-from corematching.serve.guard import allowed_hosts_for, host_name  # noqa: E402
-from corematching.serve.images import local_path  # noqa: E402
-from corematching.serve.methods import parse_method  # noqa: E402
-from corematching.serve.prefix_cache import PrefillEntry, PrefixCache, tensor_bytes  # noqa: E402
-from corematching.serve.protocol import parse_json  # noqa: E402
+from corematching.apps import method_spec  # noqa: E402
+from corematching.apps.method_spec import MethodSpecError  # noqa: E402
+from corematching.apps.serve.errors import APIError  # noqa: E402
+from corematching.apps.serve.guard import allowed_hosts_for, host_name  # noqa: E402
+from corematching.apps.serve.images import local_path  # noqa: E402
+from corematching.apps.serve.methods import parse_method  # noqa: E402
+from corematching.apps.serve.prefix_cache import PrefillEntry, PrefixCache, tensor_bytes  # noqa: E402
+from corematching.apps.serve.protocol import parse_json  # noqa: E402
+from corematching.apps.serve.request_methods import REQUEST_SETTINGS, build_from_request  # noqa: E402
 
 SRC = Path(cm.__file__).parent
 SECRET = "TOPSECRET-7f3a"
@@ -115,7 +115,7 @@ def test_a_bad_value_gets_one_message_from_every_entry_point():
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("lmms_eval") is None, reason="lmms-eval not installed")
 def test_the_lmms_eval_model_builds_through_the_same_builder():
-    from corematching.integrations.lmms_eval_model import build_method
+    from corematching.apps.integrations.lmms_eval_model import build_method
 
     with pytest.raises(MethodSpecError, match=r"CoreMatching does not take bogus \(it takes") as caught:
         build_method("corematching", bogus=1)
@@ -123,21 +123,28 @@ def test_the_lmms_eval_model_builds_through_the_same_builder():
     assert build_method("corematching", budget="adaptive").token_budget is None
 
 
+def imported_modules(path: Path) -> set[str]:
+    """The absolute names a module imports (for `from X import a`, both X and X.a)."""
+    package = ["corematching", *path.parent.relative_to(SRC).parts]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[: len(package) - node.level + 1] if node.level else [])
+            module = ".".join(part for part in (base, node.module or "") if part)
+            found |= {module} | {f"{module}.{alias.name}" for alias in node.names}
+    return found
+
+
 def test_no_library_module_imports_the_command_line():
     """The CLI dispatches to the library, never the other way round (no import circle through cli.py)."""
-    importers = []
-    for path in SRC.rglob("*.py"):
-        if path.name in ("cli.py", "__main__.py") and path.parent == SRC:
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                names = [node.module or ""] + [alias.name for alias in node.names]
-                if (node.level == 1 and path.parent == SRC and (node.module == "cli" or "cli" in names[1:])) \
-                        or (node.level == 2 and node.module == "cli") or node.module == "corematching.cli":
-                    importers.append(str(path.relative_to(SRC)))
+    importers = [str(path.relative_to(SRC)) for path in SRC.rglob("*.py")
+                 if path.relative_to(SRC).as_posix() not in ("apps/cli.py", "__main__.py")
+                 and "corematching.apps.cli" in imported_modules(path)]
     assert importers == []
-    code = ("import sys, corematching.bench, corematching.serve.cli, corematching.zoo.scenes_eval; "
-            "assert 'corematching.cli' not in sys.modules, 'cli imported'")
+    code = ("import sys, corematching.apps.bench, corematching.apps.serve.cli, corematching.apps.scenes_eval; "
+            "assert 'corematching.apps.cli' not in sys.modules, 'cli imported'")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(SRC.parent)})
 
 
@@ -218,7 +225,7 @@ BODY_TIMEOUT = 3
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from corematching.serve.process import ServerProcess
+    from corematching.apps.serve.process import ServerProcess
     from corematching.zoo import data
 
     allowed = tmp_path_factory.mktemp("allowed")
@@ -356,7 +363,7 @@ def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_is_clos
 
 
 def test_a_server_with_a_method_that_needs_calibration_refuses_to_start(capsys):
-    from corematching.serve.cli import main
+    from corematching.apps.serve.cli import main
 
     assert main(["--method", "teal", "--model", "no-such-model"]) == 2
     assert "needs calibration" in capsys.readouterr().err

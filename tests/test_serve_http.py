@@ -18,7 +18,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from corematching.serve.process import ServerProcess  # noqa: E402
+from corematching.apps.serve.process import ServerProcess  # noqa: E402
 from corematching.zoo import data  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -9,12 +9,12 @@ import torch
 pytest.importorskip("fastapi")
 
 import corematching as cm  # noqa: E402
-from corematching.serve.errors import APIError  # noqa: E402
-from corematching.serve.images import local_path  # noqa: E402
-from corematching.serve.methods import parse_method  # noqa: E402
-from corematching.serve.protocol import Limits, parse_chat_request  # noqa: E402
-from corematching.serve.sampling import RequestSampler  # noqa: E402
-from corematching.serve.stream_text import StreamText  # noqa: E402
+from corematching.apps.serve.errors import APIError  # noqa: E402
+from corematching.apps.serve.images import local_path  # noqa: E402
+from corematching.apps.serve.methods import parse_method  # noqa: E402
+from corematching.apps.serve.protocol import Limits, parse_chat_request  # noqa: E402
+from corematching.apps.serve.sampling import RequestSampler  # noqa: E402
+from corematching.apps.serve.stream_text import StreamText  # noqa: E402
 
 
 class CharTokenizer:
@@ -114,7 +114,7 @@ def test_the_page_examples_follow_the_served_model():
 
     from PIL import Image
 
-    from corematching.serve.examples import example_images
+    from corematching.apps.serve.examples import example_images
     from corematching.zoo import scenes
 
     scene_examples = example_images("scenes-smollm2")

@@ -12,11 +12,11 @@ import corematching as cm
 
 pytest.importorskip("fastapi")
 
-from corematching.serve.images import LoadedImage  # noqa: E402
-from corematching.serve.jobs import Job  # noqa: E402
-from corematching.serve.prefix_cache import PrefixCache  # noqa: E402
-from corematching.serve.protocol import ChatRequest  # noqa: E402
-from corematching.serve.worker import ModelWorker  # noqa: E402
+from corematching.apps.serve.images import LoadedImage  # noqa: E402
+from corematching.apps.serve.jobs import Job  # noqa: E402
+from corematching.apps.serve.prefix_cache import PrefixCache  # noqa: E402
+from corematching.apps.serve.protocol import ChatRequest  # noqa: E402
+from corematching.apps.serve.worker import ModelWorker  # noqa: E402
 
 METHOD = cm.CoreMatching(prune_layer=1, token_budget=8, neuron_layers=[2, 3])
 
@@ -155,7 +155,7 @@ class CountingProcessor(PromptProcessor):
 def test_each_request_is_preprocessed_once_and_batches_pad_like_the_processor(tiny_llava, loop, one_thread):
     """The encoding made when a request arrives is the one the model runs on: a batch is padded from those,
     exactly as the processor pads a batch itself, and the processor is not called again."""
-    from corematching.serve.collate import collate
+    from corematching.apps.serve.collate import collate
 
     prompts = ["p1:5", "p2:9", "p3:2"]
     own = [dict(PromptProcessor()(text=[prompt])) for prompt in prompts]

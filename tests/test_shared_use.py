@@ -265,8 +265,8 @@ def test_a_prefix_cache_entry_counts_the_slices_its_cache_keeps_alive(tiny_llava
 
     from test_serve_worker import PromptProcessor, job, outcome
 
-    from corematching.serve.prefix_cache import PrefixCache, tensor_bytes
-    from corematching.serve.worker import ModelWorker
+    from corematching.apps.serve.prefix_cache import PrefixCache, tensor_bytes
+    from corematching.apps.serve.worker import ModelWorker
 
     loop = asyncio.new_event_loop()
     store = PrefixCache(4)
@@ -290,7 +290,7 @@ def test_bench_calibrates_teal_before_it_answers_and_times(tmp_path, one_thread)
     prompt: then TEAL answers and decodes like any method."""
     import json
 
-    from corematching import cli
+    from corematching.apps import cli
 
     output = tmp_path / "bench.jsonl"
     assert cli.main(["bench", "--questions", "2", "--timing-prompts", "1", "--reps", "1", "--new-tokens", "2",

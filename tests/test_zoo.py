@@ -8,7 +8,8 @@ from family_checks import _assert_same, _snapshot
 from PIL import Image
 
 import corematching as cm
-from corematching import evaluate, vqa
+from corematching import vqa
+from corematching.apps import evaluate
 from corematching.zoo import data
 
 

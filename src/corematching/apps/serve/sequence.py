@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..methods import Dense
+from ...methods import Dense
 from .stream_text import StreamText
 
 

@@ -30,9 +30,9 @@ from collections import deque
 
 import torch
 
-from ..methods import Dense
-from ..runtime import DecodeBatch, kv_bytes, merge_batches, prefill_batch, sparsify
-from ..runtime.batching import row_kv_bytes
+from ...methods import Dense
+from ...runtime import DecodeBatch, kv_bytes, merge_batches, prefill_batch, sparsify
+from ...runtime.batching import row_kv_bytes
 from .choose import choose_tokens, new_generator
 from .sequence import MemoryRefused, Sequence, combine_inputs, kv_bytes_per_token
 from .stream_text import StreamText

@@ -1,6 +1,6 @@
 """A local lmms-eval task of easy-vqa questions, written to disk (no dataset download).
 
-    python -m corematching.integrations.lmms_eval_task DIR [--questions 50] [--set test-2000]
+    python -m corematching.apps.integrations.lmms_eval_task DIR [--questions 50] [--set test-2000]
     python -m lmms_eval --model corematching --model_args pretrained=evqa-smollm2,method=corematching,budget=16 \
         --tasks easyvqa_local --include_path DIR --batch_size 1
 
@@ -66,8 +66,8 @@ def process_results(doc, results):
 
 def write_task(directory: Path, questions: int = 50, eval_set: str = "test-2000") -> Path:
     """Write the task into directory/easyvqa_local/ and return that folder."""
+    from ...zoo import data
     from ..evaluate import eval_questions
-    from ..zoo import data
 
     if questions < 1:
         raise ValueError(f"questions must be >= 1, got {questions}")

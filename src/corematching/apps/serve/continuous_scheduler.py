@@ -16,7 +16,7 @@ from .jobs import Outcome, Usage
 from .scheduler import DrainingQueue
 from .sequence import MemoryRefused, Sequence
 
-log = logging.getLogger("corematching.serve")
+log = logging.getLogger("corematching.apps.serve")
 
 
 class ContinuousScheduler(DrainingQueue):
@@ -124,7 +124,7 @@ class ContinuousScheduler(DrainingQueue):
         self.finished(job)
 
     def _kept(self, sequence: Sequence) -> tuple[int, int, list[list[int]]]:
-        from .. import layout
+        from ... import layout
 
         images = layout.prompt_images(self.worker.model, sequence.inputs, self.worker.adapter)[0]
         record = sequence.record

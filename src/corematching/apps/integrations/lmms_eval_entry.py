@@ -5,7 +5,7 @@ registry, without importing torch, transformers or lmms-eval's model base class.
 """
 
 MODEL_ID = "corematching"
-MODEL_CLASS = "corematching.integrations.lmms_eval_model.CoreMatchingLMM"
+MODEL_CLASS = "corematching.apps.integrations.lmms_eval_model.CoreMatchingLMM"
 
 
 def manifest():

@@ -21,7 +21,6 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..request_methods import documented
 from .continuous_scheduler import ContinuousScheduler
 from .errors import APIError, bad_request
 from .guard import Guard
@@ -29,10 +28,11 @@ from .jobs import Job, Outcome
 from .methods import method_name, method_settings
 from .metrics import metrics_text
 from .protocol import Limits, parse_chat_request, parse_json
+from .request_methods import documented
 from .scheduler import Scheduler
 from .worker import ModelWorker
 
-log = logging.getLogger("corematching.serve")
+log = logging.getLogger("corematching.apps.serve")
 STATIC_DIR = Path(__file__).parent / "static"
 DISCONNECT_POLL_S = 0.5
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a few images as data: URLs

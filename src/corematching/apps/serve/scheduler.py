@@ -16,7 +16,7 @@ from collections import deque
 
 from .errors import APIError
 
-log = logging.getLogger("corematching.serve")
+log = logging.getLogger("corematching.apps.serve")
 
 
 class DrainingQueue:

@@ -3,7 +3,7 @@
 This is the only place where a request names something on the server's disk: a regular file inside
 `--allowed-image-dir` (symlinks resolved first, so a link cannot lead outside), read up to `MAX_IMAGE_BYTES`.
 Nothing else a request gives reaches the file system: the `corematching` field is an allow-list of typed scalars
-(corematching.request_methods), never a path. Remote URLs are not fetched.
+(corematching.apps.serve.request_methods), never a path. Remote URLs are not fetched.
 """
 
 from __future__ import annotations

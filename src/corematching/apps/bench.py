@@ -38,9 +38,10 @@ from pathlib import Path
 
 import torch
 
-from . import flops, method_spec
-from .models import adapter_for
-from .stats import wilson_interval
+from .. import flops
+from ..models import adapter_for
+from ..stats import wilson_interval
+from . import method_spec
 
 DEFAULT_METHODS = "dense;corematching;random;uniform"
 
@@ -184,8 +185,8 @@ def read_records(path: Path, config: dict) -> dict[str, dict]:
 
 def timing_prompts(processor, model, items, count: int) -> list[dict]:
     """Batch-1 inputs of the first `count` eval questions."""
+    from ..vqa import prompts_for
     from .evaluate import item_image
-    from .vqa import prompts_for
 
     prompts = []
     for item in items[:count]:
@@ -202,7 +203,7 @@ def measure(model, methods: dict[str, object], prompts: list[dict], reps: int, n
     """FLOPs, times and memory of every method: {spec: {...}}."""
     from tqdm import tqdm
 
-    from .runtime import sparsify
+    from ..runtime import sparsify
 
     shapes = flops.model_shapes(model)
     measured_vision = {}  # id(prompt) -> its vision FLOPs, counted on a dense pass where shapes cannot tell

@@ -5,7 +5,7 @@
 
 model_args:
   pretrained   a transformers id or local path, or "evqa-smollm2" (the bundled model; the default)
-  method       a method name or spec of corematching.method_spec (dense, corematching, random, uniform,
+  method       a method name or spec of corematching.apps.method_spec (dense, corematching, random, uniform,
                fastv, ..., or package.module:Class); default dense
   budget       the method's token_budget (an int count, a fraction, or "adaptive")
   device, dtype, batch_size, max_new_tokens (used when a task does not set it)

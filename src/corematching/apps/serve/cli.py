@@ -93,13 +93,13 @@ def build(args: argparse.Namespace):
 
     import corematching as cm
 
+    from ...models import adapter_for
     from ..method_spec import from_args
-    from ..models import adapter_for
-    from ..request_methods import check_for_model
     from .app import create_app
     from .guard import allowed_hosts_for
     from .prefix_cache import PrefixCache
     from .protocol import Limits
+    from .request_methods import check_for_model
     from .worker import ModelWorker
 
     if args.threads:
@@ -151,7 +151,7 @@ def main(argv: list[str]) -> int:
 
     import uvicorn
 
-    from ..errors import UnsupportedModelError
+    from ...errors import UnsupportedModelError
     from .guard import is_loopback
 
     args = make_parser().parse_args(argv)

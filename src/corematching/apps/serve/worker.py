@@ -20,8 +20,8 @@ from transformers import DynamicCache, LogitsProcessorList, StoppingCriteriaList
 
 import corematching as cm
 
-from .. import layout
-from ..models import adapter_for
+from ... import layout
+from ...models import adapter_for
 from .collate import collate
 from .decoding import BatchFollower
 from .errors import APIError, bad_request
@@ -30,7 +30,7 @@ from .prefix_cache import PrefillEntry, PrefixCache, continued_copy, prefix_key
 from .sampling import BatchChooser, RequestSampler
 from .stream_text import StreamText
 
-log = logging.getLogger("corematching.serve")
+log = logging.getLogger("corematching.apps.serve")
 
 
 class ModelWorker:

@@ -12,7 +12,7 @@ methods become available here as soon as they are exported from the package. Val
 
 Every entry point builds its method here: the command line (`--method` and the per-field options of
 `add_method_arguments`), `corematching bench`, the lmms-eval model, and the server, whose requests go through
-the allow-list of `corematching.request_methods` first. A bad value gets one message wherever it comes from
+the allow-list of `corematching.apps.serve.request_methods` first. A bad value gets one message wherever it comes from
 (`MethodSpecError`, a ValueError naming the field). Specs are trusted input (they may import a user's module);
 requests never are.
 """
@@ -236,7 +236,7 @@ def add_method_arguments(parser: argparse.ArgumentParser, default_method: str) -
     group = parser.add_argument_group("method")
     group.add_argument("--method", default=default_method,
                        help=f"{', '.join(CLI_METHOD_NAMES)}, any method spec (name:field=value,...; see "
-                            "corematching.method_spec) or package.module:Class")
+                            "corematching.apps.method_spec) or package.module:Class")
     group.add_argument("--budget", type=argument_type(parse_budget), default=argparse.SUPPRESS,
                        help="visual tokens kept per image: count, fraction, or 'adaptive'")
     group.add_argument("--prune-layer", type=int, default=argparse.SUPPRESS)

@@ -3,7 +3,7 @@
     app.py           routes: /v1/chat/completions, /v1/models, /health, the web page; the bounded body read
     guard.py         the API key and the Host header, checked before any route
     protocol.py      request body -> JSON -> validated ChatRequest (4xx in OpenAI's error shape otherwise)
-    methods.py       the "corematching" extension field -> a method object (corematching.request_methods'
+    methods.py       the "corematching" extension field -> a method object (corematching.apps.serve.request_methods'
                      allow-list of typed settings)
     images.py        data: URLs and files of an allowed directory -> PIL images
     scheduler.py     bounded queue and dynamic batching (and the draining queue both schedulers share)

@@ -3,7 +3,7 @@
     "corematching": {"method": "corematching", "token_budget": 0.25, "rho": 0.2}
     "corematching": {"method": "dense"}
 
-A request may set only the typed settings of `corematching.request_methods` (an allow-list per method); a
+A request may set only the typed settings of `corematching.apps.serve.request_methods` (an allow-list per method); a
 missing setting takes the method's default, and without `method` the settings refine the server's default
 method. Without the extension field a request runs the server's default method. A bad setting is a 400 naming it
 (`"param": "corematching.rho"`); nothing a request gives is used as a path, module or class.
@@ -12,8 +12,8 @@ method. Without the extension field a request runs the server's default method. 
 from __future__ import annotations
 
 from ..method_spec import MethodSpecError
-from ..request_methods import build_from_request, check_for_model, method_fields, request_name
 from .errors import bad_request
+from .request_methods import build_from_request, check_for_model, method_fields, request_name
 
 
 def method_name(method) -> str:

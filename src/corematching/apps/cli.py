@@ -3,7 +3,7 @@
     corematching [demo]                           demo.py: both bundled models, dense vs CoreMatching vs random
     corematching --image cat.png --question "What animal is this?" [--model ID_OR_PATH]     ask.py
     corematching eval --method corematching --budget 0.25 --output runs/cm.jsonl            eval_command.py
-    corematching bench | plan | serve ...         bench.py, plan.py, serve/cli.py
+    corematching bench | plan | serve ...         bench.py, plan_command.py, serve/cli.py
 
 Errors a user can fix (a missing file, a bad setting, an unsupported model) end in one line and exit code 2.
 """
@@ -14,10 +14,10 @@ import argparse
 import importlib
 import sys
 
+from ..errors import UnsupportedModelError
 from . import demo, method_spec
-from .errors import UnsupportedModelError
 
-SUBCOMMANDS = {"eval": "eval_command", "bench": "bench", "plan": "plan", "serve": "serve.cli"}  # demo: see main
+SUBCOMMANDS = {"eval": "eval_command", "bench": "bench", "plan": "plan_command", "serve": "serve.cli"}  # demo: see main
 
 # the method options and building live in the library (method_spec); kept here under their old names
 build_method = method_spec.from_args

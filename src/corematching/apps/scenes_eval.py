@@ -1,9 +1,9 @@
 """Accuracy of `scenes-smollm2` on scene questions, per question kind, resumable, with recall of the queried objects.
 
-    python -m corematching.zoo.scenes_eval --output runs/scenes-eval/dense.jsonl            # the evaluation set
+    python -m corematching.apps.scenes_eval --output runs/scenes-eval/dense.jsonl            # the evaluation set
     # fresh questions:
-    python -m corematching.zoo.scenes_eval --question-seed 7 --n 500 --output runs/scenes-eval/fresh.jsonl
-    python -m corematching.zoo.scenes_eval --method corematching --budget 0.25 --output runs/scenes-eval/cm25.jsonl
+    python -m corematching.apps.scenes_eval --question-seed 7 --n 500 --output runs/scenes-eval/fresh.jsonl
+    python -m corematching.apps.scenes_eval --method corematching --budget 0.25 --output runs/scenes-eval/cm25.jsonl
 
 Every answer is appended to the JSON-lines output as soon as it is produced; rerunning the same command resumes
 (the settings on the file's first line must match). The summary gives the accuracy per kind and, under a
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import evaluate
-from . import scenes
+from ..zoo import scenes
+from . import evaluate
 
 MODEL = "scenes-smollm2"
 
@@ -67,8 +67,8 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from .. import method_spec
-    from . import load_model
+    from ..zoo import load_model
+    from . import method_spec
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--question-seed", type=int, default=scenes.EVAL_SEED,

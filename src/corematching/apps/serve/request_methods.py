@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from numbers import Integral
 from typing import Callable
 
-from . import neuron_rules
-from .method_spec import MethodSpecError, construct
-from .methods import CoreMatching, Dense, RandomTokens, UniformTokens
-from .methods.defaults import MATCH_SETS
+from ... import neuron_rules
+from ...methods import CoreMatching, Dense, RandomTokens, UniformTokens
+from ...methods.defaults import MATCH_SETS
+from ..method_spec import MethodSpecError, construct
 
 MAX_LAYER_INDEX = 4095  # far beyond any supported model; the model's own depth is checked when serving
 MAX_LAYER_LIST = 256
@@ -179,7 +179,7 @@ def check_for_model(method, num_layers: int) -> None:
     try:
         method.check_layers(num_layers)
     except ValueError as error:
-        from .method_spec import field_named_in
+        from ..method_spec import field_named_in
 
         raise MethodSpecError(str(error), field=field_named_in(str(error), method_fields(method)) or "prune_layer") \
             from None

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import layout
-from .vqa import answer_batch, calibrate_for
-from .zoo import data
+from .. import layout
+from ..vqa import answer_batch, calibrate_for
+from ..zoo import data
 
 EVAL_SETS = ("test-2000", "test", "scenes", "scenes:SEED", "scenes:SEED:N")
 EVAL_SEED = 0
@@ -42,7 +42,7 @@ def eval_questions(name: str = "test-2000") -> list:
 
 
 def _scene_questions(name: str) -> list:
-    from .zoo import scenes
+    from ..zoo import scenes
 
     parts = name.split(":")[1:]
     try:

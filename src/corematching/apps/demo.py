@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .stats import paired_difference, wilson_interval
+from ..stats import paired_difference, wilson_interval
 
 DEMO_MODELS = ("evqa-smollm2", "scenes-smollm2")
 # Questions per model: most of the time goes to the scene questions, where methods differ (CoreMatching is about 15

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from . import layout
+from .. import layout
+from ..models import adapter_for
 from .method_spec import add_method_arguments, from_args
-from .models import adapter_for
 
 DEFAULT_MODEL = "evqa-smollm2"
 
@@ -19,7 +19,7 @@ DEFAULT_MODEL = "evqa-smollm2"
 def run(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
 
-    from .vqa import check_image
+    from ..vqa import check_image
 
     if args.image is None or args.question is None:
         raise ValueError("--image and --question go together (the demo of the bundled models is `corematching demo`)")
@@ -43,8 +43,8 @@ def answer_jobs(args: argparse.Namespace, method, model_name: str, jobs: list[tu
     """Answer each (name, image, question, truth) dense and under `method`; print a table, save kept-patch pictures."""
     import corematching as cm
 
+    from ..vqa import answer_batch
     from . import viz
-    from .vqa import answer_batch
 
     print(f"loading {model_name} ...", flush=True)
     model, processor = cm.load_model(model_name, device=args.device)
@@ -92,8 +92,8 @@ def kept_patches_panel(image, images, kept_positions, title: str):
     one); None when no grid does."""
     from PIL import Image
 
+    from ..vqa import check_image
     from . import viz
-    from .vqa import check_image
 
     views = images[0].views if images else []
     if len(views) == 1:
