@@ -6,7 +6,7 @@ The plan says what kind of call it is, by the KV cache it brings:
   EXTEND   past tokens in a cache this session filled (its CacheState says which tokens each stage's layers
            hold), or a cache filled without the session that now gets an image: the new tokens attend to the
            kept ones; a new turn with images has its own visual tokens chosen among the new tokens.
-  DENSE    anything else: the model runs untouched (the call is "passed through").
+  PASS_THROUGH  anything else: the model runs untouched.
 It also holds what does not change during the call: the normalised 2-D padding mask, which new tokens are real
 and visual, which image each belongs to, assisted decoding's candidates, the attention rule per layer, and one
 FFN mode per watched layer (core_decoding.py), so that no layer call re-derives them.
@@ -28,7 +28,7 @@ from .masks import padding_mask_from_4d
 
 
 class CallKind(Enum):
-    DENSE = "dense"  # passed through: the model runs untouched
+    PASS_THROUGH = "pass_through"  # the model runs untouched
     FRESH = "fresh"
     EXTEND = "extend"
 
@@ -171,7 +171,7 @@ class CallClassifier:
             visual = torch.zeros_like(visual)
         applies = has_images or self.method.applies_to_text()
         plan = CallPlan(
-            kind=CallKind.DENSE,
+            kind=CallKind.PASS_THROUGH,
             entry=entry,
             past=past,
             state=state,
@@ -198,7 +198,7 @@ class CallClassifier:
                 )
             plan.kind = CallKind.EXTEND
             plan.chooses_tokens = has_images and prunes
-        if plan.kind != CallKind.DENSE:
+        if plan.kind != CallKind.PASS_THROUGH:
             plan.ffn_modes = {layer: self._ffn_mode(plan, layer) for layer in self.watched_layers}
             plan.rules = {layer: self.adapter.attention_rule(layer, entry) for layer in self.roles.upper_layers}
         return plan

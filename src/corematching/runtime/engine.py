@@ -122,7 +122,7 @@ class Engine:
         plan = self.classifier.plan(entry, past, state, self.assisted)
         if plan is None:
             return
-        if plan.kind == CallKind.DENSE:
+        if plan.kind == CallKind.PASS_THROUGH:
             if past == 0:
                 self.last = SparsityRecord(type(self.method).__name__, None, plan.valid, plan.visual)
             return

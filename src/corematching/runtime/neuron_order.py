@@ -9,7 +9,7 @@ Nothing stays resident beside the model but the swapped positions (two index vec
 through two temporaries of m rows (columns for down_proj) of one matrix at a time.
 
 A layer keeps that order only while decode steps of the same decision use it. Any other use of its FFN (a
-prefill, a dense call, a masked or method-defined FFN, another decision's decode step) restores the identity
+prefill, a pass-through call, a masked or method-defined FFN, another decision's decode step) restores the identity
 order first (Engine.ffn_forward), and so does Session.remove. A swap is its own inverse: restoring repeats it,
 which gives back the original tensors bit for bit. That holds only when each moved tensor belongs to its one FFN:
 a tensor tied to another layer or module would move with it (check_untied refuses it).

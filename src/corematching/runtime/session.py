@@ -320,7 +320,7 @@ def sparsify(model: nn.Module, method: SparsityMethod, neuron_weights: str = "co
         vectors per layer (and a batch's row masks, as with "copy"). The reordering costs a swap at the first
         decode step of each prompt: the m core neurons outside the first |U| positions trade places with m
         others, through two transient m-row temporaries of one matrix at a time. It is undone before any other
-        use of the layer's FFN (a prefill, a dense call, another conversation's decode step: conversations
+        use of the layer's FFN (a prefill, a pass-through call, another conversation's decode step: conversations
         decoded in alternation swap at every step) and when the session is removed, which gives back the
         original tensors bit for bit. While the session is active, the FFN parameters of the neuron layers may
         be in that other order: do not read or save them from inside it. Tied FFN weights (a tensor shared with
