@@ -28,7 +28,7 @@ from corematching.apps.serve.process import ServerProcess
 
 METHODS = {"dense": {"method": "dense"}, "corematching": {"method": "corematching", "token_budget": 0.25}}
 BATCHING = {"on": ["--max-batch-size", "16", "--max-wait-ms", "20"], "off": ["--max-batch-size", "1"]}
-COMMON = ["--no-prefix-cache", "--max-queue", "64"]  # every cell repeats the same questions: no cache hits
+COMMON = ["--no-prompt-cache", "--max-queue", "64"]  # every cell repeats the same questions: no cache hits
 
 
 def workload(count: int) -> list[tuple[str, str, str]]:

@@ -3,7 +3,7 @@
     python benchmarks/serve_fault.py                                   # the figures of docs/serving-security.md
     python benchmarks/serve_fault.py --rounds 3 --per-kind 2 --clients 6 --output runs/fault.json
 
-One server (the bundled model, an API key, a small body limit, an allowed image directory, prefix caching on)
+One server (the bundled model, an API key, a small body limit, an allowed image directory, prompt cache on)
 on a free loopback port. First every good request is sent alone, one after the other: its answer is the
 reference. Then `--rounds` rounds, each a shuffled mix sent by `--clients` concurrent clients: good requests
 (plain, streamed, and with a chunked body; under several methods) and hostile ones: malformed JSON, bodies over

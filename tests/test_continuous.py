@@ -437,7 +437,7 @@ def test_a_continuous_server_answers_as_the_library_and_reports_metrics():
         image = Image.open(paths[image_id])
         result = answer_batch(model, processor, [image], [questions[image_id][0].question], chosen, 8)
         expected.append(result.texts[0])
-    with ServerProcess(["--batching", "continuous", "--threads", "1", "--no-prefix-cache", "--max-batch-size",
+    with ServerProcess(["--batching", "continuous", "--threads", "1", "--no-prompt-cache", "--max-batch-size",
                         "4", "--kv-cache-bytes", "256M", "--join-wait-steps", "2"]) as server:
         with ThreadPoolExecutor(4) as pool:
             replies = list(pool.map(lambda item: json.loads(post(server, body(*item))), zip(ids, methods)))

@@ -1,6 +1,6 @@
 """The server's edge against hostile clients: the request surface is an allow-list (nothing a request gives reaches
 the file system or the import system), bodies are bounded as they arrive, malformed input is a 4xx, the API key
-and the Host header are checked, the prefix cache is bounded in bytes. Units first, then one server (the bundled
+and the Host header are checked, the prompt cache is bounded in bytes. Units first, then one server (the bundled
 model, started with a key) driven over raw HTTP."""
 
 import ast
@@ -26,7 +26,7 @@ from corematching.apps.serve.errors import APIError  # noqa: E402
 from corematching.apps.serve.guard import allowed_hosts_for, host_name  # noqa: E402
 from corematching.apps.serve.images import local_path  # noqa: E402
 from corematching.apps.serve.methods import parse_method  # noqa: E402
-from corematching.apps.serve.prefix_cache import PrefillEntry, PrefixCache, tensor_bytes  # noqa: E402
+from corematching.apps.serve.prompt_cache import PrefillEntry, PromptCache, tensor_bytes  # noqa: E402
 from corematching.apps.serve.protocol import parse_json  # noqa: E402
 from corematching.apps.serve.request_methods import REQUEST_SETTINGS, build_from_request  # noqa: E402
 
@@ -190,7 +190,7 @@ def test_host_names_and_defaults():
     assert allowed_hosts_for("a.example, B.example:9", "127.0.0.1") == {"a.example", "b.example"}
 
 
-# ---------------------------------------------------------------------------------------------- prefix cache
+# ---------------------------------------------------------------------------------------------- prompt cache
 
 
 def entry(kib: int, session_id: int = 1) -> PrefillEntry:
@@ -200,11 +200,11 @@ def entry(kib: int, session_id: int = 1) -> PrefillEntry:
     return PrefillEntry(cache, torch.zeros(0), torch.zeros(1, 0, dtype=torch.long), 0, 0, [], session_id)
 
 
-def test_prefix_cache_is_bounded_in_bytes():
+def test_prompt_cache_is_bounded_in_bytes():
     assert tensor_bytes(entry(3).cache) == 3 * 1024
     view = torch.zeros(1000)
     assert tensor_bytes([view, view[:10], view.view(10, 100)]) == 4000  # one storage, counted once
-    cache = PrefixCache(max_entries=100, max_bytes=20 * 1024)
+    cache = PromptCache(max_entries=100, max_bytes=20 * 1024)
     for key in range(12):
         assert cache.put(key, entry(4))  # 4 KiB each: at most 5 fit
         assert cache.bytes <= 20 * 1024
@@ -360,6 +360,16 @@ def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_is_clos
         waited = time.monotonic() - started
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
     assert BODY_TIMEOUT - 0.5 < waited < BODY_TIMEOUT + 20
+
+
+def test_the_prompt_cache_options_keep_their_older_prefix_cache_names():
+    from corematching.apps.serve.cli import make_parser
+
+    args = make_parser().parse_args(["--no-prefix-cache", "--prefix-cache-size", "3", "--prefix-cache-bytes", "2M"])
+    assert (args.prompt_cache, args.prompt_cache_size, args.prompt_cache_bytes) == (False, 3, 2 * 2**20)
+    args = make_parser().parse_args(["--no-prompt-cache", "--prompt-cache-size", "5"])
+    assert (args.prompt_cache, args.prompt_cache_size, args.prompt_cache_bytes) == (False, 5, 2**30)
+    assert make_parser().parse_args([]).prompt_cache is True
 
 
 def test_a_server_with_a_method_that_needs_calibration_refuses_to_start(capsys):

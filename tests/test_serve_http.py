@@ -36,7 +36,7 @@ def server(tmp_path_factory):
     (allowed / "broken.png").write_bytes(b"not an image at all")
     (allowed / "escape.png").symlink_to(paths[1])  # a link inside the allowed directory to a file outside it
     arguments = ["--max-batch-size", str(MAX_BATCH), "--max-wait-ms", "300", "--max-queue", str(MAX_QUEUE),
-                 "--allowed-image-dir", str(allowed), "--prefix-cache", "--default-max-tokens", "8",
+                 "--allowed-image-dir", str(allowed), "--prompt-cache", "--default-max-tokens", "8",
                  "--threads", "1"]
     process = ServerProcess(arguments).start()
     process.allowed = allowed
@@ -226,8 +226,9 @@ def test_a_seed_fixes_sampled_tokens(client):
 def test_a_repeated_image_and_prompt_reuses_the_prefill(client):
     first = ask(client, 5, max_tokens=8)
     second = ask(client, 5, max_tokens=8)
-    assert first.usage.model_dump()["prefix_cache_hit"] is False
-    assert second.usage.model_dump()["prefix_cache_hit"] is True
+    assert first.usage.model_dump()["prompt_cache_hit"] is False
+    assert second.usage.model_dump()["prompt_cache_hit"] is True
+    assert second.usage.model_dump()["prefix_cache_hit"] is True  # the field's older name
     assert second.choices[0].message.content == first.choices[0].message.content == question_for(5).answer
     assert second.usage.model_dump()["visual_tokens_kept"] == first.usage.model_dump()["visual_tokens_kept"]
 

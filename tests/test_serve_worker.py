@@ -1,4 +1,4 @@
-"""The server's model worker on a tiny random LLaVA (fast, in process): batching and prefix caching never change
+"""The server's model worker on a tiny random LLaVA (fast, in process): batching and the prompt cache never change
 a request's tokens. Random logits are close together, so any inexactness shows up as a different token."""
 
 import asyncio
@@ -14,7 +14,7 @@ pytest.importorskip("fastapi")
 
 from corematching.apps.serve.images import LoadedImage  # noqa: E402
 from corematching.apps.serve.jobs import Job  # noqa: E402
-from corematching.apps.serve.prefix_cache import PrefixCache  # noqa: E402
+from corematching.apps.serve.prompt_cache import PromptCache  # noqa: E402
 from corematching.apps.serve.protocol import ChatRequest  # noqa: E402
 from corematching.apps.serve.worker import ModelWorker  # noqa: E402
 
@@ -101,7 +101,7 @@ def test_batched_requests_get_the_tokens_they_get_alone(tiny_llava, loop, one_th
 
 
 @pytest.mark.parametrize("temperature, seed", [(0.0, None), (1.0, 5)])
-def test_a_prefix_cache_hit_decodes_exactly_like_a_fresh_prefill(tiny_llava, loop, one_thread, temperature, seed):
+def test_a_prompt_cache_hit_decodes_exactly_like_a_fresh_prefill(tiny_llava, loop, one_thread, temperature, seed):
     model = tiny_llava()
     fresh_worker = ModelWorker(model, PromptProcessor())
     fresh = job("p4:6", loop, temperature=temperature, seed=seed)
@@ -109,25 +109,25 @@ def test_a_prefix_cache_hit_decodes_exactly_like_a_fresh_prefill(tiny_llava, loo
     expected = outcome(loop, fresh)
     fresh_worker.close()
 
-    cache = PrefixCache(4)
+    cache = PromptCache(4)
     worker = ModelWorker(model, PromptProcessor(), cache)
     first, second, third = (job("p4:6", loop, temperature=temperature, seed=seed) for _ in range(3))
     worker.run([first])
     worker.run([second])
     worker.run([third])
     results = [outcome(loop, one) for one in (first, second, third)]
-    assert [r.usage.prefix_cache_hit for r in results] == [False, True, True]
+    assert [r.usage.prompt_cache_hit for r in results] == [False, True, True]
     assert [r.text for r in results] == [expected.text] * 3  # the stored prefill is never altered by a hit
     assert results[1].usage.visual_tokens_kept == expected.usage.visual_tokens_kept
     assert results[1].kept_patches == expected.kept_patches
     # another setting replaces the session: the prefills of the old one cannot be continued and are dropped
     other = job("p4:6", loop, method=cm.Dense())
     worker.run([other])
-    assert outcome(loop, other).usage.prefix_cache_hit is False
+    assert outcome(loop, other).usage.prompt_cache_hit is False
     again = job("p4:6", loop, temperature=temperature, seed=seed)
     worker.run([again])
     again = outcome(loop, again)
-    assert again.usage.prefix_cache_hit is False and again.text == expected.text
+    assert again.usage.prompt_cache_hit is False and again.text == expected.text
     worker.close()
 
 

@@ -258,18 +258,18 @@ def test_a_forward_that_raises_releases_the_session_for_other_threads():
 # ---------------------------------------------------------------------------------------------- the server's store
 
 
-def test_a_prefix_cache_entry_counts_the_slices_its_cache_keeps_alive(tiny_llava):
-    """After a request, the only thing keeping its conversation's sliced FFNs alive is the prefix-cache entry (a copy
-    of its cache): the entry's bytes include them, so --prefix-cache-bytes bounds them too."""
+def test_a_prompt_cache_entry_counts_the_slices_its_cache_keeps_alive(tiny_llava):
+    """After a request, the only thing keeping its conversation's sliced FFNs alive is the prompt-cache entry (a copy
+    of its cache): the entry's bytes include them, so --prompt-cache-bytes bounds them too."""
     import asyncio
 
     from test_serve_worker import PromptProcessor, job, outcome
 
-    from corematching.apps.serve.prefix_cache import PrefixCache, tensor_bytes
+    from corematching.apps.serve.prompt_cache import PromptCache, tensor_bytes
     from corematching.apps.serve.worker import ModelWorker
 
     loop = asyncio.new_event_loop()
-    store = PrefixCache(4)
+    store = PromptCache(4)
     worker = ModelWorker(tiny_llava(), PromptProcessor(), store)
     try:
         request = job("p4:6", loop)

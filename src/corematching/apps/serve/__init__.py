@@ -17,7 +17,7 @@
     collate.py       per-request encodings (made once, on arrival) -> one padded batch
     sampling.py      per-request token choice (greedy, or sampling from its own seeded generator)
     decoding.py      the static path's stopping criteria: each row's StreamText, disconnects while decoding
-    prefix_cache.py  pruned prefills of repeated image + prompt, continued from copies
+    prompt_cache.py  pruned prefills of repeated image + whole prompt, continued from copies
     jobs.py          an accepted request and the bridge from the worker thread to the event loop
     process.py       the server in a child process on a free loopback port (tests, benchmarks)
     cli.py           `corematching serve`;  examples.py, static/  the web page

@@ -62,11 +62,13 @@ def make_parser() -> argparse.ArgumentParser:
                         help="temperature of requests that give none (0: greedy, as the model's own config)")
     parser.add_argument("--allowed-image-dir", type=Path, default=None,
                         help="requests may name image files inside this directory (off by default)")
-    parser.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
-                        help="reuse the pruned prefill of a repeated image + prompt (see README: Serving)")
-    parser.add_argument("--prefix-cache-size", type=int, default=32, help="prefills kept by --prefix-cache")
-    parser.add_argument("--prefix-cache-bytes", type=byte_count, default=2**30,
-                        help="bytes of KV caches and logits kept by --prefix-cache (default 1G; e.g. 512M, 8G)")
+    # --prefix-cache*: the options' older names, still accepted
+    parser.add_argument("--prompt-cache", "--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse the pruned prefill of a repeated image + whole prompt (docs/serving.md)")
+    parser.add_argument("--prompt-cache-size", "--prefix-cache-size", type=int, default=32,
+                        help="prefills kept by --prompt-cache")
+    parser.add_argument("--prompt-cache-bytes", "--prefix-cache-bytes", type=byte_count, default=2**30,
+                        help="bytes of KV caches and logits kept by --prompt-cache (default 1G; e.g. 512M, 8G)")
     parser.add_argument("--max-body-bytes", type=byte_count, default=64 * 2**20,
                         help="largest request body (default 64M): counted as it arrives, chunked or not (413)")
     parser.add_argument("--body-timeout", type=float, default=60.0,
@@ -97,7 +99,7 @@ def build(args: argparse.Namespace):
     from ..method_spec import from_args
     from .app import create_app
     from .guard import allowed_hosts_for
-    from .prefix_cache import PrefixCache
+    from .prompt_cache import PromptCache
     from .protocol import Limits
     from .request_methods import check_for_model
     from .worker import ModelWorker
@@ -108,8 +110,8 @@ def build(args: argparse.Namespace):
         raise ValueError("--max-images must be >= 0 and --default-max-tokens >= 1")
     if args.allowed_image_dir is not None and not args.allowed_image_dir.is_dir():
         raise FileNotFoundError(f"--allowed-image-dir is not a directory: {args.allowed_image_dir}")
-    if args.prefix_cache_size < 1:
-        raise ValueError("--prefix-cache-size must be >= 1")
+    if args.prompt_cache_size < 1:
+        raise ValueError("--prompt-cache-size must be >= 1")
     if args.body_timeout <= 0 or (args.max_connections is not None and args.max_connections < 1):
         raise ValueError("--body-timeout must be > 0 and --max-connections >= 1")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_VARIABLE) or None
@@ -137,8 +139,8 @@ def build(args: argparse.Namespace):
         default_method=method,
         num_layers=num_layers,
     )
-    prefix_cache = PrefixCache(args.prefix_cache_size, args.prefix_cache_bytes) if args.prefix_cache else None
-    worker = ModelWorker(model, processor, prefix_cache)
+    prompt_cache = PromptCache(args.prompt_cache_size, args.prompt_cache_bytes) if args.prompt_cache else None
+    worker = ModelWorker(model, processor, prompt_cache)
     return create_app(worker, limits, max_batch_size=args.max_batch_size, max_wait_s=args.max_wait_ms / 1000,
                       max_pending=args.max_queue, shutdown_timeout_s=args.shutdown_timeout,
                       max_body_bytes=args.max_body_bytes, api_key=api_key, allowed_hosts=allowed_hosts,

@@ -29,7 +29,7 @@ MAX_PATH_CHARS = 4096
 @dataclass(frozen=True)
 class LoadedImage:
     image: Image.Image  # RGB
-    digest: str  # sha256 of the encoded bytes: the image's identity for prefix caching
+    digest: str  # sha256 of the encoded bytes: the image's identity in the prompt cache
 
 
 def load_image(url, allowed_dir: Path | None, param: str) -> LoadedImage:

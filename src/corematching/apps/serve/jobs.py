@@ -24,11 +24,11 @@ class Usage:
     completion_tokens: int = 0
     visual_tokens: int = 0  # visual tokens in the prompt
     visual_tokens_kept: int = 0  # of those, the ones that went on past the prune layer
-    prefill_time_s: float = 0.0  # of the batch the request ran in (or 0 on a prefix-cache hit)
+    prefill_time_s: float = 0.0  # of the batch the request ran in (or 0 on a prompt-cache hit)
     decode_time_s: float = 0.0  # from the end of the prefill to this request's last token
     queue_time_s: float = 0.0
     batch_size: int = 1
-    prefix_cache_hit: bool = False
+    prompt_cache_hit: bool = False
 
     def as_dict(self) -> dict:
         return {
@@ -41,7 +41,8 @@ class Usage:
             "decode_time_s": round(self.decode_time_s, 6),
             "queue_time_s": round(self.queue_time_s, 6),
             "batch_size": self.batch_size,
-            "prefix_cache_hit": self.prefix_cache_hit,
+            "prompt_cache_hit": self.prompt_cache_hit,
+            "prefix_cache_hit": self.prompt_cache_hit,  # its older name, kept for clients that read it
         }
 
 

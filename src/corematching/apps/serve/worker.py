@@ -4,7 +4,7 @@ It owns the model. One session stays attached while consecutive batches share a 
 replaced when the setting changes (a model holds one session at a time). Each batch is one plain
 `model.generate` call; per-request sampling, token limits, stop sequences, streaming and client disconnects
 are handled per row by a logits processor (`sampling.BatchChooser`) and a stopping criterion
-(`decoding.BatchFollower`). With prefix caching on, a request whose images and prompt were prefilled before
+(`decoding.BatchFollower`). With the prompt cache on, a request whose images and prompt were prefilled before
 under the same session decodes from a copy of that prefill's KV cache.
 """
 
@@ -26,7 +26,7 @@ from .collate import collate
 from .decoding import BatchFollower
 from .errors import APIError, bad_request
 from .jobs import Job, Outcome, Usage
-from .prefix_cache import PrefillEntry, PrefixCache, continued_copy, prefix_key
+from .prompt_cache import PrefillEntry, PromptCache, continued_copy, prompt_key
 from .sampling import BatchChooser, RequestSampler
 from .stream_text import StreamText
 
@@ -34,11 +34,11 @@ log = logging.getLogger("corematching.apps.serve")
 
 
 class ModelWorker:
-    def __init__(self, model, processor, prefix_cache: PrefixCache | None = None, on_finished=None):
+    def __init__(self, model, processor, prompt_cache: PromptCache | None = None, on_finished=None):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.prefix_cache = prefix_cache
+        self.prompt_cache = prompt_cache
         self.on_finished = on_finished or (lambda job: None)
         self.processor_lock = threading.Lock()  # tokenizers are not safe to share between threads
         self.adapter = adapter_for(model)
@@ -103,8 +103,8 @@ class ModelWorker:
         if self._session is not None:
             self._session.remove()
             self._session = None
-        if self.prefix_cache is not None:
-            self.prefix_cache.drop_session(self.session_id)
+        if self.prompt_cache is not None:
+            self.prompt_cache.drop_session(self.session_id)
         self._session_key = None
 
     # ------------------------------------------------------------------------------------------ batches
@@ -121,10 +121,10 @@ class ModelWorker:
         rest = []
         for job in live:
             entry = None
-            if self.prefix_cache is not None and job.request.images:
-                entry = self.prefix_cache.get(prefix_key(job), self.session_id)
+            if self.prompt_cache is not None and job.request.images:
+                entry = self.prompt_cache.get(prompt_key(job), self.session_id)
             if entry is not None:
-                self._run_from_prefix(job, entry)
+                self._run_from_cache(job, entry)
             else:
                 rest.append(job)
         if len(rest) == 1:
@@ -163,7 +163,7 @@ class ModelWorker:
         texts, samplers, follower = self._texts_and_samplers(jobs)
         cache = DynamicCache(config=self.model.config.get_text_config())
         snapshot = {}
-        store = self.prefix_cache is not None and len(jobs) == 1 and bool(jobs[0].request.images)
+        store = self.prompt_cache is not None and len(jobs) == 1 and bool(jobs[0].request.images)
         if store:
             def keep_prefill(scores):  # right after the prefill, before the cache takes the first new token
                 snapshot["cache"] = copy.deepcopy(cache)
@@ -186,7 +186,7 @@ class ModelWorker:
             visual, kept, patches = self._kept(images_of_rows[row], record, row)
             if store and "cache" in snapshot:
                 held = self._session.held_bytes_of(snapshot["cache"]) if self._session is not None else 0
-                self.prefix_cache.put(prefix_key(job), PrefillEntry(
+                self.prompt_cache.put(prompt_key(job), PrefillEntry(
                     snapshot["cache"], snapshot["logits"], inputs["input_ids"][:1].clone(), visual, kept, patches,
                     self.session_id, held_bytes=held))
             usage = Usage(prompt_tokens=int(inputs["attention_mask"][row].sum()), visual_tokens=visual,
@@ -194,7 +194,7 @@ class ModelWorker:
                           queue_time_s=started - job.enqueued_at, batch_size=len(jobs))
             self._complete(job, texts[row], usage, prefill_done, patches)
 
-    def _run_from_prefix(self, job: Job, entry: PrefillEntry) -> None:
+    def _run_from_cache(self, job: Job, entry: PrefillEntry) -> None:
         started = time.perf_counter()
         texts, samplers, follower = self._texts_and_samplers([job])
         cache = continued_copy(entry)
@@ -218,7 +218,7 @@ class ModelWorker:
             )
         usage = Usage(prompt_tokens=int(entry.input_ids.shape[1]), visual_tokens=entry.visual_tokens,
                       visual_tokens_kept=entry.visual_tokens_kept, prefill_time_s=prefill_done - started,
-                      queue_time_s=started - job.enqueued_at, batch_size=1, prefix_cache_hit=True)
+                      queue_time_s=started - job.enqueued_at, batch_size=1, prompt_cache_hit=True)
         self._complete(job, texts[0], usage, prefill_done, entry.kept_patches)
 
     # ------------------------------------------------------------------------------------------ reporting

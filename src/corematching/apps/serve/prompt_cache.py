@@ -1,4 +1,4 @@
-"""Prefix caching: the pruned prefill of a repeated image + prompt, kept to be continued from a copy.
+"""The prompt cache: the pruned prefill of a repeated image + whole prompt, kept to be continued from a copy.
 
 An entry is keyed by the sparsity setting, the images' digests and the prompt text; it holds the KV cache as the
 prefill left it, the logits of the first generated token and what the prefill decided (visual tokens kept).
@@ -33,11 +33,11 @@ class PrefillEntry:
     visual_tokens_kept: int
     kept_patches: list[list[int]]
     session_id: int  # the session whose decisions the cache carries
-    nbytes: int = 0  # its tensors' bytes (set by PrefixCache.put)
+    nbytes: int = 0  # its tensors' bytes (set by PromptCache.put)
     held_bytes: int = 0  # what its cache keeps alive beside it: the session's sliced FFNs (Session.held_bytes_of)
 
 
-def prefix_key(job) -> tuple:
+def prompt_key(job) -> tuple:
     return (job.key, tuple(image.digest for image in job.request.images), job.prompt)
 
 
@@ -65,10 +65,12 @@ def tensor_bytes(value, seen: set | None = None, depth: int = 0) -> int:
     return sum(tensor_bytes(item, seen, depth + 1) for item in attributes.values())
 
 
-class PrefixCache:
+class PromptCache:
+    """Prefills keyed by (sparsity setting, images, whole prompt), least recently used out first."""
+
     def __init__(self, max_entries: int, max_bytes: int | None = None):
         if max_entries < 1 or (max_bytes is not None and max_bytes < 1):
-            raise ValueError("the prefix cache needs max_entries >= 1 and max_bytes >= 1")
+            raise ValueError("the prompt cache needs max_entries >= 1 and max_bytes >= 1")
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.bytes = 0  # held by the entries now
@@ -89,10 +91,6 @@ class PrefixCache:
             self._entries.move_to_end(key)
             self.hits += 1
             return entry
-
-    def contains(self, key) -> bool:
-        with self._lock:
-            return key in self._entries
 
     def put(self, key, entry: PrefillEntry) -> bool:
         """Store an entry (True), unless it alone is larger than max_bytes (False)."""
