@@ -142,6 +142,39 @@ def test_the_scripts_and_modules_the_docs_name_exist():
     assert missing == []
 
 
+DOTTED = re.compile(r"""(?<![\w"'])corematching(?:\.\w+)+""")  # a module path (not a quoted request field)
+
+
+def unresolved_dotted_names(text: str) -> list[str]:
+    """The `corematching.a.b.c` names of a text that are neither a module nor an attribute of one."""
+    import importlib
+
+    missing = []
+    for name in sorted(set(DOTTED.findall(text))):
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):  # the longest prefix that is a module, then attributes
+            try:
+                value = importlib.import_module(".".join(parts[:cut]))
+            except ModuleNotFoundError:
+                continue
+            try:
+                for attribute in parts[cut:]:
+                    value = getattr(value, attribute)
+            except AttributeError:
+                missing.append(name)
+            break
+        else:
+            missing.append(name)
+    return missing
+
+
+def test_the_module_paths_the_docs_name_exist():
+    missing = [f"{page.name}: {name}" for page in PAGES for name in unresolved_dotted_names(page.read_text())]
+    assert missing == []
+    assert unresolved_dotted_names("`corematching.serve.worker` and corematching.runtime.nothing_here") == [
+        "corematching.runtime.nothing_here", "corematching.serve.worker"]
+
+
 # ----------------------------------------------------------------------------- the demo
 
 
