@@ -171,8 +171,8 @@ def unresolved_dotted_names(text: str) -> list[str]:
 def test_the_module_paths_the_docs_name_exist():
     missing = [f"{page.name}: {name}" for page in PAGES for name in unresolved_dotted_names(page.read_text())]
     assert missing == []
-    assert unresolved_dotted_names("`corematching.serve.worker` and corematching.runtime.nothing_here") == [
-        "corematching.runtime.nothing_here", "corematching.serve.worker"]
+    assert unresolved_dotted_names("`corematching.gone.worker` and corematching.runtime.nothing_here") == [
+        "corematching.gone.worker", "corematching.runtime.nothing_here"]
 
 
 # ----------------------------------------------------------------------------- the demo
