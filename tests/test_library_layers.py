@@ -32,7 +32,7 @@ ALLOWED = {
 
 
 def root_entries() -> list[str]:
-    """The root package's modules and subpackages, by name (`cli` for cli.py, `serve` for serve/)."""
+    """The root package's modules and subpackages, by name (`plan` for plan.py, `apps` for apps/)."""
     return sorted([path.stem for path in PACKAGE.glob("*.py")]
                   + [path.parent.name for path in PACKAGE.glob("*/__init__.py")])
 

@@ -19,7 +19,7 @@ from . import demo, method_spec
 
 SUBCOMMANDS = {"eval": "eval_command", "bench": "bench", "plan": "plan_command", "serve": "serve.cli"}  # demo: see main
 
-# the method options and building live in the library (method_spec); kept here under their old names
+# the method options and building live in method_spec; kept here under their old names
 build_method = method_spec.from_args
 
 
