@@ -22,6 +22,7 @@ import io
 import json
 import os
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -109,28 +110,41 @@ def run_cell(model, processor, prompts, method, schedule: str, clients: int, req
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | schedule | clients | requests/s | tokens/s | TTFT p50 / p95 (s) | short p50 / p95 (s) | "
-             "long p50 / p95 (s) | mean batch |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | schedule | clients | round | requests/s | tokens/s | TTFT p50 / p95 (s) | "
+             "short p50 / p95 (s) | long p50 / p95 (s) | mean batch |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['schedule']} | {r['clients']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} "
-            f"| {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | {r['short_p50_s']:.2f} / {r['short_p95_s']:.2f} | "
-            f"{r['long_p50_s']:.2f} / {r['long_p95_s']:.2f} | {r['mean_batch']:.1f} |")
+            f"| {r['method']} | {r['schedule']} | {r['clients']} | {r.get('round', 0)} | {r['requests_per_s']:.2f} "
+            f"| {r['tokens_per_s']:.1f} | {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} "
+            f"| {r['short_p50_s']:.2f} / {r['short_p95_s']:.2f} | {r['long_p50_s']:.2f} / {r['long_p95_s']:.2f} "
+            f"| {r['mean_batch']:.1f} |")
     return "\n".join(lines)
 
 
 def ratios(rows: list[dict]) -> str:
-    """Continuous against static per method and client count: throughput ratio, short p95 ratio."""
-    lines = ["| method | clients | throughput continuous / static | short p95 continuous / static |",
-             "|---|---:|---:|---:|"]
-    cells = {(r["method"], r["clients"], r["schedule"]): r for r in rows}
-    for (method, clients, schedule), cont in cells.items():
-        if schedule != "continuous" or (method, clients, "static") not in cells:
+    """Continuous against static per method and client count: throughput ratio and short p95 ratio, each the
+    median of the per-round ratios (with the range when there are several rounds)."""
+    lines = ["| method | clients | rounds | throughput continuous / static | short p95 continuous / static |",
+             "|---|---:|---:|---:|---:|"]
+    cells = {(r["method"], r["clients"], r.get("round", 0), r["schedule"]): r for r in rows}
+    pairs: dict[tuple, list[tuple[float, float]]] = {}
+    for (method, clients, round_index, schedule), cont in cells.items():
+        static = cells.get((method, clients, round_index, "static"))
+        if schedule != "continuous" or static is None:
             continue
-        static = cells[(method, clients, "static")]
-        short = cont["short_p95_s"] / static["short_p95_s"] if static["short_p95_s"] == static["short_p95_s"] else 0
-        lines.append(f"| {method} | {clients} | {cont['tokens_per_s'] / static['tokens_per_s']:.2f}x | {short:.2f} |")
+        short = cont["short_p95_s"] / static["short_p95_s"] if static["short_p95_s"] > 0 else float("nan")
+        pairs.setdefault((method, clients), []).append((cont["tokens_per_s"] / static["tokens_per_s"], short))
+    for (method, clients), values in pairs.items():
+        speed, short = ([v[i] for v in values] for i in (0, 1))
+        lines.append(f"| {method} | {clients} | {len(values)} | {spread(speed, 'x')} | {spread(short, '')} |")
     return "\n".join(lines)
+
+
+def spread(values: list[float], unit: str) -> str:
+    """The median, and the range in brackets when there are several values."""
+    text = f"{statistics.median(values):.2f}{unit}"
+    return text if len(values) == 1 else f"{text} ({min(values):.2f}-{max(values):.2f})"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -143,14 +157,14 @@ def plot(rows: list[dict], path: Path) -> None:
     figure, (speed, latency) = plt.subplots(1, 2, figsize=(10, 4))
     for method in dict.fromkeys(r["method"] for r in rows):
         for schedule, style in (("static", "--"), ("continuous", "-")):
-            cells = sorted((r for r in rows if r["method"] == method and r["schedule"] == schedule),
-                           key=lambda r: r["clients"])
-            if not cells:
+            cells = [r for r in rows if r["method"] == method and r["schedule"] == schedule]
+            clients = sorted({r["clients"] for r in cells})
+            if not clients:
                 continue
-            clients = [r["clients"] for r in cells]
             label = f"{method}, {schedule}"
-            speed.plot(clients, [r["tokens_per_s"] for r in cells], style, marker="o", label=label)
-            latency.plot(clients, [r["short_p95_s"] for r in cells], style, marker="o", label=label)
+            for axes, key in ((speed, "tokens_per_s"), (latency, "short_p95_s")):  # the median over rounds
+                medians = [statistics.median(r[key] for r in cells if r["clients"] == c) for c in clients]
+                axes.plot(clients, medians, style, marker="o", label=label)
     for axes, title in ((speed, "throughput (generated tokens/s)"), (latency, "short requests: p95 latency (s)")):
         axes.set_xscale("log", base=2)
         axes.set_xlabel("closed-loop clients")
@@ -167,7 +181,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="evqa-smollm2")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
-    parser.add_argument("--requests", type=int, default=64, help="requests per cell")
+    parser.add_argument("--requests", type=int, nargs="+", default=[64],
+                        help="requests per cell: one count for every client count, or one per --clients entry")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every cell this many times (the schedules' order alternates per round)")
     parser.add_argument("--short", type=int, nargs=2, default=[4, 8], help="short answers: min and max tokens")
     parser.add_argument("--long", type=int, nargs=2, default=[64, 256], help="long answers: min and max tokens")
     parser.add_argument("--short-share", type=float, default=0.5)
@@ -178,7 +195,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/serve_load.json"))
-    parser.add_argument("--doc", type=Path, default=Path("docs/serving-load.md"))
+    parser.add_argument("--doc", default="docs/serving-load.md", help="the page the table is for ('' for none)")
     parser.add_argument("--plot", type=Path, default=None, help="draw the results as a PNG here")
     parser.add_argument("--plot-only", action="store_true", help="only draw --plot from the rows in --output")
     args = parser.parse_args()
@@ -187,6 +204,12 @@ def main() -> None:
             parser.error("--plot-only needs --plot PATH")
         plot(json.loads(args.output.read_text()), args.plot)
         return
+    requests_per_cell = args.requests if len(args.requests) > 1 else args.requests * len(args.clients)
+    if len(requests_per_cell) != len(args.clients):
+        parser.error(f"--requests takes one count or one per client count ({len(args.clients)}), "
+                     f"not {len(args.requests)}")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, processor = cm.load_model(args.model, device=args.device)
@@ -196,14 +219,16 @@ def main() -> None:
         for name in args.methods:  # warm-up: one request per schedule
             for schedule in SCHEDULES:
                 run_cell(model, processor, prompts, METHODS[name](), schedule, 1, 1, args, seed=0)
-        for clients in args.clients:
-            for name in args.methods:
-                for schedule in SCHEDULES:  # the same seeded plan for both schedules
-                    row = run_cell(model, processor, prompts, METHODS[name](), schedule, clients, args.requests,
-                                   args, seed=clients)
-                    row.update(method=name, schedule=schedule, clients=clients)
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+        for clients, requests in zip(args.clients, requests_per_cell):
+            for round_index in range(args.rounds):
+                for name in args.methods:
+                    order = SCHEDULES if round_index % 2 == 0 else SCHEDULES[::-1]
+                    for schedule in order:  # the same seeded plan for both schedules
+                        row = run_cell(model, processor, prompts, METHODS[name](), schedule, clients, requests,
+                                       args, seed=clients)
+                        row.update(method=name, schedule=schedule, clients=clients, round=round_index)
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(rows, indent=1) + "\n")
     device = str(next(model.parameters()).device)

@@ -216,7 +216,8 @@ def wait_for_empty_queue(server: ServerProcess, deadline: float) -> int:
 
 
 def run(rounds: int = 3, per_kind: int = 4, good_per_round: int = 8, clients: int = 12, goods: int = 4,
-        max_seconds: float = 900.0, rss_tolerance_mib: float = 64.0, seed: int = 0, progress=print) -> dict:
+        max_seconds: float = 900.0, rss_tolerance_mib: float = 64.0, seed: int = 0, progress=print,
+        batching: str = "static") -> dict:
     """Run the fault test; returns the figures (see the module docstring) with "passed"."""
     started = time.monotonic()
     deadline = started + max_seconds
@@ -229,10 +230,11 @@ def run(rounds: int = 3, per_kind: int = 4, good_per_round: int = 8, clients: in
     (allowed / "shape.png").write_bytes(base64.b64decode(items[0]["url"].split(",", 1)[1]))
     arguments = ["--api-key", KEY, "--max-body-bytes", str(BODY_LIMIT), "--allowed-image-dir", str(allowed),
                  "--body-timeout", str(BODY_TIMEOUT_S),
-                 "--max-batch-size", "4", "--max-wait-ms", "20", "--max-queue", str(4 * clients), "--threads", "1"]
+                 "--max-batch-size", "4", "--max-wait-ms", "20", "--max-queue", str(4 * clients), "--threads", "1",
+                 "--batching", batching]
     server = ServerProcess(arguments).start()
     figures = {"rounds": [], "sent": Counter(), "expected_status": Counter(), "statuses": defaultdict(Counter),
-               "wrong_answers": [], "lost": 0, "server_errors": 0, "leaks": 0}
+               "wrong_answers": [], "lost": 0, "server_errors": 0, "leaks": 0, "batching": batching}
     try:
         harness = Harness(server, items, secret, timeout_s=max(30.0, max_seconds / 4))
         reference = {}
@@ -279,7 +281,10 @@ def run(rounds: int = 3, per_kind: int = 4, good_per_round: int = 8, clients: in
             if time.monotonic() > deadline:
                 progress("time is up: stopping")
                 break
-        figures["server_log_tracebacks"] = server.log().count("Traceback")
+        log = server.log()
+        figures["server_log_tracebacks"] = log.count("Traceback")
+        if "Traceback" in log:  # the first one, for the report
+            figures["first_traceback"] = log[log.index("Traceback"):][:4000]
     finally:
         server.stop()
     rss = [r["rss_mib"] for r in figures["rounds"]]
@@ -320,10 +325,12 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=4, help="distinct good requests (easy-vqa test images)")
     parser.add_argument("--max-seconds", type=float, default=900.0, help="the whole run stops after this")
     parser.add_argument("--rss-tolerance-mib", type=float, default=64.0)
+    parser.add_argument("--batching", choices=["static", "continuous"], default="static",
+                        help="the server's batching (serve --batching)")
     parser.add_argument("--output", type=Path, default=None, help="JSON file of the figures")
     args = parser.parse_args(argv)
     figures = run(args.rounds, args.per_kind, args.good, args.clients, args.images, args.max_seconds,
-                  args.rss_tolerance_mib)
+                  args.rss_tolerance_mib, batching=args.batching)
     print(table(figures))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

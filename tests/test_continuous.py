@@ -221,6 +221,27 @@ def test_a_cancelled_request_finishes_once_and_its_batch_mates_are_unaffected():
     assert sequences[0].text.tokens == expected[0] and sequences[2].text.tokens == expected[2]
 
 
+def test_a_request_cancelled_while_it_waits_leaves_the_others_waiting():
+    """Cancelled before its prefill, among waiting requests whose prompts differ in length: it finishes once, as
+    cancelled, and the others get their tokens alone (requests are told apart by identity, not by their fields)."""
+    model = build_tiny_llava()
+    with torch.no_grad():
+        expected = alone_tokens(model, lambda i, m: make_sequence(i, m, max_tokens=4), [CORE] * 3)
+        done = []
+        sequences = [make_sequence(index, CORE, max_tokens=4) for index in range(3)]
+        assert len({s.inputs["input_ids"].shape[1] for s in sequences}) > 1
+        batcher = ContinuousBatcher(model, max_batch=4)
+        for sequence in sequences:
+            sequence.on_done = done.append
+            batcher.submit(sequence)
+        batcher.cancel(sequences[2])
+        batcher.run_until_idle()
+        batcher.close()
+    assert [s is sequences[2] for s in done].count(True) == 1 and len(done) == 3
+    assert sequences[2].text.finish_reason == "cancelled" and sequences[2].text.tokens == []
+    assert sequences[0].text.tokens == expected[0] and sequences[1].text.tokens == expected[1]
+
+
 def test_admission_by_memory_queues_or_refuses():
     """A budget that fits one request at a time runs them one after another with the same tokens; a request that
     could never fit is refused with the numbers."""

@@ -14,9 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import serve_fault  # noqa: E402
 
 
-def test_the_server_holds_under_a_mix_of_good_and_hostile_clients():
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_the_server_holds_under_a_mix_of_good_and_hostile_clients(batching):
     figures = serve_fault.run(rounds=3, per_kind=1, good_per_round=2, clients=6, goods=2, max_seconds=420,
-                              rss_tolerance_mib=64, progress=lambda line: None)
+                              rss_tolerance_mib=64, progress=lambda line: None, batching=batching)
     report = serve_fault.table(figures)
     assert figures["lost"] == 0 and figures["server_errors"] == 0 and figures["leaks"] == 0, report
     assert figures["wrong_answers"] == [], report

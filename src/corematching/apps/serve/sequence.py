@@ -16,7 +16,7 @@ class MemoryRefused(Exception):
     """A request whose KV cache could never fit the memory budget (the server answers 429)."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a request equals only itself (its fields hold tensors)
 class Sequence:
     """One request inside the batcher."""
 
