@@ -267,16 +267,13 @@ def prefill_breakdown(model, inputs, reps: int, kept: int) -> None:
     print()
     print("| part | dense | CoreMatching | of which selection | at dense speed | excess |")
     print("|---|---:|---:|---:|---:|---:|")
-    excess_total = 0.0
     rows = [(name, list(layers), ratio if ratio is not None else upper) for name, (layers, ratio) in parts.items()]
     for name, layers, ratio in rows:
         dense, sparse = median("dense", layers), median("sparse", layers)
         selection = median("sparse", layers, selection=True)
         expected = dense * ratio
-        excess_total += sparse - expected
         print(f"| {name} | {dense:.1f} | {sparse:.1f} | {selection:.1f} | {expected:.1f} | {sparse - expected:+.1f} |")
     dense_out, sparse_out = median("dense"), median("sparse")
-    excess_total += sparse_out - dense_out
     print(f"| outside the decoder layers (embedding, image features, LM head) | {dense_out:.1f} | {sparse_out:.1f} | "
           f"| {dense_out:.1f} | {sparse_out - dense_out:+.1f} |")
     print(f"| total | {dense_total:.1f} | {sparse_total:.1f} | | {dense_total / bound:.1f} (FLOP bound) | "
