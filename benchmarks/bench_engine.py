@@ -19,6 +19,7 @@ tokens and core neurons (its selection calls timed in a few extra prefills).
     python benchmarks/bench_engine.py --reps 2   # quicker
     python benchmarks/bench_engine.py --batches 1 4 8   # core-neuron decoding per batch size, per scheme
     python benchmarks/bench_engine.py --batches 1 4 --schemes "union copy" "in place"
+    python benchmarks/bench_engine.py --breakdown --reps 4 --threads 1   # where the sparse prefill's time goes
 
 The batch table compares ways of decoding a batch with per-sample core neurons, in one run, repetitions
 interleaved: one sliced copy of the FFN per sample (the earlier scheme, batched matmuls over [B, k, H] weights);
@@ -168,6 +169,120 @@ def selection_share(model, method, inputs, reps: int) -> tuple[float, float]:
 def peak_rss(model, method, inputs, new_tokens: int) -> tuple[int, int]:
     """(RSS before the run, peak RSS during it), sampled every millisecond."""
     return peak_rss_during(lambda: run(model, method, inputs, new_tokens))
+
+
+# ---------------------------------------------------------------------------------------------- prefill breakdown
+
+
+class LayerClock:
+    """Wall time of each decoder layer (its pre-hooks included, so the engine's token choice before layer K + 1
+    counts in that layer) and of the selection calls made while each layer runs."""
+
+    def __init__(self, model, method):
+        self.layers = model.model.language_model.layers
+        self.method = method
+        self.seconds, self.selection, self.current = {}, {}, None
+
+    def __enter__(self):
+        def before(module, args, kwargs, layer):
+            self.current = layer
+            self.seconds[layer] = self.seconds.get(layer, 0.0) - time.perf_counter()
+
+        def after(module, args, kwargs, output, layer):
+            self.seconds[layer] += time.perf_counter()
+            self.current = None
+
+        self.handles = []
+        for index, layer in enumerate(self.layers):
+            self.handles.append(layer.register_forward_pre_hook(
+                lambda m, a, k, index=index: before(m, a, k, index), with_kwargs=True, prepend=True))
+            self.handles.append(layer.register_forward_hook(
+                lambda m, a, k, o, index=index: after(m, a, k, o, index), with_kwargs=True))
+        if self.method is not None:
+            for name in TimedSelection.CALLS:
+                original = getattr(self.method, name)
+
+                def timed(*args, original=original, **kwargs):
+                    start = time.perf_counter()
+                    try:
+                        return original(*args, **kwargs)
+                    finally:
+                        layer = -1 if self.current is None else self.current
+                        self.selection[layer] = self.selection.get(layer, 0.0) + time.perf_counter() - start
+
+                setattr(self.method, name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        if self.method is not None:
+            for name in TimedSelection.CALLS:
+                delattr(self.method, name)
+
+
+def timed_prefill(model, method, inputs) -> tuple[float, LayerClock]:
+    session = cm.sparsify(model, method) if method is not None else nullcontext()
+    with session, torch.no_grad(), LayerClock(model, method) as clock:
+        start = time.perf_counter()
+        model(**inputs, logits_to_keep=1)
+        total = time.perf_counter() - start
+    return total, clock
+
+
+def prefill_breakdown(model, inputs, reps: int, kept: int) -> None:
+    """Dense and sparse prefills (model(...) with logits for the last token, as generate's), interleaved; per part
+    of the model, the median times and what the sparse part would take at the dense part's time per FLOP."""
+    parts = {  # name -> (layers, sparse FLOPs / dense FLOPs of the part)
+        f"layers 0..{PRUNE_LAYER} (all tokens)": (range(PRUNE_LAYER + 1), 1.0),
+        f"layer {PRUNE_LAYER + 1} (token choice + kept tokens)": ([PRUNE_LAYER + 1], None),
+        f"layers {PRUNE_LAYER + 2}..{LAYERS - 1} (kept tokens)": (range(PRUNE_LAYER + 2, LAYERS), None),
+    }
+    prompt = VISUAL + TEXT
+    upper = layer_flops(kept, causal_context(kept), FFN) / layer_flops(prompt, causal_context(prompt), FFN)
+    runs = {"dense": [], "sparse": []}
+    for method in (None, METHOD):
+        timed_prefill(model, method, inputs)  # warm-up
+    for rep in range(reps):
+        order = [("dense", None), ("sparse", METHOD)]
+        for name, method in order if rep % 2 == 0 else reversed(order):
+            gc.collect()
+            runs[name].append(timed_prefill(model, method, inputs))
+
+    def median(name, layers=None, selection=False):
+        values = []
+        for total, clock in runs[name]:
+            if layers is None:
+                values.append(total - sum(clock.seconds.values()))
+            else:
+                source = clock.selection if selection else clock.seconds
+                values.append(sum(source.get(layer, 0.0) for layer in layers))
+        return statistics.median(values) * 1e3
+
+    dense_total = statistics.median(total for total, _ in runs["dense"]) * 1e3
+    sparse_total = statistics.median(total for total, _ in runs["sparse"]) * 1e3
+    bound = prefill_flops(None) / prefill_flops(kept)
+    print(f"{reps} interleaved prefills of each, {torch.get_num_threads()} threads, medians in ms; 'at dense speed': "
+          "the dense part's time scaled by the part's FLOP ratio")
+    print()
+    print("| part | dense | CoreMatching | of which selection | at dense speed | excess |")
+    print("|---|---:|---:|---:|---:|---:|")
+    rows = [(name, list(layers), ratio if ratio is not None else upper) for name, (layers, ratio) in parts.items()]
+    for name, layers, ratio in rows:
+        dense, sparse = median("dense", layers), median("sparse", layers)
+        selection = median("sparse", layers, selection=True)
+        expected = dense * ratio
+        print(f"| {name} | {dense:.1f} | {sparse:.1f} | {selection:.1f} | {expected:.1f} | {sparse - expected:+.1f} |")
+    dense_out, sparse_out = median("dense"), median("sparse")
+    print(f"| outside the decoder layers (embedding, image features, LM head) | {dense_out:.1f} | {sparse_out:.1f} | "
+          f"| {dense_out:.1f} | {sparse_out - dense_out:+.1f} |")
+    print(f"| total | {dense_total:.1f} | {sparse_total:.1f} | | {dense_total / bound:.1f} (FLOP bound) | "
+          f"{sparse_total - dense_total / bound:+.1f} |")
+    print()
+    paired = statistics.median(d[0] / s[0] for d, s in zip(runs["dense"], runs["sparse"]))
+    selection = median("sparse", range(LAYERS), selection=True)
+    print(f"prefill speedup {paired:.2f}x (median of paired ratios) against a FLOP bound of {bound:.2f}x: "
+          f"{paired / bound:.2f} of the bound; selection {selection:.1f} ms ({selection / sparse_total:.1%})")
 
 
 # ---------------------------------------------------------------------------------------------- analytic FLOPs
@@ -351,6 +466,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=int, nargs="*", help="only the batch table, for these batch sizes")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="only where the prefill's time goes, per part of the model, dense vs CoreMatching")
     parser.add_argument("--schemes", nargs="*", choices=BATCH_SCHEMES, default=list(BATCH_SCHEMES),
                         help="the batch table's schemes (dense is always measured)")
     args = parser.parse_args()
@@ -363,6 +480,12 @@ def main():
         batch_table(model, args.batches, args.schemes, args.reps, args.new_tokens)
         return
     inputs = build_inputs(model)
+    if args.breakdown:
+        with cm.sparsify(model, METHOD) as session, torch.no_grad():
+            model(**inputs, logits_to_keep=1)
+            kept = len(session.last.kept_positions[0])
+        prefill_breakdown(model, inputs, args.reps, kept)
+        return
     methods = {"dense": None, "corematching": METHOD}
     for method in methods.values():  # warm-up, and the decision the sparse runs repeat
         run(model, method, inputs, 2)
