@@ -127,12 +127,13 @@ def run(model, method, inputs, new_tokens: int) -> dict:
 
 
 class TimedSelection:
-    """Wraps a method's selection calls (tokens, core neurons) and sums their wall time."""
+    """Wraps a method's selection calls (tokens, core neurons) and sums their wall time in `seconds`; `add`, when
+    given, is called with each call's seconds as well."""
 
     CALLS = ("select_tokens", "select_neurons", "select_tokens_and_neurons")
 
-    def __init__(self, method):
-        self.method, self.seconds = method, 0.0
+    def __init__(self, method, add=None):
+        self.method, self.seconds, self.add = method, 0.0, add
 
     def __enter__(self):
         for name in self.CALLS:
@@ -143,7 +144,10 @@ class TimedSelection:
                 try:
                     return original(*args, **kwargs)
                 finally:
-                    self.seconds += time.perf_counter() - start
+                    spent = time.perf_counter() - start
+                    self.seconds += spent
+                    if self.add is not None:
+                        self.add(spent)
 
             setattr(self.method, name, timed)  # an instance attribute shadows the class's method
         return self
@@ -198,27 +202,20 @@ class LayerClock:
                 lambda m, a, k, index=index: before(m, a, k, index), with_kwargs=True, prepend=True))
             self.handles.append(layer.register_forward_hook(
                 lambda m, a, k, o, index=index: after(m, a, k, o, index), with_kwargs=True))
-        if self.method is not None:
-            for name in TimedSelection.CALLS:
-                original = getattr(self.method, name)
-
-                def timed(*args, original=original, **kwargs):
-                    start = time.perf_counter()
-                    try:
-                        return original(*args, **kwargs)
-                    finally:
-                        layer = -1 if self.current is None else self.current
-                        self.selection[layer] = self.selection.get(layer, 0.0) + time.perf_counter() - start
-
-                setattr(self.method, name, timed)
+        self.timer = TimedSelection(self.method, self.add_selection) if self.method is not None else None
+        if self.timer is not None:
+            self.timer.__enter__()
         return self
+
+    def add_selection(self, seconds: float) -> None:
+        layer = -1 if self.current is None else self.current
+        self.selection[layer] = self.selection.get(layer, 0.0) + seconds
 
     def __exit__(self, *exc):
         for handle in self.handles:
             handle.remove()
-        if self.method is not None:
-            for name in TimedSelection.CALLS:
-                delattr(self.method, name)
+        if self.timer is not None:
+            self.timer.__exit__(*exc)
 
 
 def timed_prefill(model, method, inputs) -> tuple[float, LayerClock]:
