@@ -50,8 +50,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-cache-bytes", type=byte_count, default=None,
                         help="continuous batching: KV cache bytes the running requests may reserve (kept tokens "
                         "plus max_tokens, and sliced FFN weights); a request that can never fit gets 429")
-    parser.add_argument("--join-wait-steps", type=int, default=0,
-                        help="continuous batching: decode steps an arrival may wait so that others share its prefill")
+    parser.add_argument("--join-wait-steps", type=int, default=6,
+                        help="continuous batching: decode steps an arrival may wait while a batch runs, so that "
+                             "others share its prefill (default 6; 0: prefill each arrival at once)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests waiting or running at most; one more gets 429")
     parser.add_argument("--max-images", type=int, default=1, help="images per request")
