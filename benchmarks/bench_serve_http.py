@@ -27,7 +27,9 @@ from corematching.apps.serve.examples import test_images
 from corematching.apps.serve.process import ServerProcess
 
 METHODS = {"dense": {"method": "dense"}, "corematching": {"method": "corematching", "token_budget": 0.25}}
-BATCHING = {"on": ["--max-batch-size", "16", "--max-wait-ms", "20"], "off": ["--max-batch-size", "1"]}
+BATCHING = {"on": ["--max-batch-size", "16", "--max-wait-ms", "20"], "off": ["--max-batch-size", "1"],
+            "continuous": ["--batching", "continuous", "--max-batch-size", "16"]}  # "on": static batching
+STYLES = {"on": "-", "off": "--", "continuous": ":"}
 COMMON = ["--no-prompt-cache", "--max-queue", "64"]  # every cell repeats the same questions: no cache hits
 
 
@@ -91,15 +93,18 @@ def plot(rows: list[dict], path: Path) -> None:
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for method in METHODS:
-        for batching, style in (("on", "-"), ("off", "--")):
+        for batching, style in STYLES.items():
             cells = [r for r in rows if r["method"] == method and r["batching"] == batching]
+            if not cells:
+                continue
             x = [r["concurrency"] for r in cells]
             label = f"{method}, batching {batching}"
             left.plot(x, [r["requests_per_s"] for r in cells], style, marker="o", label=label)
             right.plot(x, [r["p95_s"] for r in cells], style, marker="o", label=label)
     for axis, title in ((left, "throughput (requests/s)"), (right, "p95 latency (s)")):
         axis.set_xscale("log", base=2)
-        axis.set_xticks([r["concurrency"] for r in rows[:3]], [str(r["concurrency"]) for r in rows[:3]])
+        clients = sorted({r["concurrency"] for r in rows})
+        axis.set_xticks(clients, [str(c) for c in clients])
         axis.set_xlabel("concurrent clients")
         axis.set_title(title)
         axis.grid(alpha=0.3)
@@ -136,10 +141,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each server")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/serve.json"))
     parser.add_argument("--plot", type=Path, default=Path("benchmarks/results/serve.png"))
+    parser.add_argument("--batching", nargs="+", choices=list(BATCHING), default=["on", "off"],
+                        help="server settings to compare: on (static batches), off (one request at a time), "
+                             "continuous (serve --batching continuous)")
     args = parser.parse_args()
     items = workload(args.requests)
     servers = {batching: ServerProcess([*flags, *COMMON, "--threads", str(args.threads)])
-               for batching, flags in BATCHING.items()}
+               for batching, flags in BATCHING.items() if batching in args.batching}
     try:
         clients = {}
         for batching, server in servers.items():  # both up at once; an idle server costs no CPU
@@ -148,7 +156,7 @@ def main() -> None:
                                               timeout=600)
             for method in METHODS.values():  # warm-up
                 run_cell(clients[batching], items[:4], method, 1, args.max_tokens)
-        cells = [(c, m, b) for c in args.concurrency for m in METHODS for b in BATCHING]
+        cells = [(c, m, b) for c in args.concurrency for m in METHODS for b in args.batching]
         parts: dict[tuple, list] = {cell: [] for cell in cells}
         for round_index in range(args.rounds):  # interleaved, so that a change in machine load hits every cell
             for cell in cells if round_index % 2 == 0 else reversed(cells):
