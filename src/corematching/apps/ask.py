@@ -11,7 +11,7 @@ import torch
 
 from .. import layout
 from ..models import adapter_for
-from .method_spec import add_method_arguments, from_args
+from .method_spec import add_method_arguments, add_model_arguments, from_args
 
 DEFAULT_MODEL = "evqa-smollm2"
 
@@ -121,9 +121,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--question", help="the question, in plain words")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--out", default="out", help="folder for the kept-patch pictures")
-    parser.add_argument("--model", default=None,
-                        help="evqa-smollm2, scenes-smollm2, a hub id or a local path (default: evqa-smollm2)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    add_model_arguments(parser, DEFAULT_MODEL)
     add_method_arguments(parser, "corematching")
     return parser
 

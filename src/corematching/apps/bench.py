@@ -372,9 +372,7 @@ def plot(records: list[dict], path: Path, title: str, outlier_points: float = 15
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corematching bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="evqa-smollm2",
-                        help="evqa-smollm2, scenes-smollm2, a hub id or a local path")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    method_spec.add_model_arguments(parser)
     parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help="';'-separated method specs, e.g. \"dense;corematching:token_budget=0.25;"
                              "mypkg.mod:MyMethod\"")

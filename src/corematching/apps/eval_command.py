@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .method_spec import add_method_arguments
+from .method_spec import add_method_arguments, add_model_arguments
 from .method_spec import from_args as build_method
 
 
@@ -60,9 +60,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=0, help="only the first N questions of the set")
     parser.add_argument("--output", required=True, help="JSON-lines file of answers (appended; resumes)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--model", default="evqa-smollm2",
-                        help="evqa-smollm2, scenes-smollm2, a hub id or a local path")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    add_model_arguments(parser)
     add_method_arguments(parser, "corematching")
     return parser
 

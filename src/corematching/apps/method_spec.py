@@ -232,6 +232,14 @@ OPTION_FIELDS = {"budget": "token_budget", "prune_layer": "prune_layer", "rho": 
                  "match": "match", "neuron_layers": "neuron_layers", "seed": "seed"}
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | None = "evqa-smollm2") -> None:
+    """--model and --device, as every command that loads a model takes them."""
+    shown = "" if default_model is None else f" (default: {default_model})"
+    parser.add_argument("--model", default=default_model,
+                        help=f"evqa-smollm2, scenes-smollm2, a hub id or a local path{shown}")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+
+
 def add_method_arguments(parser: argparse.ArgumentParser, default_method: str) -> None:
     group = parser.add_argument_group("method")
     group.add_argument("--method", default=default_method,
