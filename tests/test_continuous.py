@@ -11,6 +11,7 @@ from tiny_llava import build_pixels, build_prompt, build_tiny_llava
 import corematching as cm
 from corematching.apps.serve.choose import choose_tokens, new_generator
 from corematching.apps.serve.continuous import ContinuousBatcher
+from corematching.apps.serve.prompt_cache import PromptCache
 from corematching.apps.serve.sequence import MemoryRefused, Sequence, combine_inputs
 from corematching.apps.serve.stream_text import StreamText
 
@@ -242,6 +243,50 @@ def test_a_request_cancelled_while_it_waits_leaves_the_others_waiting():
     assert sequences[0].text.tokens == expected[0] and sequences[1].text.tokens == expected[1]
 
 
+def test_a_repeated_prompt_joins_from_the_prompt_cache_with_its_tokens_alone():
+    """A prompt prefilled alone is stored; the same prompt later joins a running batch from a copy of it, without
+    a prefill, and gets exactly its tokens alone (greedy and seeded sampling); the entry stays usable; a session
+    switch (another method) drops the stored prefills."""
+    model = build_tiny_llava()
+    cache = PromptCache(8)
+    indices = [1, 2, 3]  # 1: greedy, 2: sampled with a seed (make_sequence's options are fixed per index)
+
+    def keyed(index, method=CORE):
+        sequence = make_sequence(index, method, max_tokens=6)
+        sequence.cache_key = ("prompt", index)
+        return sequence
+
+    with torch.no_grad():
+        expected = alone_tokens(model, lambda i, m: make_sequence(indices[i], m, max_tokens=6), [CORE] * 3)
+        batcher = ContinuousBatcher(model, max_batch=4, prompt_cache=cache)
+        first = [keyed(1), keyed(2)]
+        for sequence in first:  # each prefilled alone, so each is stored
+            batcher.submit(sequence)
+            batcher.run_until_idle()
+        assert batcher.prefills == 2 and len(cache) == 2
+        again = [keyed(3), keyed(1), keyed(2), keyed(1)]
+        batcher.submit(again[0])
+        batcher.step()
+        for sequence in again[1:]:  # join the running batch at later steps
+            batcher.submit(sequence)
+            batcher.step()
+        batcher.run_until_idle()
+        assert batcher.prefills == 3  # only the new prompt ran a prefill
+        assert [s.prompt_cache_hit for s in first + again] == [False, False, False, True, True, True]
+        tokens = {1: expected[0], 2: expected[1], 3: expected[2]}
+        for index, sequence in zip([1, 2, 3, 1, 2, 1], first + again):
+            assert sequence.text.tokens == tokens[index], index
+        other = make_sequence(4, FEWER, max_tokens=2)
+        batcher.submit(other)
+        batcher.run_until_idle()
+        assert len(cache) == 0  # the session changed: its stored prefills are gone
+        later = keyed(1)
+        batcher.submit(later)
+        batcher.run_until_idle()
+        batcher.close()
+    assert not later.prompt_cache_hit and later.text.tokens == expected[0]
+
+
 def test_admission_by_memory_queues_or_refuses():
     """A budget that fits one request at a time runs them one after another with the same tokens; a request that
     could never fit is refused with the numbers."""
@@ -359,7 +404,7 @@ def fake_worker(model):
     from corematching.models import adapter_for
 
     worker = SimpleNamespace(model=model, pad_id=0, eos_ids={2}, tokenizer=CharTokenizer(), grid=(6, 6),
-                             adapter=adapter_for(model), batch_inputs=lambda jobs: jobs[0].inputs)
+                             adapter=adapter_for(model), batch_inputs=lambda jobs: jobs[0].inputs, prompt_cache=None)
     worker._kept = lambda images, record, row: ModelWorker._kept(None, images, record, row)
     return worker
 
@@ -417,7 +462,8 @@ def test_the_server_scheduler_answers_each_job_once_as_alone():
 
 def test_a_continuous_server_answers_as_the_library_and_reports_metrics():
     """`corematching serve --batching continuous` end to end (the bundled model): concurrent requests with two
-    methods get the library's greedy answers, streamed or not; /metrics is Prometheus text."""
+    methods get the library's greedy answers, streamed or not, and from the prompt cache; /metrics is Prometheus
+    text."""
     pytest.importorskip("fastapi")
     import base64
     import json
@@ -458,11 +504,12 @@ def test_a_continuous_server_answers_as_the_library_and_reports_metrics():
         image = Image.open(paths[image_id])
         result = answer_batch(model, processor, [image], [questions[image_id][0].question], chosen, 8)
         expected.append(result.texts[0])
-    with ServerProcess(["--batching", "continuous", "--threads", "1", "--no-prompt-cache", "--max-batch-size",
+    with ServerProcess(["--batching", "continuous", "--threads", "1", "--max-batch-size",
                         "4", "--kv-cache-bytes", "256M", "--join-wait-steps", "2"]) as server:
         with ThreadPoolExecutor(4) as pool:
             replies = list(pool.map(lambda item: json.loads(post(server, body(*item))), zip(ids, methods)))
-        streamed = post(server, body(ids[1], methods[1], stream=True))
+        streamed = post(server, body(ids[1], methods[1], stream=True))  # alone: its prefill is stored
+        repeated = json.loads(post(server, body(ids[1], methods[1])))  # from the prompt cache
         with urllib.request.urlopen(server.base_url + "/metrics", timeout=30) as response:
             metrics = response.read().decode()
     answers = [reply["choices"][0]["message"]["content"].strip().splitlines()[0] for reply in replies]
@@ -471,4 +518,7 @@ def test_a_continuous_server_answers_as_the_library_and_reports_metrics():
     text = "".join(p["choices"][0]["delta"].get("content", "") for p in pieces if p.get("choices"))
     assert text == replies[1]["choices"][0]["message"]["content"]
     assert replies[1]["usage"]["visual_tokens_kept"] < replies[1]["usage"]["visual_tokens"]
-    assert "corematching_requests_finished_total 5" in metrics and "# TYPE corematching_kv_bytes gauge" in metrics
+    assert repeated["usage"]["prompt_cache_hit"] and not replies[1]["usage"]["prompt_cache_hit"]
+    assert repeated["choices"][0]["message"]["content"] == replies[1]["choices"][0]["message"]["content"]
+    assert repeated["usage"]["visual_tokens_kept"] == replies[1]["usage"]["visual_tokens_kept"]
+    assert "corematching_requests_finished_total 6" in metrics and "# TYPE corematching_kv_bytes gauge" in metrics

@@ -24,6 +24,7 @@ finished, and finished rows keep computing until the longest ends): the baseline
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import deque
@@ -34,6 +35,7 @@ from ...methods import Dense
 from ...runtime import DecodeBatch, kv_bytes, merge_batches, prefill_batch, sparsify
 from ...runtime.batching import row_kv_bytes
 from .choose import choose_tokens, new_generator
+from .prompt_cache import PrefillEntry, PromptCache
 from .sequence import MemoryRefused, Sequence, combine_inputs, kv_bytes_per_token
 from .stream_text import StreamText
 
@@ -43,7 +45,7 @@ class ContinuousBatcher:
     `metrics`: one thread calls `step`)."""
 
     def __init__(self, model, max_batch: int = 16, kv_budget_bytes: int | None = None, pad_id: int = 0,
-                 static: bool = False, join_wait_steps: int = 0):
+                 static: bool = False, join_wait_steps: int = 0, prompt_cache: PromptCache | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if join_wait_steps < 0:
@@ -70,6 +72,10 @@ class ContinuousBatcher:
         self._top_p: torch.Tensor | None = None
         self._session = None
         self._session_key: str | None = None
+        # Prompt cache: a single request's prefill is stored under its Sequence.cache_key, and a later request
+        # with the same key joins from a copy of it without a prefill (entries belong to one session).
+        self.prompt_cache = prompt_cache
+        self._cache_session = ("continuous", 0)
         # counters for /metrics
         self.tokens_generated = 0
         self.requests_finished = 0
@@ -235,27 +241,56 @@ class ContinuousBatcher:
         return arrivals
 
     def _prefill(self, arrivals: list[Sequence]) -> None:
+        """Arrivals join the running batch: those whose prompt the prompt cache holds from a copy of its stored
+        prefill, the others through one prefill together."""
         started = time.perf_counter()
         for sequence in arrivals:
             sequence.admitted_at = sequence.admitted_at or started
         self._use_method(arrivals[0].method)
+        parts, misses = [], []
+        for sequence in arrivals:
+            entry = None
+            if self.prompt_cache is not None and sequence.cache_key is not None:
+                entry = self.prompt_cache.get(sequence.cache_key, self._cache_session)
+            if entry is None:
+                misses.append(sequence)
+            else:  # a private copy of the stored prefill; the entry stays as it was for the next hit
+                sequence.record, sequence.record_row, sequence.prompt_cache_hit = entry.record, 0, True
+                parts.append(([sequence], copy.deepcopy(entry.cache), entry.first_logits[None].clone()))
+        if misses:
+            parts += self._prefill_together(misses)
+        for sequences, batch, logits in parts:
+            self._join(sequences, batch, logits)
+
+    def _prefill_together(self, arrivals: list[Sequence]) -> list[tuple]:
+        """One left-padded prefill of the arrivals: [(arrivals, their batch, first-token logits [B, V])]. When
+        it fails, each is tried alone, so that one bad request does not take the others with it."""
         inputs = combine_inputs([s.inputs for s in arrivals], self.pad_id)
         try:
             joined, logits = prefill_batch(self.model, inputs, pad_token_id=self.pad_id)
-        except Exception as error:  # one bad request must not take the others with it: retry one by one
+        except Exception as error:
             if len(arrivals) == 1:
                 arrivals[0].error = error
                 arrivals[0].text.cancel()
                 self._finish(arrivals[0])
-                return
-            for sequence in arrivals:
-                self._prefill([sequence])
-            return
+                return []
+            return [part for sequence in arrivals for part in self._prefill_together([sequence])]
         self.prefills += 1
         record = self._session.last if self._session is not None else None
-        held = row_kv_bytes(joined)  # per row: the slots its layers really hold
         for row, sequence in enumerate(arrivals):
             sequence.record, sequence.record_row = record, row
+        only = arrivals[0]
+        if len(arrivals) == 1 and self.prompt_cache is not None and only.cache_key is not None:
+            held = self._session.held_bytes_of(joined.cache) if self._session is not None else 0
+            self.prompt_cache.put(only.cache_key, PrefillEntry(
+                copy.deepcopy(joined), logits[0].clone(), only.inputs["input_ids"].clone(), 0, 0, [],
+                self._cache_session, held_bytes=held, record=record))
+        return [(arrivals, joined, logits)]
+
+    def _join(self, arrivals: list[Sequence], joined: DecodeBatch, logits: torch.Tensor) -> None:
+        """Rows of a new batch (prefilled, or copied from the prompt cache) join the running one."""
+        held = row_kv_bytes(joined)  # per row: the slots its layers really hold
+        for row, sequence in enumerate(arrivals):
             sequence.batch_size = len(self._rows) + len(arrivals)
             sequence.reserved_bytes = held[row] + sequence.max_tokens * self.token_bytes
         generators = [None if s.temperature <= 0 else new_generator(
@@ -301,9 +336,12 @@ class ContinuousBatcher:
         if self._session is not None:
             self._session.remove()
             self._session = None
+        if self.prompt_cache is not None:  # stored prefills carry the old session's decisions
+            self.prompt_cache.drop_session(self._cache_session)
         if key != "dense":
             self._session = sparsify(self.model, method)
         self._session_key = key
+        self._cache_session = ("continuous", self._cache_session[1] + 1)
 
     def _sliced_bytes(self) -> int:
         """Memory of the sliced FFN weights the session holds for the core-neuron decoding of live caches."""

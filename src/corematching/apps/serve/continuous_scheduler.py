@@ -13,6 +13,7 @@ import torch
 from .continuous import ContinuousBatcher
 from .errors import APIError
 from .jobs import Outcome, Usage
+from .prompt_cache import prompt_key
 from .scheduler import DrainingQueue
 from .sequence import MemoryRefused, Sequence
 
@@ -32,7 +33,7 @@ class ContinuousScheduler(DrainingQueue):
             raise ValueError("max_batch_size and max_pending must be >= 1")
         self.worker = worker
         self.batcher = ContinuousBatcher(worker.model, max_batch_size, kv_budget_bytes, worker.pad_id,
-                                         join_wait_steps=join_wait_steps)
+                                         join_wait_steps=join_wait_steps, prompt_cache=worker.prompt_cache)
         self.max_pending = max_pending
         self._unfinished: dict = {}  # job -> its Sequence, until it is reported
         self._lock = threading.Condition()
@@ -53,6 +54,7 @@ class ContinuousScheduler(DrainingQueue):
                 temperature=request.temperature, top_p=request.top_p, seed=request.seed, stop=list(request.stop),
                 eos_ids=set() if getattr(request, "ignore_eos", False) else set(self.worker.eos_ids),
                 tokenizer=self.worker.tokenizer, tag=job, submitted_at=job.enqueued_at,
+                cache_key=prompt_key(job) if self.worker.prompt_cache is not None and request.images else None,
                 on_text=lambda piece: job.emit("text", piece), on_done=self._report)
             try:
                 self.batcher.submit(sequence)
@@ -119,7 +121,7 @@ class ContinuousScheduler(DrainingQueue):
                       prefill_time_s=max(0.0, first - (sequence.admitted_at or sequence.submitted_at)),
                       decode_time_s=max(0.0, sequence.finished_at - first),
                       queue_time_s=max(0.0, (sequence.admitted_at or sequence.submitted_at) - sequence.submitted_at),
-                      batch_size=sequence.batch_size)
+                      batch_size=sequence.batch_size, prompt_cache_hit=sequence.prompt_cache_hit)
         job.emit("done", Outcome(text.text, text.finish_reason or "length", usage, patches, self.worker.grid))
         self.finished(job)
 

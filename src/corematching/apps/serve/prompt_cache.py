@@ -35,6 +35,7 @@ class PrefillEntry:
     session_id: int  # the session whose decisions the cache carries
     nbytes: int = 0  # its tensors' bytes (set by PromptCache.put)
     held_bytes: int = 0  # what its cache keeps alive beside it: the session's sliced FFNs (Session.held_bytes_of)
+    record: object = None  # continuous batching: the session's record of the prefill (what it kept)
 
 
 def prompt_key(job) -> tuple:
@@ -94,7 +95,7 @@ class PromptCache:
 
     def put(self, key, entry: PrefillEntry) -> bool:
         """Store an entry (True), unless it alone is larger than max_bytes (False)."""
-        entry.nbytes = tensor_bytes([entry.cache, entry.first_logits, entry.input_ids]) + entry.held_bytes
+        entry.nbytes = tensor_bytes([entry.cache, entry.first_logits, entry.input_ids, entry.record]) + entry.held_bytes
         with self._lock:
             self._remove(key)
             if self.max_bytes is not None and entry.nbytes > self.max_bytes:

@@ -44,6 +44,8 @@ class Sequence:
     record: object = None  # the session's record of the prefill this request was part of
     record_row: int = 0
     error: BaseException | None = None
+    cache_key: object = None  # the prompt cache's key for this prompt (None: neither looked up nor stored)
+    prompt_cache_hit: bool = False  # joined from a stored prefill
 
     @property
     def prompt_tokens(self) -> int:
