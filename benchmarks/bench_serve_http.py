@@ -27,7 +27,8 @@ from corematching.apps.serve.examples import test_images
 from corematching.apps.serve.process import ServerProcess
 
 METHODS = {"dense": {"method": "dense"}, "corematching": {"method": "corematching", "token_budget": 0.25}}
-BATCHING = {"on": ["--max-batch-size", "16", "--max-wait-ms", "20"], "off": ["--max-batch-size", "1"],
+BATCHING = {"on": ["--batching", "static", "--max-batch-size", "16", "--max-wait-ms", "20"],
+            "off": ["--batching", "static", "--max-batch-size", "1"],
             "continuous": ["--batching", "continuous", "--max-batch-size", "16"]}  # "on": static batching
 STYLES = {"on": "-", "off": "--", "continuous": ":"}
 COMMON = ["--no-prompt-cache", "--max-queue", "64"]  # every cell repeats the same questions: no cache hits

@@ -43,10 +43,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests per batch (1: no batching)")
     parser.add_argument("--max-wait-ms", type=float, default=20.0,
-                        help="how long the oldest waiting request may wait for batch mates")
-    parser.add_argument("--batching", choices=["static", "continuous"], default="static",
-                        help="static: a batch runs until its longest request ends; continuous: requests join and "
-                        "leave the running batch at every decode step")
+                        help="static batching: how long the oldest waiting request may wait for batch mates")
+    parser.add_argument("--batching", choices=["static", "continuous"], default="continuous",
+                        help="continuous (default): requests join and leave the running batch at every decode step; "
+                        "static: a batch runs until its longest request ends")
     parser.add_argument("--kv-cache-bytes", type=byte_count, default=None,
                         help="continuous batching: KV cache bytes the running requests may reserve (kept tokens "
                         "plus max_tokens, and sliced FFN weights); a request that can never fit gets 429")
