@@ -377,3 +377,17 @@ def test_a_server_with_a_method_that_needs_calibration_refuses_to_start(capsys):
 
     assert main(["--method", "teal", "--model", "no-such-model"]) == 2
     assert "needs calibration" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batching, option", [("continuous", "--max-wait-ms"), ("static", "--join-wait-steps")])
+def test_an_option_of_the_other_batching_is_reported_not_silently_ignored(caplog, batching, option):
+    from corematching.apps.serve.cli import main
+
+    value = "50" if option == "--max-wait-ms" else "3"
+    with caplog.at_level("WARNING", logger="corematching.apps.serve"):  # the start stops at TEAL's refusal
+        assert main(["--batching", batching, option, value, "--method", "teal", "--model", "no-such-model"]) == 2
+    assert any(option in record.getMessage() and "ignored" in record.getMessage() for record in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="corematching.apps.serve"):
+        main(["--batching", batching, "--method", "teal", "--model", "no-such-model"])
+    assert not any("ignored" in record.getMessage() for record in caplog.records)

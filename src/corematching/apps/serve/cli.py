@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 
@@ -42,15 +43,16 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests per batch (1: no batching)")
-    parser.add_argument("--max-wait-ms", type=float, default=20.0,
-                        help="static batching: how long the oldest waiting request may wait for batch mates")
+    parser.add_argument("--max-wait-ms", type=float, default=None,
+                        help="static batching: how long the oldest waiting request may wait for batch mates "
+                             "(default 20)")
     parser.add_argument("--batching", choices=["static", "continuous"], default="continuous",
                         help="continuous (default): requests join and leave the running batch at every decode step; "
                         "static: a batch runs until its longest request ends")
     parser.add_argument("--kv-cache-bytes", type=byte_count, default=None,
                         help="continuous batching: KV cache bytes the running requests may reserve (kept tokens "
                         "plus max_tokens, and sliced FFN weights); a request that can never fit gets 429")
-    parser.add_argument("--join-wait-steps", type=int, default=6,
+    parser.add_argument("--join-wait-steps", type=int, default=None,
                         help="continuous batching: decode steps an arrival may wait while a batch runs, so that "
                              "others share its prefill (default 6; 0: prefill each arrival at once)")
     parser.add_argument("--max-queue", type=int, default=64,
@@ -118,6 +120,14 @@ def build(args: argparse.Namespace):
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_VARIABLE) or None
     if api_key is not None and not api_key.strip():
         raise ValueError("--api-key is empty")
+    ignored = "--max-wait-ms" if args.batching == "continuous" and args.max_wait_ms is not None else \
+        "--join-wait-steps" if args.batching == "static" and args.join_wait_steps is not None else None
+    if ignored:  # given, but the other batching's option: say so rather than ignore it silently
+        logging.getLogger("corematching.apps.serve").warning(
+            "%s does not apply to --batching %s; it is ignored (continuous batching: --join-wait-steps; static "
+            "batching: --max-wait-ms)", ignored, args.batching)
+    max_wait_ms = 20.0 if args.max_wait_ms is None else args.max_wait_ms
+    join_wait_steps = 6 if args.join_wait_steps is None else args.join_wait_steps
     allowed_hosts = allowed_hosts_for(args.allowed_hosts, args.host)
     method = from_args(args)
     if method.needs_calibration():  # TEAL: thresholds come from representative prompts, which a server lacks
@@ -142,11 +152,11 @@ def build(args: argparse.Namespace):
     )
     prompt_cache = PromptCache(args.prompt_cache_size, args.prompt_cache_bytes) if args.prompt_cache else None
     worker = ModelWorker(model, processor, prompt_cache)
-    return create_app(worker, limits, max_batch_size=args.max_batch_size, max_wait_s=args.max_wait_ms / 1000,
+    return create_app(worker, limits, max_batch_size=args.max_batch_size, max_wait_s=max_wait_ms / 1000,
                       max_pending=args.max_queue, shutdown_timeout_s=args.shutdown_timeout,
                       max_body_bytes=args.max_body_bytes, api_key=api_key, allowed_hosts=allowed_hosts,
                       body_timeout_s=args.body_timeout, batching=args.batching,
-                      kv_budget_bytes=args.kv_cache_bytes, join_wait_steps=args.join_wait_steps)
+                      kv_budget_bytes=args.kv_cache_bytes, join_wait_steps=join_wait_steps)
 
 
 def main(argv: list[str]) -> int:
