@@ -26,6 +26,7 @@ from ..models import FFNParts, ModelAdapter
 from .cache_state import NeuronDecision
 from .ffn import SlicedFFN, dense_ffn, masked_ffn, sliced_bytes_estimate
 from .neuron_order import NeuronOrder, prefix_ffn
+from .weak_table import forget_when_collected
 
 
 class FFNMode(Enum):
@@ -133,7 +134,7 @@ class CoreDecoding:
         key = id(decision)
         entry = self.sliced.get(key)
         if entry is None or entry[0]() is not decision:
-            entry = (weakref.ref(decision, _forget_entry(self.sliced, key)), {})
+            entry = (weakref.ref(decision, forget_when_collected(self.sliced, key)), {})
             if self.offloaded:  # offloaded FFNs: only the latest decision's slices stay resident
                 self.sliced.clear()
             self.sliced[key] = entry
@@ -187,14 +188,3 @@ class CoreDecoding:
                 parts = self.adapter.ffn(layer)
                 total += sliced_bytes_estimate(parts, neurons, decision.sparse_rows, self.neuron_order is None)
         return total
-
-
-def _forget_entry(sliced: dict, key: int):
-    """The callback of a decision's weak reference: drop its sliced FFNs from `sliced` when it goes."""
-
-    def forget(reference: weakref.ref) -> None:
-        entry = sliced.get(key)
-        if entry is not None and entry[0] is reference:
-            sliced.pop(key, None)
-
-    return forget

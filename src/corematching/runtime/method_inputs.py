@@ -29,6 +29,7 @@ from ..errors import UnsupportedModeError, UnsupportedModelError
 from ..methods import SparsityMethod, TokenBatch
 from ..models import EntryCall, ModelAdapter
 from ..selection import HASH_MODULUS, hash_mix
+from .weak_table import forget_when_collected
 
 TOWER_ATTENTION = "vision_attention"  # per tower output: [N images, P] attention received
 TOWER_KEYS = "vision_keys"  # per tower output: [N images, P, d] keys over heads
@@ -240,7 +241,7 @@ class TowerResults:
         entry = self._by_output.get(key)
         if entry is None or entry[0]() is not output:
             try:
-                reference = weakref.ref(output, _forget(self._by_output, key))
+                reference = weakref.ref(output, forget_when_collected(self._by_output, key))
             except TypeError:  # an output that cannot be referenced weakly: nothing kept for later calls
                 return
             entry = self._by_output[key] = (reference, {})
@@ -250,17 +251,6 @@ class TowerResults:
         """What was kept under `name` for `output` (None: nothing)."""
         entry = self._by_output.get(id(output))
         return entry[1].get(name) if entry is not None and entry[0]() is output else None
-
-
-def _forget(by_output: dict, key: int):
-    """The callback of an output's weak reference: drop what was kept for it when it goes."""
-
-    def forget(reference: weakref.ref) -> None:
-        entry = by_output.get(key)
-        if entry is not None and entry[0] is reference:
-            by_output.pop(key, None)
-
-    return forget
 
 
 class _TowerRun(threading.local):

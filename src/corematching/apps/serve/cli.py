@@ -15,6 +15,10 @@ import os
 from pathlib import Path
 
 API_KEY_VARIABLE = "COREMATCHING_API_KEY"
+# Each batching's own admission wait (the options default to None, so that one given to the other batching is
+# reported rather than ignored).
+MAX_WAIT_MS = 20.0  # static: how long the oldest waiting request waits for batch mates
+JOIN_WAIT_STEPS = 6  # continuous: decode steps an arrival may wait for others to share its prefill
 
 
 def byte_count(text: str) -> int:
@@ -45,7 +49,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests per batch (1: no batching)")
     parser.add_argument("--max-wait-ms", type=float, default=None,
                         help="static batching: how long the oldest waiting request may wait for batch mates "
-                             "(default 20)")
+                             f"(default {MAX_WAIT_MS:g})")
     parser.add_argument("--batching", choices=["static", "continuous"], default="continuous",
                         help="continuous (default): requests join and leave the running batch at every decode step; "
                         "static: a batch runs until its longest request ends")
@@ -54,7 +58,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "plus max_tokens, and sliced FFN weights); a request that can never fit gets 429")
     parser.add_argument("--join-wait-steps", type=int, default=None,
                         help="continuous batching: decode steps an arrival may wait while a batch runs, so that "
-                             "others share its prefill (default 6; 0: prefill each arrival at once)")
+                             f"others share its prefill (default {JOIN_WAIT_STEPS}; 0: prefill each arrival at once)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests waiting or running at most; one more gets 429")
     parser.add_argument("--max-images", type=int, default=1, help="images per request")
@@ -126,8 +130,8 @@ def build(args: argparse.Namespace):
         logging.getLogger("corematching.apps.serve").warning(
             "%s does not apply to --batching %s; it is ignored (continuous batching: --join-wait-steps; static "
             "batching: --max-wait-ms)", ignored, args.batching)
-    max_wait_ms = 20.0 if args.max_wait_ms is None else args.max_wait_ms
-    join_wait_steps = 6 if args.join_wait_steps is None else args.join_wait_steps
+    max_wait_ms = MAX_WAIT_MS if args.max_wait_ms is None else args.max_wait_ms
+    join_wait_steps = JOIN_WAIT_STEPS if args.join_wait_steps is None else args.join_wait_steps
     allowed_hosts = allowed_hosts_for(args.allowed_hosts, args.host)
     method = from_args(args)
     if method.needs_calibration():  # TEAL: thresholds come from representative prompts, which a server lacks
